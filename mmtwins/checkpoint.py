@@ -1,0 +1,271 @@
+"""Twins checkpoints of every layout in circulation, converted to mmtwins' and loaded with a report.
+
+mmtwins' own layout is the authors' release (also timm's) except that stage-end LayerNorms live in
+``stage_norms.{i}`` (the authors' final ``norm`` is ``stage_norms.3``). Accepted sources:
+
+============  =====================================================================
+layout        recognised by
+============  =====================================================================
+``authors``   ``blocks.{i}.{j}...`` keys (authors' release, timm, mmtwins itself);
+              the authors' files wrap them as ``{'model': state_dict}``
+``mmseg``     ``layers.{i}.{j}...`` + ``position_encodings`` (mmsegmentation 1.x)
+``mmpretrain``  ``stages.{i}.{j}...`` + ``position_encodings`` (mmpretrain 1.x)
+============  =====================================================================
+
+mmengine checkpoints (``{'state_dict': ...}``), DDP's ``module.`` prefix and whole-model
+checkpoints (``backbone.`` prefix, found automatically or given as ``prefix``) are unwrapped.
+:func:`convert_state_dict` does the renaming; :func:`load_twins_checkpoint` loads into a model
+and reports every key it did not use; ``tools/model_converters/twins2mmtwins.py`` wraps both.
+"""
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from mmengine.logging import MMLogger, print_log
+from torch import nn
+
+StateDict = Dict[str, torch.Tensor]
+LAYOUTS = ('authors', 'mmseg', 'mmpretrain')
+HEAD_PREFIXES = ('head.', )
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+# --------------------------------------------------------------------------- reading
+def read_checkpoint(path: str) -> dict:
+    """Load a checkpoint file to CPU with a clear error for missing or damaged files."""
+    if '://' in path:
+        from mmengine.runner import CheckpointLoader
+        return CheckpointLoader.load_checkpoint(path, map_location='cpu')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint file not found: {path}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights_only' not in str(e).lower() and 'weights only' not in str(e).lower():
+            raise CheckpointError(f'cannot read checkpoint {path}: it is truncated or not a '
+                                  f'PyTorch checkpoint ({e})') from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f'cannot read checkpoint {path}: it is truncated or not a PyTorch '
+                              f'checkpoint ({type(e).__name__}: {e})') from e
+    # An mmengine training checkpoint also pickles its message hub and optimizer state: a file
+    # the user named for their own model is trusted, as mmengine itself does.
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:  # noqa: BLE001 - report any unpickling failure as a bad file
+        raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from e
+
+
+def unwrap_state_dict(ckpt: dict, prefix: Optional[str] = None) -> Tuple[StateDict, str]:
+    """The flat state dict inside ``ckpt`` and the prefix that was stripped from its keys."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'a checkpoint must be a dict, got {type(ckpt).__name__}')
+    for wrapper in ('state_dict', 'model'):
+        if isinstance(ckpt.get(wrapper), dict):
+            ckpt = ckpt[wrapper]
+            break
+    sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in ckpt.items()
+          if isinstance(v, torch.Tensor)}
+    if prefix is None:
+        prefix = '' if _find_layout(sd) else _guess_prefix(sd)
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not sd:
+        raise CheckpointError(f'the checkpoint has no tensors under prefix {prefix!r}')
+    return sd, prefix
+
+
+def _guess_prefix(sd: StateDict) -> str:
+    for key in sd:
+        m = re.match(r'(.*?)(patch_embeds\.0\.)', key)
+        if m and m.group(1):
+            return m.group(1)
+    return ''
+
+
+# --------------------------------------------------------------------------- converting
+def _find_layout(sd: StateDict) -> Optional[str]:
+    keys = list(sd)
+    has = lambda p: any(k.startswith(p) for k in keys)  # noqa: E731
+    if has('blocks.') and has('patch_embeds.'):
+        return 'authors'
+    if has('layers.') and has('position_encodings.'):
+        return 'mmseg'
+    if has('stages.') and has('position_encodings.'):
+        return 'mmpretrain'
+    return None
+
+
+def detect_layout(sd: StateDict) -> str:
+    """Name the layout of a flat Twins state dict (one of :data:`LAYOUTS`)."""
+    layout = _find_layout(sd)
+    if layout is None:
+        sample = ', '.join(sorted(sd)[:5])
+        raise CheckpointError('not a Twins checkpoint of a known layout (authors/timm, '
+                              f'mmsegmentation 1.x, mmpretrain 1.x); first keys: {sample}')
+    return layout
+
+
+def _num_stages(sd: StateDict) -> int:
+    return 1 + max(int(m.group(1)) for k in sd
+                   for m in [re.match(r'patch_embeds\.(\d+)\.', k)] if m)
+
+
+def _split_in_proj(sd: StateDict) -> StateDict:
+    """mmseg's fused ``attn.attn.in_proj_*`` ([q; k; v]) -> ``attn.q`` and ``attn.kv``."""
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r'(.*)\.attn\.attn\.in_proj_(weight|bias)$', k)
+        if m:
+            c = v.shape[0] // 3
+            out[f'{m.group(1)}.attn.q.{m.group(2)}'] = v[:c]
+            out[f'{m.group(1)}.attn.kv.{m.group(2)}'] = v[c:]
+        else:
+            out[k] = v
+    return out
+
+
+_COMMON_RULES = [
+    (r'^patch_embeds\.(\d+)\.projection\.', r'patch_embeds.\1.proj.'),
+    (r'^position_encodings\.(\d+)\.proj\.', r'pos_block.\1.proj.0.'),
+    (r'\.ffn\.layers\.0\.0\.', '.mlp.fc1.'),
+    (r'\.ffn\.layers\.1\.', '.mlp.fc2.'),
+]
+_RULES: Dict[str, List[Tuple[str, str]]] = {
+    'authors': [],
+    'mmseg': _COMMON_RULES + [
+        (r'^layers\.', 'blocks.'),
+        (r'\.attn\.attn\.out_proj\.', '.attn.proj.'),
+        (r'^norm_list\.(\d+)\.', r'stage_norms.\1.'),
+    ],
+    'mmpretrain': _COMMON_RULES + [
+        (r'^stages\.', 'blocks.'),
+        (r'^norm_after_stage(\d+)\.', r'stage_norms.\1.'),
+    ],
+}
+_PREPROCESS: Dict[str, Callable[[StateDict], StateDict]] = {'mmseg': _split_in_proj}
+
+
+def convert_state_dict(sd: StateDict, layout: Optional[str] = None) -> Tuple[StateDict, StateDict]:
+    """Rename a flat Twins state dict of any supported layout to mmtwins' layout.
+
+    Returns:
+        ``(backbone, head)``: the backbone's tensors in mmtwins' names, and the classification
+        head's tensors (``head.*``), which a backbone does not use.
+    """
+    layout = layout or detect_layout(sd)
+    if layout not in _RULES:
+        raise CheckpointError(f'unknown layout {layout!r}; expected one of {LAYOUTS}')
+    sd = _PREPROCESS.get(layout, dict)(sd)
+    last = _num_stages(sd) - 1
+    backbone, head = {}, {}
+    for key, value in sd.items():
+        if key.startswith(HEAD_PREFIXES):
+            head[key] = value
+            continue
+        for pattern, repl in _RULES[layout]:
+            key = re.sub(pattern, repl, key)
+        key = re.sub(r'^norm\.', f'stage_norms.{last}.', key)  # the authors' final norm
+        backbone[key] = value
+    return backbone, head
+
+
+def describe_variant(sd: StateDict) -> str:
+    """A short description of the variant a converted state dict holds, e.g. ``SVT-small``."""
+    from mmtwins.models.backbones import PCPVT, SVT
+    n = _num_stages(sd)
+    dims = [sd[f'patch_embeds.{i}.proj.weight'].shape[0] for i in range(n)]
+    depths = [1 + max(int(m.group(1)) for k in sd
+                      for m in [re.match(rf'blocks\.{i}\.(\d+)\.', k)] if m) for i in range(n)]
+    lsa = any(k.endswith('.attn.qkv.weight') for k in sd)
+    for cls in (SVT, PCPVT) if lsa else (PCPVT, ):
+        for name, arch in cls.arch_zoo.items():
+            if len(name) > 1 and arch['embed_dims'] == dims and arch['depths'] == depths:
+                return f'{cls.__name__}-{name}'
+    return f"{'SVT' if lsa else 'PCPVT'}-like (embed_dims={dims}, depths={depths})"
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass
+class LoadReport:
+    """What :func:`load_twins_checkpoint` did. Keys are in mmtwins' names."""
+    layout: str
+    variant: str
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    expected_missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    head: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f'loaded {len(self.loaded)} tensors of a {self.variant} checkpoint '
+                 f'({self.layout} layout)']
+        if self.head:
+            lines.append(f'dropped the classification head: {", ".join(sorted(self.head))}')
+        if self.expected_missing:
+            lines.append('not in the checkpoint, trained from scratch as expected (stage-end '
+                         f'norms of a dense model): {", ".join(sorted(self.expected_missing))}')
+        if self.missing:
+            lines.append(f'MISSING from the checkpoint: {", ".join(sorted(self.missing))}')
+        if self.unexpected:
+            lines.append(f'UNEXPECTED in the checkpoint (not used): '
+                         f'{", ".join(sorted(self.unexpected))}')
+        return '\n'.join(lines)
+
+
+def load_twins_checkpoint(model: nn.Module,
+                          checkpoint: Union[str, dict],
+                          prefix: Optional[str] = None,
+                          strict: bool = False,
+                          logger: Optional[MMLogger] = None) -> LoadReport:
+    """Load Twins weights of any supported layout into an mmtwins backbone.
+
+    Nothing is written into ``model`` unless every tensor that matches a parameter by name also
+    matches it in shape, so a checkpoint of another variant never leaves half-loaded weights.
+
+    Args:
+        model: a :class:`mmtwins.models.Twins` backbone.
+        checkpoint: a file path (or URL mmengine can read) or an already loaded dict.
+        prefix: strip this prefix and ignore other keys (e.g. ``'backbone.'`` for a detector's
+            checkpoint). By default a whole-model prefix is found automatically.
+        strict: raise if any parameter is missing or any checkpoint key is unused (the head and
+            a dense model's stage-end norms excepted).
+        logger: where the report goes (default: the current mmengine logger).
+
+    Raises:
+        FileNotFoundError, CheckpointError: unreadable file, unknown layout, another variant.
+    """
+    source = checkpoint if isinstance(checkpoint, str) else 'the given state dict'
+    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    sd, _ = unwrap_state_dict(ckpt, prefix)
+    layout = detect_layout(sd)
+    backbone, head = convert_state_dict(sd, layout)
+    variant = describe_variant(backbone)
+
+    own = model.state_dict()
+    wrong = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+             for k, v in backbone.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(
+            f'{source} holds a {variant} checkpoint that does not fit this '
+            f'{type(model).__name__} (arch {getattr(model, "arch_settings", "?")}); nothing was '
+            f'loaded. Mismatched shapes:\n  ' + '\n  '.join(wrong[:10]))
+    to_load = {k: v for k, v in backbone.items() if k in own}
+    model.load_state_dict(to_load, strict=False)
+
+    absent = [k for k in own if k not in backbone]
+    stage_norm = re.compile(r'^stage_norms\.\d+\.')
+    report = LoadReport(
+        layout=layout, variant=variant, loaded=sorted(to_load),
+        missing=[k for k in absent if not stage_norm.match(k)],
+        expected_missing=[k for k in absent if stage_norm.match(k)],
+        unexpected=sorted(k for k in backbone if k not in own), head=sorted(head))
+    print_log(f'{source}: {report.summary()}', logger=logger or 'current')
+    if strict and (report.missing or report.unexpected):
+        raise CheckpointError(f'strict loading of {source} failed:\n{report.summary()}')
+    return report

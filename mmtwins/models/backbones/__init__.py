@@ -1,0 +1,3 @@
+from .twins import PCPVT, SVT, Twins
+
+__all__ = ['PCPVT', 'SVT', 'Twins']

@@ -1,0 +1,291 @@
+"""Twins-PCPVT and Twins-SVT backbones with multi-scale outputs.
+
+One network class, :class:`Twins`, builds every variant: each block's attention is chosen from the
+arch spec (a stage's ``window_sizes`` entry turns its even-indexed blocks into locally-grouped
+attention; every other block is global sub-sampled attention). :class:`PCPVT` and :class:`SVT` only
+carry their variant tables and defaults.
+"""
+import math
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.utils.checkpoint as cp
+from mmengine.logging import MMLogger
+from mmengine.model import BaseModule
+from torch import nn
+
+from mmtwins.registry import MODELS
+from ..layers import PatchEmbed, PositionEncodingGenerator, TwinsBlock
+from ..layers.embed import conv_fan_out_init_
+
+ARCH_KEYS = ('embed_dims', 'num_heads', 'mlp_ratios', 'depths', 'sr_ratios', 'window_sizes')
+PATCH_SIZES = (4, 2, 2, 2)
+
+
+class Twins(BaseModule):
+    """Twins backbone: four stages of patch embedding, transformer blocks and a PEG.
+
+    Args:
+        arch (str | dict): A variant name from ``arch_zoo`` (``'small'``, ``'s'``, ...) or a
+            dict with the keys of :data:`ARCH_KEYS`, each a sequence with one entry per stage
+            (``window_sizes`` entries are an int or ``None`` for a stage of only global attention;
+            the key may be left out, meaning all ``None``).
+        in_channels (int): Channels of the input images.
+        out_indices (Sequence[int]): Stages whose feature maps are returned. Stages after the
+            last of them are not built, so every parameter is used (DDP needs no
+            ``find_unused_parameters``).
+        norm_after_stage (bool | Sequence[bool]): A LayerNorm (eps 1e-6) at the end of each
+            stage (all, or per stage). The authors' dense SVT has it on every stage; an ImageNet
+            classifier has it on the last stage only (the authors' final ``norm``).
+        drop_rate (float): Dropout after attention and MLP projections.
+        attn_drop_rate (float): Dropout on attention weights.
+        drop_path_rate (float): Stochastic depth, increasing linearly over all blocks up to this
+            value; applied once per residual branch.
+        frozen_stages (int): Stages ``0..frozen_stages`` are frozen (eval mode, no gradient);
+            -1 freezes nothing.
+        with_cp (bool): Gradient checkpointing per block (less memory, more compute).
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH[, prefix=...])``
+            loads weights of any supported layout through :func:`mmtwins.load_twins_checkpoint`.
+
+    Shapes:
+        (B, in_channels, H, W) with H, W >= :attr:`min_input_size` -> a tuple with one
+        (B, embed_dims[i], ceil(H / s_i), ceil(W / s_i)) map per ``out_indices`` entry, where
+        s_i = 4, 8, 16, 32.
+    """
+    arch_zoo: Dict[str, dict] = {}
+    default_norm_after_stage = False
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'small',
+                 in_channels: int = 3,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 norm_after_stage: Optional[Union[bool, Sequence[bool]]] = None,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.,
+                 frozen_stages: int = -1,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        self.arch_settings = self._resolve_arch(arch)
+        s = self.arch_settings
+        num_stages = len(s['depths'])
+        self.out_indices = self._check_out_indices(out_indices, num_stages)
+        built = self.out_indices[-1] + 1
+        if norm_after_stage is None:
+            norm_after_stage = self.default_norm_after_stage
+        if isinstance(norm_after_stage, bool):
+            norm_after_stage = [norm_after_stage] * num_stages
+        if len(norm_after_stage) != num_stages:
+            raise ValueError(f'norm_after_stage has {len(norm_after_stage)} entries, '
+                             f'expected {num_stages} (one per stage)')
+        if not -1 <= frozen_stages < num_stages:
+            raise ValueError(f'frozen_stages must be in [-1, {num_stages - 1}], '
+                             f'got {frozen_stages}')
+        self.in_channels = in_channels
+        self.frozen_stages = frozen_stages
+        self.with_cp = with_cp
+        self.embed_dims = tuple(s['embed_dims'][:built])
+        self.strides = tuple(math.prod(PATCH_SIZES[:i + 1]) for i in range(built))
+
+        dpr = torch.linspace(0, drop_path_rate, sum(s['depths'])).tolist()
+        self.patch_embeds = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        self.pos_block = nn.ModuleList()
+        self.stage_norms = nn.ModuleDict()
+        prev_dim, cur = in_channels, 0
+        for i in range(built):
+            dim, ws = s['embed_dims'][i], s['window_sizes'][i]
+            self.patch_embeds.append(PatchEmbed(prev_dim, dim, PATCH_SIZES[i]))
+            self.blocks.append(nn.ModuleList([
+                TwinsBlock(dim, s['num_heads'][i], s['mlp_ratios'][i], s['sr_ratios'][i],
+                           window_size=ws if ws and j % 2 == 0 else None, drop=drop_rate,
+                           attn_drop=attn_drop_rate, drop_path=dpr[cur + j])
+                for j in range(s['depths'][i])
+            ]))
+            self.pos_block.append(PositionEncodingGenerator(dim))
+            if norm_after_stage[i]:
+                self.stage_norms[str(i)] = nn.LayerNorm(dim, eps=1e-6)
+            prev_dim, cur = dim, cur + s['depths'][i]
+        self.min_input_size = self._min_input_size()
+        self._freeze_stages()
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def _resolve_arch(cls, arch: Union[str, dict]) -> dict:
+        if isinstance(arch, str):
+            key = arch.lower()
+            if key not in cls.arch_zoo:
+                names = sorted(cls.arch_zoo)
+                raise ValueError(f'{cls.__name__}: unknown arch {arch!r}; choose one of {names} '
+                                 'or pass a dict of custom settings')
+            return cls.arch_zoo[key]
+        if not isinstance(arch, dict):
+            raise TypeError(f'{cls.__name__}: arch must be a str or dict, got {type(arch)}')
+        return validate_arch(arch)
+
+    @staticmethod
+    def _check_out_indices(out_indices, num_stages: int) -> Tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = (out_indices, )
+        idx = tuple(sorted(set(int(i) for i in out_indices)))
+        if not idx or idx[0] < 0 or idx[-1] >= num_stages:
+            raise ValueError(f'out_indices must be a non-empty subset of 0..{num_stages - 1}, '
+                             f'got {tuple(out_indices)}')
+        return idx
+
+    def _min_input_size(self) -> int:
+        """Smallest side for which every GSA sub-sampling conv still sees one whole window."""
+        srs = self.arch_settings['sr_ratios']
+        return max(stride * (sr - 1) + 1 for stride, sr in zip(self.strides, srs))
+
+    # ------------------------------------------------------------------ weights
+    def init_weights(self) -> None:
+        """Random init as the authors', or load ``init_cfg``'s pretrained checkpoint."""
+        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
+            from mmtwins.checkpoint import load_twins_checkpoint
+            load_twins_checkpoint(self, self.init_cfg['checkpoint'],
+                                  prefix=self.init_cfg.get('prefix'),
+                                  logger=MMLogger.get_current_instance())
+            self._is_init = True
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                conv_fan_out_init_(m)
+        self._is_init = True
+
+    # ------------------------------------------------------------------ freezing
+    def _stage_modules(self, i: int):
+        mods = [self.patch_embeds[i], self.blocks[i], self.pos_block[i]]
+        if str(i) in self.stage_norms:
+            mods.append(self.stage_norms[str(i)])
+        return mods
+
+    def _freeze_stages(self) -> None:
+        for i in range(self.frozen_stages + 1):
+            for m in self._stage_modules(i):
+                m.eval()
+                for p in m.parameters():
+                    p.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f'{type(self).__name__} expects a torch.Tensor, got {type(x)}')
+        if not x.is_floating_point():
+            raise TypeError(f'{type(self).__name__} expects a floating-point tensor, got {x.dtype}')
+        if x.dim() != 4:
+            raise ValueError(f'{type(self).__name__} expects a 4-D (B, C, H, W) tensor, got shape '
+                             f'{tuple(x.shape)}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'{type(self).__name__} was built for {self.in_channels} input '
+                             f'channels, got {x.shape[1]} (shape {tuple(x.shape)})')
+        if min(x.shape[2:]) < self.min_input_size:
+            raise ValueError(f'{type(self).__name__}: input of {x.shape[2]}x{x.shape[3]} is too '
+                             f'small; height and width must be >= {self.min_input_size}')
+
+    def _run_block(self, blk: TwinsBlock, x: torch.Tensor, hw) -> torch.Tensor:
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(blk, x, hw, use_reentrant=False)
+        return blk(x, hw)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        self._check_input(x)
+        outs = []
+        for i, (embed, blocks, peg) in enumerate(zip(self.patch_embeds, self.blocks,
+                                                      self.pos_block)):
+            x, hw = embed(x)
+            for j, blk in enumerate(blocks):
+                x = self._run_block(blk, x, hw)
+                if j == 0:
+                    x = peg(x, hw)
+            if str(i) in self.stage_norms:
+                x = self.stage_norms[str(i)](x)
+            x = x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
+            if i in self.out_indices:
+                outs.append(x)
+        return tuple(outs)
+
+
+def validate_arch(arch: dict) -> dict:
+    """Check a custom arch dict and return it completed (``window_sizes`` defaults to None).
+
+    Raises:
+        ValueError: naming the missing, unknown or inconsistent key.
+    """
+    arch = dict(arch)
+    arch.setdefault('window_sizes', [None] * len(arch.get('depths', ())))
+    unknown = sorted(set(arch) - set(ARCH_KEYS))
+    if unknown:
+        raise ValueError(f'custom arch has unknown key(s) {unknown}; allowed: {list(ARCH_KEYS)}')
+    missing = [k for k in ARCH_KEYS if k not in arch]
+    if missing:
+        raise ValueError(f'custom arch is missing key(s) {missing}')
+    n = len(arch['depths'])
+    if not 1 <= n <= len(PATCH_SIZES):
+        raise ValueError(f"custom arch key 'depths' must have 1 to {len(PATCH_SIZES)} entries, "
+                         f'got {n}')
+    for k in ARCH_KEYS:
+        if len(arch[k]) != n:
+            raise ValueError(f'custom arch key {k!r} has {len(arch[k])} entries but depths has '
+                             f'{n}: every key needs one entry per stage')
+    for i, (dim, heads) in enumerate(zip(arch['embed_dims'], arch['num_heads'])):
+        if heads < 1 or dim % heads:
+            raise ValueError(f"custom arch key 'embed_dims': stage {i} dim {dim} is not "
+                             f"divisible by its 'num_heads' {heads}")
+    for k in ('depths', 'sr_ratios'):
+        if any(int(v) < 1 for v in arch[k]):
+            raise ValueError(f'custom arch key {k!r} must hold positive ints, got {arch[k]}')
+    if any(ws is not None and int(ws) < 1 for ws in arch['window_sizes']):
+        raise ValueError("custom arch key 'window_sizes' must hold positive ints or None, got "
+                         f"{arch['window_sizes']}")
+    return {k: list(arch[k]) for k in ARCH_KEYS}
+
+
+def _arch(embed_dims, num_heads, mlp_ratios, depths, window_size=None):
+    return dict(embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios, depths=depths,
+                sr_ratios=[8, 4, 2, 1], window_sizes=[window_size] * 4)
+
+
+def _with_aliases(zoo: dict) -> dict:
+    return {**zoo, **{name[0]: cfg for name, cfg in zoo.items()}}
+
+
+@MODELS.register_module()
+class PCPVT(Twins):
+    """Twins-PCPVT: every block is global sub-sampled attention. See :class:`Twins`.
+
+    ``arch``: ``'small'|'s'``, ``'base'|'b'``, ``'large'|'l'`` or a custom dict.
+    """
+    arch_zoo = _with_aliases({
+        'small': _arch([64, 128, 320, 512], [1, 2, 5, 8], [8, 8, 4, 4], [3, 4, 6, 3]),
+        'base': _arch([64, 128, 320, 512], [1, 2, 5, 8], [8, 8, 4, 4], [3, 4, 18, 3]),
+        'large': _arch([64, 128, 320, 512], [1, 2, 5, 8], [8, 8, 4, 4], [3, 8, 27, 3]),
+    })
+
+
+@MODELS.register_module()
+class SVT(Twins):
+    """Twins-SVT: blocks alternate LSA (even index) and GSA (odd index). See :class:`Twins`.
+
+    ``arch``: ``'small'|'s'``, ``'base'|'b'``, ``'large'|'l'`` or a custom dict. As in the
+    authors' dense-prediction models, a LayerNorm ends every stage by default.
+    """
+    default_norm_after_stage = True
+    arch_zoo = _with_aliases({
+        'small': _arch([64, 128, 256, 512], [2, 4, 8, 16], [4, 4, 4, 4], [2, 2, 10, 4], 7),
+        'base': _arch([96, 192, 384, 768], [3, 6, 12, 24], [4, 4, 4, 4], [2, 2, 18, 2], 7),
+        'large': _arch([128, 256, 512, 1024], [4, 8, 16, 32], [4, 4, 4, 4], [2, 2, 18, 2], 7),
+    })

@@ -1,0 +1,122 @@
+"""The two spatial attentions of Twins (paper section 3.2), on token sequences.
+
+Both take ``x`` of shape (B, N, C) with N = H * W tokens in row-major order and ``hw = (H, W)``,
+and return (B, N, C). Attention runs through ``F.scaled_dot_product_attention``.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _check_heads(dim: int, num_heads: int) -> int:
+    if dim % num_heads:
+        raise ValueError(f'embed dim {dim} is not divisible by num_heads {num_heads}')
+    return dim // num_heads
+
+
+class GlobalSubsampledAttention(nn.Module):
+    """Global sub-sampled attention (GSA).
+
+    Queries come from every token; keys and values from the feature map sub-sampled by a
+    ``sr_ratio`` x ``sr_ratio`` strided convolution followed by LayerNorm (sr_ratio 1: plain
+    global self-attention over all tokens).
+
+    Args:
+        dim (int): Token channels C.
+        num_heads (int): Attention heads; must divide ``dim``.
+        sr_ratio (int): Kernel size and stride of the sub-sampling convolution.
+        attn_drop (float): Dropout on the attention weights.
+        proj_drop (float): Dropout after the output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, attn_drop: float = 0.,
+                 proj_drop: float = 0.):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = _check_heads(dim, num_heads)
+        self.sr_ratio = sr_ratio
+        self.attn_drop = attn_drop
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            # eps 1e-5 (LayerNorm's default) as in the authors' release, unlike the blocks' 1e-6.
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.sr_ratio > 1:
+            x = x.transpose(1, 2).reshape(B, C, hw[0], hw[1])
+            x = self.norm(self.sr(x).flatten(2).transpose(1, 2))
+        k, v = self.kv(x).view(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class LocallyGroupedAttention(nn.Module):
+    """Locally-grouped self-attention (LSA): self-attention inside non-overlapping windows.
+
+    A map whose sides are not multiples of ``window_size`` is zero-padded at the bottom and right
+    to whole windows. Padded positions are masked out as keys, for each side independently, so a
+    real token never attends to padding (the public ports either do not mask at all or build a
+    mask that switches off when only one side is padded). Padded queries are cropped away.
+
+    Args:
+        dim (int): Token channels C.
+        num_heads (int): Attention heads; must divide ``dim``.
+        window_size (int): Side of the square windows.
+        attn_drop (float): Dropout on the attention weights.
+        proj_drop (float): Dropout after the output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int = 7, attn_drop: float = 0.,
+                 proj_drop: float = 0.):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = _check_heads(dim, num_heads)
+        self.window_size = window_size
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _key_mask(self, H: int, W: int, Hp: int, Wp: int, device) -> torch.Tensor:
+        """Boolean (num_windows, 1, 1, ws*ws) mask, True where the key is a real token."""
+        ws = self.window_size
+        rows = torch.arange(Hp, device=device) < H
+        cols = torch.arange(Wp, device=device) < W
+        valid = (rows[:, None] & cols[None, :]).view(Hp // ws, ws, Wp // ws, ws)
+        return valid.transpose(1, 2).reshape(-1, 1, 1, ws * ws)
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        H, W = hw
+        ws = self.window_size
+        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
+        x = x.view(B, H, W, C)
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        Hp, Wp = H + pad_b, W + pad_r
+        nh, nw = Hp // ws, Wp // ws
+        # (B, nh, ws, nw, ws, C) -> (B * nh * nw, ws * ws, C): one row of tokens per window
+        x = x.view(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(B * nh * nw, ws * ws, C)
+        q, k, v = self.qkv(x).view(-1, ws * ws, 3, self.num_heads, self.head_dim).permute(
+            2, 0, 3, 1, 4)
+        mask = None
+        if pad_b or pad_r:
+            mask = self._key_mask(H, W, Hp, Wp, x.device).repeat(B, 1, 1, 1)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.)
+        # (B * nh * nw, heads, ws * ws, d) -> (B, Hp, Wp, C)
+        x = x.transpose(1, 2).reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+        if pad_b or pad_r:
+            x = x[:, :H, :W]
+        x = x.reshape(B, N, C)
+        return self.proj_drop(self.proj(x))

@@ -1,0 +1,173 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mmtwins.models import PCPVT, SVT, Twins
+from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention
+
+from conftest import TINY_PCPVT, TINY_SVT
+
+# Paper Table 1 parameters (millions), backbone + ImageNet head; ARCHITECTURES.md.
+PAPER_PARAMS = {
+    (PCPVT, 'small'): 24.1, (PCPVT, 'base'): 43.8, (PCPVT, 'large'): 60.9,
+    (SVT, 'small'): 24.0, (SVT, 'base'): 56.0, (SVT, 'large'): 99.2,
+}
+
+
+@pytest.mark.parametrize('cls,arch', list(PAPER_PARAMS))
+def test_params_match_paper_table1(cls, arch):
+    model = cls(arch=arch, norm_after_stage=[False, False, False, True])
+    c4 = model.embed_dims[-1]
+    n = sum(p.numel() for p in model.parameters()) + c4 * 1000 + 1000  # + Linear(C4, 1000)
+    assert abs(n / 1e6 - PAPER_PARAMS[(cls, arch)]) <= 0.1
+
+
+@pytest.mark.parametrize('alias,name', [('s', 'small'), ('B', 'base'), ('l', 'large')])
+def test_arch_aliases(alias, name):
+    assert SVT(arch=alias).arch_settings == SVT.arch_zoo[name]
+    assert PCPVT(arch=alias).arch_settings == PCPVT.arch_zoo[name]
+
+
+def test_svt_alternates_lsa_and_gsa_and_pcpvt_is_all_gsa():
+    svt = SVT(arch='small')
+    for stage in svt.blocks:
+        kinds = [type(b.attn) for b in stage]
+        assert kinds == [LocallyGroupedAttention if j % 2 == 0 else GlobalSubsampledAttention
+                         for j in range(len(stage))]
+    assert all(isinstance(b.attn, GlobalSubsampledAttention) for s in PCPVT('s').blocks for b in s)
+    # sr 8, 4, 2, 1: the sub-sampling conv exists only where sr > 1
+    assert [hasattr(s[1].attn, 'sr') for s in svt.blocks] == [True, True, True, False]
+
+
+@pytest.mark.parametrize('cls,arch', [(SVT, TINY_SVT), (PCPVT, TINY_PCPVT)])
+@pytest.mark.parametrize('hw', [(64, 64), (97, 131), (29, 29), (32, 70)])
+def test_multiscale_output_shapes(cls, arch, hw):
+    model = cls(arch=arch).eval()
+    x = torch.randn(2, 3, *hw)
+    outs = model(x)
+    assert len(outs) == 4
+    for o, dim, stride in zip(outs, arch['embed_dims'], (4, 8, 16, 32)):
+        assert o.shape == (2, dim, math.ceil(hw[0] / stride), math.ceil(hw[1] / stride))
+        assert torch.isfinite(o).all()
+    assert model.strides == (4, 8, 16, 32)
+
+
+def test_out_indices_subset_builds_only_needed_stages_and_uses_every_parameter():
+    model = SVT(arch=TINY_SVT, out_indices=(1, 2))
+    assert len(model.blocks) == 3
+    outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [32, 32]
+    sum(o.sum() for o in outs).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert unused == []
+
+
+@pytest.mark.parametrize('bad', [(4, ), (-1, 0), (), (0, 4)])
+def test_bad_out_indices(bad):
+    with pytest.raises(ValueError, match='out_indices'):
+        SVT(arch=TINY_SVT, out_indices=bad)
+
+
+def test_frozen_stages():
+    model = PCPVT(arch=TINY_PCPVT, frozen_stages=1, drop_rate=0.5)
+    model.train()
+    for i in range(4):
+        frozen = i <= 1
+        for m in (model.patch_embeds[i], model.blocks[i], model.pos_block[i]):
+            assert all(p.requires_grad != frozen for p in m.parameters())
+            assert all(sub.training != frozen for sub in m.modules())
+    with pytest.raises(ValueError, match='frozen_stages'):
+        PCPVT(arch=TINY_PCPVT, frozen_stages=4)
+
+
+def test_drop_path_once_per_residual_branch():
+    model = SVT(arch=TINY_SVT, drop_path_rate=0.3)
+    rates = [getattr(b.drop_path, 'drop_prob', 0.) for s in model.blocks for b in s]
+    assert rates == pytest.approx(torch.linspace(0, 0.3, 8).tolist())
+    # Each block holds exactly one DropPath module and nothing else inside drops paths.
+    from mmcv.cnn.bricks import DropPath
+    block = model.blocks[3][1]
+    assert sum(isinstance(m, DropPath) for m in block.modules()) == 1
+    # Count the calls per forward: two residual branches -> two calls.
+    calls = []
+    block.drop_path.register_forward_hook(lambda *a: calls.append(1))
+    block(torch.randn(1, 4, 64), (2, 2))
+    assert len(calls) == 2
+
+
+def test_drop_path_rate_applies_stochastic_depth_in_training_only():
+    model = SVT(arch=TINY_SVT, drop_path_rate=0.9)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    a, b = model(x)[-1], model(x)[-1]
+    assert torch.equal(a, b)
+    model.train()
+    assert not torch.equal(model(x)[-1], model(x)[-1])
+
+
+def test_with_cp_gives_same_gradients():
+    ref = SVT(arch=TINY_SVT)
+    cp = SVT(arch=TINY_SVT, with_cp=True)
+    cp.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for m in (ref, cp):
+        sum(o.square().sum() for o in m(x)).backward()
+    for (n, p), (_, q) in zip(ref.named_parameters(), cp.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_norm_after_stage():
+    assert list(SVT(arch='s').stage_norms) == ['0', '1', '2', '3']
+    assert list(PCPVT(arch='s').stage_norms) == []
+    assert list(PCPVT(arch='s', norm_after_stage=[False, True, False, True]).stage_norms) == \
+        ['1', '3']
+    with pytest.raises(ValueError, match='norm_after_stage'):
+        SVT(arch='s', norm_after_stage=[True, False])
+
+
+def test_init_weights_random():
+    model = SVT(arch=TINY_SVT)
+    model.init_weights()
+    w = model.blocks[0][0].attn.qkv.weight
+    assert w.std().item() == pytest.approx(0.02, rel=0.2) and w.abs().max() <= 0.04 + 1e-6
+    assert torch.all(model.blocks[0][0].norm1.weight == 1)
+
+
+# ------------------------------------------------------------------ arch validation and bad input
+@pytest.mark.parametrize('arch,match', [
+    ('medium', "unknown arch 'medium'"),
+    (dict(TINY_SVT, depths=[1, 1, 1]), "'embed_dims' has 4 entries but depths has 3"),
+    (dict(TINY_SVT, embed_dims=[16, 30, 32, 64]), "'embed_dims': stage 1 dim 30 .* 'num_heads' 2"),
+    ({k: v for k, v in TINY_SVT.items() if k != 'sr_ratios'}, r"missing key\(s\) \['sr_ratios'\]"),
+    (dict(TINY_SVT, windiow_sizes=[7] * 4), r"unknown key\(s\) \['windiow_sizes'\]"),
+    (dict(TINY_SVT, sr_ratios=[8, 0, 2, 1]), "'sr_ratios' must hold positive ints"),
+])
+def test_arch_validation_names_the_problem(arch, match):
+    with pytest.raises(ValueError, match=match):
+        SVT(arch=arch)
+
+
+def test_misspelled_public_argument_is_rejected():
+    with pytest.raises(TypeError, match='windiow_sizes'):
+        SVT(arch='s', windiow_sizes=[7, 7, 7, 7])
+
+
+@pytest.mark.parametrize('x,exc,match', [
+    (torch.randn(1, 4, 64, 64), ValueError, 'built for 3 input channels, got 4'),
+    (torch.randn(3, 64, 64), ValueError, r'4-D \(B, C, H, W\)'),
+    (torch.randn(1, 3, 28, 64), ValueError, 'too small; height and width must be >= 29'),
+    (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), TypeError, 'floating-point'),
+    ([[1.0]], TypeError, 'torch.Tensor'),
+])
+def test_bad_input_raises_one_clear_error(x, exc, match):
+    model = SVT(arch=TINY_SVT)
+    with pytest.raises(exc, match=match):
+        model(x)
+
+
+def test_is_one_network_class():
+    assert issubclass(SVT, Twins) and issubclass(PCPVT, Twins)
+    assert SVT.forward is Twins.forward and PCPVT.__init__ is Twins.__init__
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in SVT(arch=TINY_SVT).modules())

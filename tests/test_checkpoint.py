@@ -1,0 +1,168 @@
+"""One loader for every Twins checkpoint layout, proven numerically against the peers."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmtwins.checkpoint import (CheckpointError, convert_state_dict, detect_layout,
+                                load_twins_checkpoint)
+from mmtwins.models import PCPVT, SVT
+
+from conftest import TINY_SVT
+
+ROOT = Path(__file__).resolve().parents[1]
+timm = pytest.importorskip('timm', reason='timm (a test dependency) is needed as the peer')
+
+VARIANTS = [(PCPVT, 'small'), (PCPVT, 'base'), (PCPVT, 'large'),
+            (SVT, 'small'), (SVT, 'base'), (SVT, 'large')]
+
+
+def _classifier_backbone(cls, arch, **kw):
+    return cls(arch=arch, norm_after_stage=[False, False, False, True], **kw).eval()
+
+
+def _timm(cls, arch):
+    return timm.create_model(f'twins_{cls.__name__.lower()}_{arch}', pretrained=False).eval()
+
+
+@pytest.mark.parametrize('cls,arch', VARIANTS, ids=[f'{c.__name__}-{a}' for c, a in VARIANTS])
+def test_timm_weights_give_timm_stage_outputs(cls, arch):
+    peer = _timm(cls, arch)
+    model = _classifier_backbone(cls, arch)
+    report = load_twins_checkpoint(model, {'model': peer.state_dict()})  # authors' wrapping
+    assert report.layout == 'authors' and report.variant == f'{cls.__name__}-{arch}'
+    assert not report.missing and not report.unexpected and not report.expected_missing
+    assert report.head == ['head.bias', 'head.weight']
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        outs = model(x)
+        ref = peer.forward_intermediates(x, intermediates_only=True)[:3]
+        ref.append(peer.forward_features(x).transpose(1, 2).reshape(outs[3].shape))
+    for i, (o, r) in enumerate(zip(outs, ref)):
+        assert o.shape == r.shape
+        assert (o - r).abs().max().item() <= 1e-4, f'stage {i}'
+
+
+def _peer_cfg(cls, arch):
+    """mmseg's constructor arguments for the variant (mmseg spells window sizes `windiow_sizes`)."""
+    s = cls.arch_zoo[arch]
+    cfg = {k: s[k] for k in ('embed_dims', 'num_heads', 'mlp_ratios', 'depths', 'sr_ratios')}
+    if cls is SVT:
+        cfg['windiow_sizes'] = s['window_sizes']
+    return dict(cfg, qkv_bias=True, norm_after_stage=cls is SVT)
+
+
+def _peer(peer_name, cls, arch='small'):
+    if peer_name == 'mmseg':
+        from mmseg.models.backbones import twins
+        return getattr(twins, cls.__name__)(**_peer_cfg(cls, arch))
+    from mmpretrain.models.backbones import twins
+    s = cls.arch_zoo[arch]
+    spec = {k: s[k] for k in ('embed_dims', 'num_heads', 'mlp_ratios', 'depths', 'sr_ratios')}
+    spec.update(patch_sizes=[4, 2, 2, 2], strides=[4, 2, 2, 2])
+    if cls is SVT:
+        spec['window_sizes'] = s['window_sizes']
+    return getattr(twins, cls.__name__)(arch=spec, out_indices=(0, 1, 2, 3), qkv_bias=True,
+                                        norm_after_stage=cls is SVT)
+
+
+@pytest.mark.parametrize('peer_name', ['mmseg', 'mmpretrain'])
+@pytest.mark.parametrize('cls', [PCPVT, SVT])
+def test_mmseg_and_mmpretrain_weights_give_their_stage_outputs(peer_name, cls):
+    peer = _peer(peer_name, cls).eval()
+    peer.init_weights()
+    sd = peer.state_dict()
+    assert detect_layout(sd) == peer_name
+    model = cls(arch='small').eval()
+    report = load_twins_checkpoint(model, sd)
+    assert report.variant == f'{cls.__name__}-small'
+    assert not report.missing and not report.unexpected and not report.expected_missing
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        for i, (o, r) in enumerate(zip(model(x), peer(x))):
+            assert (o - r).abs().max().item() <= 1e-4, f'stage {i}'
+
+
+def test_imagenet_checkpoint_into_dense_svt_reports_stage_norms_as_expected_missing():
+    peer = _timm(SVT, 'small')
+    model = SVT(arch='small')  # dense: a norm after every stage
+    report = load_twins_checkpoint(model, peer.state_dict())
+    assert sorted({k.rsplit('.', 1)[0] for k in report.expected_missing}) == \
+        ['stage_norms.0', 'stage_norms.1', 'stage_norms.2']
+    assert 'stage_norms.3.weight' in report.loaded and not report.missing
+    assert 'stage_norms.0.weight' in report.summary()
+
+
+def test_prefix_found_automatically_and_given(tmp_path):
+    src = SVT(arch=TINY_SVT)
+    ckpt = {'state_dict': {f'backbone.{k}': v for k, v in src.state_dict().items()},
+            'meta': {}}
+    ckpt['state_dict']['decode_head.conv.weight'] = torch.zeros(1)
+    for prefix in (None, 'backbone.'):
+        model = SVT(arch=TINY_SVT)
+        report = load_twins_checkpoint(model, ckpt, prefix=prefix)
+        assert not report.missing and not report.unexpected
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     src.state_dict().values()))
+
+
+def test_init_cfg_pretrained_loads_any_layout(tmp_path):
+    peer = _peer('mmseg', SVT)
+    path = tmp_path / 'mmseg_svt_s.pth'
+    torch.save({'state_dict': peer.state_dict()}, path)
+    model = SVT(arch='small', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    assert torch.equal(model.blocks[2][3].attn.q.weight, peer.layers[2][3].attn.attn.in_proj_weight[:256])
+
+
+def test_converter_cli_round_trip(tmp_path):
+    peer = _timm(SVT, 'small')
+    src, dst = tmp_path / 'authors.pth', tmp_path / 'mmtwins.pth'
+    torch.save({'model': peer.state_dict()}, src)
+    res = subprocess.run([sys.executable, str(ROOT / 'tools/model_converters/twins2mmtwins.py'),
+                          str(src), str(dst)], capture_output=True, text=True, check=True)
+    assert 'SVT-small in the authors layout' in res.stdout
+    out = torch.load(dst, weights_only=True)
+    assert out['meta']['variant'] == 'SVT-small' and 'head.weight' not in out['state_dict']
+    model = _classifier_backbone(SVT, 'small')
+    report = load_twins_checkpoint(model, str(dst))
+    assert not report.missing and not report.unexpected
+    backbone, _ = convert_state_dict(peer.state_dict())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in backbone.items())
+
+
+# ------------------------------------------------------------------ bad checkpoints
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match='checkpoint file not found: /no/such.pth'):
+        load_twins_checkpoint(SVT(arch=TINY_SVT), '/no/such.pth')
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / 'full.pth'
+    torch.save(SVT(arch=TINY_SVT).state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match='truncated or not a PyTorch checkpoint'):
+        load_twins_checkpoint(SVT(arch=TINY_SVT), str(path))
+
+
+def test_other_variant_is_refused_and_nothing_is_loaded():
+    model = SVT(arch='small')
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match='SVT-base checkpoint that does not fit'):
+        load_twins_checkpoint(model, _timm(SVT, 'base').state_dict())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_not_a_twins_checkpoint():
+    with pytest.raises(CheckpointError, match='not a Twins checkpoint'):
+        load_twins_checkpoint(SVT(arch=TINY_SVT), {'conv1.weight': torch.zeros(1)})
+
+
+def test_strict_reports_by_name():
+    sd = SVT(arch=TINY_SVT).state_dict()
+    del sd['blocks.1.0.mlp.fc1.bias']
+    with pytest.raises(CheckpointError, match=r'MISSING from the checkpoint: blocks\.1\.0\.mlp\.fc1\.bias'):
+        load_twins_checkpoint(SVT(arch=TINY_SVT), sd, strict=True)

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment with the pinned OpenMMLab stack.
+#
+#   bash tools/setup_env.sh            # venv in ./.venv
+#   MMTWINS_VENV=/path bash tools/setup_env.sh
+#
+# mmcv 2.1.0 has no wheel for torch 2.13: it is built once from source with its compiled ops
+# (about 12 minutes on 2 cores) and the wheel is cached in $MMTWINS_WHEEL_CACHE
+# (default ~/.cache/mmtwins/wheels), outside the work tree, for every later set-up.
+# A stamp file makes a re-run that has nothing to do take a second.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${MMTWINS_VENV:-$root/.venv}
+wheels=${MMTWINS_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmtwins/wheels}
+python=${PYTHON:-python3}
+constraints=$root/requirements/constraints.txt
+stamp=$venv/.mmtwins-setup
+
+log() { printf '[setup_env] %s\n' "$*" >&2; }
+
+want=$(cat "$constraints" "$root"/requirements/*.txt "$root/requirements.txt" "$root/setup.py" \
+       "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)
+if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
+    exit 0
+fi
+
+if [[ ! -x $venv/bin/python ]]; then
+    log "creating virtual environment $venv"
+    "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip)
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+log "installing build tools and torch (first time: a ~5 GB download)"
+"${pip[@]}" install -q -c "$constraints" 'setuptools' wheel ninja 'numpy' packaging
+"${pip[@]}" install -q -c "$constraints" torch torchvision
+
+mmcv_version=$(sed -n 's/^mmcv==//p' "$constraints")
+mmcv_wheel=$(ls "$wheels"/mmcv-"$mmcv_version"-*.whl 2>/dev/null | head -n1 || true)
+if [[ -z $mmcv_wheel ]]; then
+    log "building mmcv $mmcv_version with ops from source into $wheels (about 12 minutes, once)"
+    mkdir -p "$wheels"
+    tmp=$(mktemp -d "$wheels/.build.XXXXXX")
+    # No build isolation: the build must compile against the torch installed above.
+    MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "${pip[@]}" wheel -v --no-build-isolation --no-deps \
+        -c "$constraints" "mmcv==$mmcv_version" -w "$tmp" 2>&1 \
+        | grep --line-buffered -E '^(Building|Created|Successfully|ERROR|error)|\[[0-9]+/[0-9]+\]' >&2 || true
+    built=$(ls "$tmp"/mmcv-*.whl 2>/dev/null | head -n1 || true)
+    [[ -n $built ]] || { log "mmcv build failed (see above)"; rm -rf "$tmp"; exit 1; }
+    mv "$built" "$wheels/"   # atomic within one file system: no half-written wheel is ever cached
+    rm -rf "$tmp"
+    mmcv_wheel=$(ls "$wheels"/mmcv-"$mmcv_version"-*.whl | head -n1)
+fi
+
+log "installing mmcv, the OpenMMLab stack and mmtwins (editable)"
+"${pip[@]}" install -q -c "$constraints" "$mmcv_wheel"
+"${pip[@]}" install -q -c "$constraints" -r "$root/requirements.txt"
+"${pip[@]}" install -q -c "$constraints" --no-build-isolation --no-deps -e "$root"
+"$venv/bin/python" -c 'import mmcv.ops, mmdet, mmseg, mmpretrain, mmtwins' \
+    || { log "the installed stack does not import"; exit 1; }
+echo "$want" > "$stamp"
+log "ready: $venv"
