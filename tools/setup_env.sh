@@ -45,7 +45,7 @@ if [[ -z $mmcv_wheel ]]; then
     # No build isolation: the build must compile against the torch installed above.
     MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "${pip[@]}" wheel -v --no-build-isolation --no-deps \
         -c "$constraints" "mmcv==$mmcv_version" -w "$tmp" 2>&1 \
-        | grep --line-buffered -E '^(Building|Created|Successfully|ERROR|error)|\[[0-9]+/[0-9]+\]' >&2 || true
+        | sed -nuE 's#^ *(\[[0-9]+/[0-9]+\]) .* -c (-c )?[^ ]*/([^/ ]+\.(cpp|cu)) .*#  compiling \1 \3#p; /^(ERROR|error:|Created wheel)/p' >&2 || true
     built=$(ls "$tmp"/mmcv-*.whl 2>/dev/null | head -n1 || true)
     [[ -n $built ]] || { log "mmcv build failed (see above)"; rm -rf "$tmp"; exit 1; }
     mv "$built" "$wheels/"   # atomic within one file system: no half-written wheel is ever cached
