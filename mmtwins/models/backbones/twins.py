@@ -16,7 +16,7 @@ from torch import nn
 
 from mmtwins.registry import MODELS
 from ..layers import PatchEmbed, PositionEncodingGenerator, TwinsBlock
-from ..layers.embed import conv_fan_out_init_
+from ..layers.embed import conv_fan_out_init_, is_exporting
 
 ARCH_KEYS = ('embed_dims', 'num_heads', 'mlp_ratios', 'depths', 'sr_ratios', 'window_sizes')
 PATCH_SIZES = (4, 2, 2, 2)
@@ -182,19 +182,37 @@ class Twins(BaseModule):
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x) -> None:
+        """Raise a ``TypeError``/``ValueError`` naming what is wrong with an input batch.
+
+        Pixel values are not inspected: a finiteness check would synchronise the device every
+        step. Non-finite pixels propagate to the outputs of their own image only (no operation
+        mixes images); in training, :class:`mmtwins.engine.NonFiniteLossHook` catches them.
+        While a graph is recorded for export only the type checks run: sizes are graph values
+        then, and no check on them is baked into the graph.
+        """
+        name = type(self).__name__
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f'{type(self).__name__} expects a torch.Tensor, got {type(x)}')
+            raise TypeError(f'{name} expects a torch.Tensor, got {type(x)}')
         if not x.is_floating_point():
-            raise TypeError(f'{type(self).__name__} expects a floating-point tensor, got {x.dtype}')
+            raise TypeError(f'{name} expects a floating-point tensor, got {x.dtype}')
+        weight = self.patch_embeds[0].proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f'{name} has {weight.dtype} parameters but got a {x.dtype} input: '
+                            f'cast the input (x.to({weight.dtype})) or the model, or run under '
+                            'torch.autocast')
         if x.dim() != 4:
-            raise ValueError(f'{type(self).__name__} expects a 4-D (B, C, H, W) tensor, got shape '
+            raise ValueError(f'{name} expects a 4-D (B, C, H, W) tensor, got shape '
                              f'{tuple(x.shape)}')
+        if is_exporting():
+            return
         if x.shape[1] != self.in_channels:
-            raise ValueError(f'{type(self).__name__} was built for {self.in_channels} input '
-                             f'channels, got {x.shape[1]} (shape {tuple(x.shape)})')
+            raise ValueError(f'{name} was built for {self.in_channels} input channels, got '
+                             f'{x.shape[1]} (shape {tuple(x.shape)})')
+        if x.shape[0] == 0:
+            raise ValueError(f'{name} got an empty batch (shape {tuple(x.shape)})')
         if min(x.shape[2:]) < self.min_input_size:
-            raise ValueError(f'{type(self).__name__}: input of {x.shape[2]}x{x.shape[3]} is too '
-                             f'small; height and width must be >= {self.min_input_size}')
+            raise ValueError(f'{name}: input of {x.shape[2]}x{x.shape[3]} is too small; height '
+                             f'and width must be >= {self.min_input_size}')
 
     def _run_block(self, blk: TwinsBlock, x: torch.Tensor, hw) -> torch.Tensor:
         if self.with_cp and x.requires_grad:

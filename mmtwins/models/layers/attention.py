@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embed import pad_amounts
+
 
 def _check_heads(dim: int, num_heads: int) -> int:
     if dim % num_heads:
@@ -53,7 +55,8 @@ class GlobalSubsampledAttention(nn.Module):
         if self.sr_ratio > 1:
             x = x.transpose(1, 2).reshape(B, C, hw[0], hw[1])
             x = self.norm(self.sr(x).flatten(2).transpose(1, 2))
-        k, v = self.kv(x).view(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        kv = self.kv(x).view(B, -1, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         x = x.transpose(1, 2).reshape(B, N, C)
@@ -67,6 +70,9 @@ class LocallyGroupedAttention(nn.Module):
     to whole windows. Padded positions are masked out as keys, for each side independently, so a
     real token never attends to padding (the public ports either do not mask at all or build a
     mask that switches off when only one side is padded). Padded queries are cropped away.
+    Maps of whole windows skip padding and mask in eager mode; an exported graph always pads
+    and masks (by zero amounts and an all-true mask where nothing is padded), computing both
+    from the input size, so one export is exact at every size (see :func:`.embed.pad_amounts`).
 
     Args:
         dim (int): Token channels C.
@@ -87,7 +93,7 @@ class LocallyGroupedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _key_mask(self, H: int, W: int, Hp: int, Wp: int, device) -> torch.Tensor:
+    def _key_mask(self, H, W, Hp, Wp, device) -> torch.Tensor:
         """Boolean (num_windows, 1, 1, ws*ws) mask, True where the key is a real token."""
         ws = self.window_size
         rows = torch.arange(Hp, device=device) < H
@@ -99,24 +105,24 @@ class LocallyGroupedAttention(nn.Module):
         B, N, C = x.shape
         H, W = hw
         ws = self.window_size
-        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
+        pad_b, pad_r, padded = pad_amounts(H, W, ws)
         x = x.view(B, H, W, C)
-        if pad_b or pad_r:
+        if padded:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         Hp, Wp = H + pad_b, W + pad_r
         nh, nw = Hp // ws, Wp // ws
         # (B, nh, ws, nw, ws, C) -> (B * nh * nw, ws * ws, C): one row of tokens per window
         x = x.view(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(B * nh * nw, ws * ws, C)
         q, k, v = self.qkv(x).view(-1, ws * ws, 3, self.num_heads, self.head_dim).permute(
-            2, 0, 3, 1, 4)
+            2, 0, 3, 1, 4).unbind(0)
         mask = None
-        if pad_b or pad_r:
+        if padded:
             mask = self._key_mask(H, W, Hp, Wp, x.device).repeat(B, 1, 1, 1)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.)
         # (B * nh * nw, heads, ws * ws, d) -> (B, Hp, Wp, C)
         x = x.transpose(1, 2).reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
-        if pad_b or pad_r:
+        if padded:
             x = x[:, :H, :W]
         x = x.reshape(B, N, C)
         return self.proj_drop(self.proj(x))

@@ -1,10 +1,42 @@
-"""Patch embedding and the conditional position encoding generator (PEG) of Twins."""
+"""Patch embedding and the conditional position encoding generator (PEG) of Twins.
+
+Also home of the padding helper shared with the locally-grouped attention: eager mode pads only
+when a side is not a multiple of the window/patch, while a graph being recorded for export always
+pads by amounts computed from the (symbolic) input size, so one exported graph serves every size.
+"""
 import math
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def is_exporting() -> bool:
+    """True while a graph is being recorded for export.
+
+    That is ``torch.jit.trace`` (under the TorchScript-based ``torch.onnx.export(dynamo=False)``)
+    or ``torch.export`` (under ``torch.onnx.export(dynamo=True)``). Shape-dependent branches must
+    then take the path that is valid for every input size instead of the one the example takes.
+    """
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+Size = Union[int, torch.Tensor, torch.SymInt]
+
+
+def pad_amounts(H: Size, W: Size, multiple: int) -> Tuple[Size, Size, bool]:
+    """Bottom and right zero-padding that makes ``H`` and ``W`` multiples of ``multiple``.
+
+    Returns:
+        ``(pad_b, pad_r, needed)``. ``needed`` says whether the caller must pad (and mask):
+        in eager mode only if an amount is non-zero, so maps of whole windows pay nothing;
+        always while exporting, where the amounts are graph values (``H`` and ``W`` come from
+        the traced/symbolic input shape) and a Python branch on them would bake in the
+        example's case.
+    """
+    pad_b, pad_r = (multiple - H % multiple) % multiple, (multiple - W % multiple) % multiple
+    return pad_b, pad_r, is_exporting() or bool(pad_b or pad_r)
 
 
 class PatchEmbed(nn.Module):
@@ -30,9 +62,8 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        p = self.patch_size
-        pad_b, pad_r = (p - x.shape[2] % p) % p, (p - x.shape[3] % p) % p
-        if pad_b or pad_r:
+        pad_b, pad_r, needed = pad_amounts(x.shape[2], x.shape[3], self.patch_size)
+        if needed:
             x = F.pad(x, (0, pad_r, 0, pad_b))
         x = self.proj(x)
         hw = (x.shape[2], x.shape[3])
