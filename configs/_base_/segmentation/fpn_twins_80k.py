@@ -1,0 +1,32 @@
+# Semantic FPN on a Twins backbone in the PVT setting (paper Sec. 4.2): 80k iterations, batch 16,
+# AdamW lr 1e-4, poly decay (power 0.9) to zero, drop path 0.2. A config on top sets the
+# backbone's type, arch and ImageNet checkpoint and the neck's in_channels.
+_base_ = [
+    'mmseg::_base_/models/fpn_r50.py', './ade20k.py', './runtime.py',
+    'mmseg::_base_/schedules/schedule_80k.py',
+    '../twins_imagenet.py',  # the ImageNet checkpoints: one place for all configs
+]
+crop_size = (512, 512)
+model = dict(
+    data_preprocessor=dict(size=crop_size),  # pad training crops to 512x512
+    pretrained=None,
+    backbone=dict(
+        _delete_=True,
+        out_indices=(0, 1, 2, 3),
+        drop_path_rate=0.2,
+        init_cfg=dict(type='Pretrained')),
+    decode_head=dict(num_classes=150))
+
+# The paper: weight decay 0.0005 "for the whole network". The authors' released configs (and
+# mmseg's ports of them) use 0.0001. Position encodings (PEG) and LayerNorms have none.
+optimizer = dict(
+    _delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=5e-4)
+optim_wrapper = dict(
+    optimizer=optimizer,
+    paramwise_cfg=dict(custom_keys={
+        'pos_block': dict(decay_mult=0.),
+        'norm': dict(decay_mult=0.)
+    }))
+param_scheduler = [
+    dict(type='PolyLR', eta_min=0., power=0.9, begin=0, end=80000, by_epoch=False)
+]

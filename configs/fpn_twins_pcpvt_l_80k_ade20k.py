@@ -1,0 +1,8 @@
+# Semantic FPN 80k with Twins-PCPVT-L on ADE20K (the paper's Table 2: 46.4 mIoU).
+_base_ = './fpn_twins_pcpvt_s_80k_ade20k.py'
+
+model = dict(
+    backbone=dict(
+        arch='large',
+        drop_path_rate=0.4,  # the paper's stronger drop path for the L models in this setting
+        init_cfg=dict(checkpoint={{_base_.twins_imagenet.pcpvt_l}})))

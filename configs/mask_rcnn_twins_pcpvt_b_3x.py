@@ -1,0 +1,9 @@
+# Mask R-CNN 3x + MS with Twins-PCPVT-B on COCO (the paper's Table 4: 47.9 box AP, 43.2 mask AP).
+_base_ = './_base_/det_mask_rcnn_twins_3x.py'
+
+model = dict(
+    backbone=dict(
+        type='mmtwins.PCPVT',
+        arch='base',
+        init_cfg=dict(checkpoint={{_base_.twins_imagenet.pcpvt_b}})),
+    neck=dict(in_channels=[64, 128, 320, 512]))

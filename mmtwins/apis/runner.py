@@ -1,0 +1,109 @@
+"""Build an mmengine Runner from a config of any OpenMMLab scope, on GPUs or on CPUs only.
+
+Two gaps of mmengine 0.10.7 with the torch this project pins are closed here, for every entry
+point (``tools/train.py``, ``tools/test.py``, tests):
+
+* torch >= 2.6 loads checkpoints with ``weights_only=True``; mmengine's training checkpoints also
+  pickle its message hub (``HistoryBuffer``) and numpy scalars/arrays, so ``--resume`` and
+  ``load_from`` fail. :func:`allow_mmengine_checkpoints` allow-lists exactly those classes and
+  makes ``HistoryBuffer`` pickle without the ``getattr`` calls its default pickling needs.
+* ``--launcher pytorch`` without a GPU: mmengine always calls ``torch.cuda.set_device`` and wraps
+  the model in DDP with ``device_ids=[LOCAL_RANK]``. :func:`setup_cpu_distributed` initialises a
+  gloo process group first (mmengine then skips its own), wraps with ``device_ids=None`` and
+  turns the heads' SyncBN (GPU-only) into BN.
+"""
+import copyreg
+import logging
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from mmengine.config import Config, ConfigDict
+from mmengine.logging import HistoryBuffer, print_log
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+
+def _reduce_history_buffer(buffer: HistoryBuffer) -> tuple:
+    # mmengine's own pickling adds the class's statistics functions, which pickle as
+    # getattr(HistoryBuffer, 'min') etc.; allow-listing getattr would let a checkpoint reach any
+    # attribute. The constructor re-registers those functions anyway.
+    return HistoryBuffer, (buffer._log_history, buffer._count_history, buffer.max_length)
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` read the training checkpoints mmengine writes.
+
+    Only the non-tensor classes of such a checkpoint are allow-listed: the message hub's
+    ``HistoryBuffer`` and numpy arrays, dtypes and scalars (object arrays excluded).
+    ``HistoryBuffer`` is saved from now on as its constructor arguments, so checkpoints written
+    by this process load; older mmengine checkpoints (which pickle ``getattr``) still need
+    ``weights_only=False``, e.g. ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` for a file you trust.
+    """
+    copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
+    dtypes = [getattr(np.dtypes, name) for name in np.dtypes.__all__ if name != 'ObjectDType']
+    torch.serialization.add_safe_globals([
+        HistoryBuffer, np.ndarray, np.dtype, np.core.multiarray._reconstruct,
+        np.core.multiarray.scalar, *dtypes
+    ])
+
+
+def setup_cpu_distributed(cfg: Config) -> bool:
+    """Prepare a distributed run on CPUs only: gloo process group and a CPU DDP wrapper.
+
+    Does nothing (returns False) for ``launcher='none'``, when CUDA is available or when a
+    process group already exists. Only ``--launcher pytorch`` (``torchrun``, as
+    ``tools/dist_train.sh`` uses) is supported on CPUs; its environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) is read by ``init_process_group``.
+
+    Returns:
+        bool: True if this call initialised the gloo process group.
+    """
+    launcher = cfg.get('launcher', 'none')
+    if launcher == 'none' or torch.cuda.is_available() or dist.is_initialized():
+        return False
+    if launcher != 'pytorch':
+        raise RuntimeError(f'--launcher {launcher} needs GPUs, and this machine has none. On CPUs '
+                           'use tools/dist_train.sh / tools/dist_test.sh (--launcher pytorch, '
+                           'the gloo backend) or run single-process with --launcher none.')
+    dist.init_process_group(backend='gloo')
+    if _sync_bn_to_bn(cfg.model):
+        print_log('no GPU: SyncBN (GPU-only in torch) replaced by BN in the model config',
+                  logger='current', level=logging.WARNING)
+    cfg.setdefault('env_cfg', ConfigDict()).setdefault('dist_cfg', ConfigDict())['backend'] = 'gloo'
+    wrapper = cfg.get('model_wrapper_cfg')
+    if wrapper is None:
+        cfg.model_wrapper_cfg = dict(
+            type='MMDistributedDataParallel',
+            device_ids=None,
+            broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
+    elif wrapper.get('type', 'MMDistributedDataParallel') == 'MMDistributedDataParallel':
+        wrapper['device_ids'] = None
+    print_log(f'no GPU: rank {dist.get_rank()}/{dist.get_world_size()} runs on CPU with gloo '
+              f'(LOCAL_RANK={os.environ.get("LOCAL_RANK")})', logger='current')
+    return True
+
+
+def _sync_bn_to_bn(cfg) -> bool:
+    """Turn every ``norm_cfg``-style ``type='SyncBN'`` in a (nested) config into ``'BN'``."""
+    found = False
+    if isinstance(cfg, dict):
+        if cfg.get('type') == 'SyncBN':
+            cfg['type'], found = 'BN', True
+        for value in cfg.values():
+            found |= _sync_bn_to_bn(value)
+    elif isinstance(cfg, (list, tuple)):
+        for value in cfg:
+            found |= _sync_bn_to_bn(value)
+    return found
+
+
+def build_runner(cfg: Config) -> Runner:
+    """The Runner of ``cfg`` (``runner_type`` honoured), ready for ``train()``/``test()``."""
+    allow_mmengine_checkpoints()
+    setup_cpu_distributed(cfg)
+    if 'runner_type' in cfg:
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)

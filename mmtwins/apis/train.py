@@ -1,0 +1,61 @@
+"""``tools/train.py``: train with any OpenMMLab 3.x config (mmdet, mmseg, mmpretrain scopes).
+
+The options behave as mmdet 3.3's ``tools/train.py``; the registry scope comes from the config's
+``default_scope``, so the same script trains detectors, segmentors and classifiers.
+"""
+import argparse
+import logging
+from typing import Optional, Sequence
+
+from mmengine.config import Config
+from mmengine.logging import print_log
+
+from .config import add_common_args, load_config
+from .runner import build_runner
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Train a model of any OpenMMLab 3.x scope')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--amp', action='store_true',
+                        help='automatic mixed precision (AmpOptimWrapper, dynamic loss scale)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the lr by the total batch (GPUs x batch per GPU) over '
+                        'auto_scale_lr.base_batch_size')
+    parser.add_argument(
+        '--resume', nargs='?', type=str, const='auto',
+        help='resume from this checkpoint, or without a path from the latest checkpoint in the '
+        'work dir (model, optimizer, schedulers, iteration and random state)')
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def build_train_cfg(args: argparse.Namespace) -> Config:
+    """The training config of ``args``: ``load_config`` plus ``--amp``, ``--auto-scale-lr``,
+    ``--resume``."""
+    cfg = load_config(args)
+    if args.amp:
+        wrapper_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
+        if wrapper_type == 'AmpOptimWrapper':
+            print_log('AMP training is already enabled in the config.', logger='current',
+                      level=logging.WARNING)
+        elif wrapper_type != 'OptimWrapper':
+            raise ValueError('--amp needs optim_wrapper.type OptimWrapper (it becomes '
+                             f'AmpOptimWrapper), got {wrapper_type}')
+        else:
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.loss_scale = 'dynamic'
+    if args.auto_scale_lr:
+        if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
+            raise ValueError('--auto-scale-lr needs auto_scale_lr=dict(enable=False, '
+                             'base_batch_size=N) in the config')
+        cfg.auto_scale_lr.enable = True
+    if args.resume == 'auto':
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume is not None:
+        cfg.resume, cfg.load_from = True, args.resume
+    return cfg
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    build_runner(build_train_cfg(parse_args(argv))).train()

@@ -1,0 +1,138 @@
+"""tools/train.py, tools/test.py and the launchers: options, scopes, 2-process CPU runs, slurm."""
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from mmtwins.apis import allow_mmengine_checkpoints, apply_tta, setup_cpu_distributed
+from mmtwins.apis import test as test_api
+from mmtwins.apis import train as train_api
+
+from coco_toy import fast_package_configs, one_torch_thread  # noqa: F401 (fixtures)
+from coco_toy import REPO, load_tiny_config, make_coco_toy, write_tiny_det_config
+
+pytestmark = pytest.mark.usefixtures('fast_package_configs', 'one_torch_thread')
+RETINANET = str(REPO / 'configs' / 'retinanet_twins_svt_s_1x.py')
+
+
+def test_train_options_map_to_config(tmp_path):
+    args = train_api.parse_args([
+        RETINANET, '--work-dir', str(tmp_path), '--amp', '--auto-scale-lr', '--cfg-options',
+        'train_dataloader.batch_size=4', 'model.backbone.init_cfg.checkpoint=my.pth', '--resume'
+    ])
+    cfg = train_api.build_train_cfg(args)
+    assert cfg.work_dir == str(tmp_path) and cfg.launcher == 'none'
+    assert cfg.train_dataloader.batch_size == 4
+    assert cfg.model.backbone.init_cfg.checkpoint == 'my.pth'
+    assert (cfg.optim_wrapper.type, cfg.optim_wrapper.loss_scale) == ('AmpOptimWrapper', 'dynamic')
+    assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=16)
+    assert (cfg.resume, cfg.load_from) == (True, None)  # latest checkpoint of the work dir
+
+    cfg = train_api.build_train_cfg(train_api.parse_args([RETINANET, '--resume', 'x/epoch_3.pth']))
+    assert (cfg.resume, cfg.load_from) == (True, 'x/epoch_3.pth')
+    assert cfg.work_dir == os.path.join('./work_dirs', 'retinanet_twins_svt_s_1x')
+    assert (cfg.resume, cfg.optim_wrapper.type) == (True, 'OptimWrapper')
+
+
+def test_test_options_for_a_segmentation_config(tmp_path):
+    """The same tools/test.py on an mmseg config: mmseg's --tta swap and --out directory."""
+    config = tmp_path / 'fcn.py'
+    config.write_text("_base_ = 'mmseg::fcn/fcn_r50-d8_4xb2-40k_cityscapes-512x1024.py'\n")
+    args = test_api.parse_args([str(config), 'seg.pth', '--tta', '--out', str(tmp_path / 'maps')])
+    cfg = test_api.build_test_cfg(args)
+    assert cfg.default_scope == 'mmseg' and cfg.load_from == 'seg.pth'
+    assert cfg.model.type == 'SegTTAModel' and cfg.model.module.type == 'EncoderDecoder'
+    assert cfg.test_dataloader.dataset.pipeline[1].type == 'TestTimeAug'
+    assert cfg.test_evaluator.output_dir == str(tmp_path / 'maps')
+    assert cfg.test_evaluator.keep_results is True
+
+
+def test_test_option_errors():
+    with pytest.raises(ValueError, match=r'--out must name a \.pkl/\.pickle file for mmdet'):
+        test_api.build_test_cfg(test_api.parse_args([RETINANET, 'c.pth', '--out', 'r.json']))
+    cfg = Config(dict(default_scope='mmpretrain', model=dict(type='ImageClassifier')))
+    with pytest.raises(ValueError, match='--tta needs tta_model and tta_pipeline'):
+        apply_tta(cfg)
+
+
+def test_cpu_launchers_other_than_pytorch_fail_clearly(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert setup_cpu_distributed(Config(dict(launcher='none'))) is False
+    with pytest.raises(RuntimeError, match='needs GPUs.*tools/dist_train.sh'):
+        setup_cpu_distributed(Config(dict(launcher='slurm')))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, timeout=300, **env):
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHON=sys.executable, **env),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_dist_train_and_dist_test_two_cpu_processes(tmp_path):
+    data = make_coco_toy(tmp_path / 'coco', num_images=4)
+    tiny, _ = write_tiny_det_config(tmp_path, 'retinanet_twins_svt_s_1x.py', data, max_epochs=2,
+                                    batch_size=1)
+    # The resolved config as one file: each process then skips mmengine's mmdet:: look-ups.
+    config = tmp_path / 'retinanet_flat.py'
+    load_tiny_config(tiny).dump(str(config))
+    work = tmp_path / 'work'
+    _run(['bash', 'tools/dist_train.sh', str(config), '2', '--work-dir', str(work)],
+         PORT=str(_free_port()))
+    allow_mmengine_checkpoints()
+    ckpt = torch.load(work / 'epoch_2.pth', map_location='cpu')  # weights_only=True
+    # 4 images, 1 per process and step, 2 processes: 2 iterations per epoch.
+    assert (ckpt['meta']['epoch'], ckpt['meta']['iter']) == (2, 4)
+
+    out = tmp_path / 'preds.pkl'
+    _run(['bash', 'tools/dist_test.sh', str(config), str(work / 'epoch_2.pth'), '2', '--out',
+          str(out), '--work-dir', str(tmp_path / 'test')], PORT=str(_free_port()))
+    with open(out, 'rb') as f:
+        preds = pickle.load(f)
+    assert sorted(p['img_id'] for p in preds) == [1, 2, 3, 4]  # gathered from both ranks
+    [metrics_file] = (tmp_path / 'test').glob('*/*.json')
+    metrics = json.loads(metrics_file.read_text())
+    assert 0 <= metrics['coco/bbox_mAP'] <= 1 and 0 <= metrics['coco/bbox_mAP_50'] <= 1
+
+
+@pytest.mark.parametrize('script,args,tail', [
+    ('slurm_train.sh', ['part', 'job', 'cfg.py', 'work', '--resume'],
+     ['train.py', 'cfg.py', '--work-dir=work', '--launcher=slurm', '--resume']),
+    ('slurm_test.sh', ['part', 'job', 'cfg.py', 'ckpt.pth', '--tta'],
+     ['test.py', 'cfg.py', 'ckpt.pth', '--launcher=slurm', '--tta']),
+])
+def test_slurm_scripts_call_srun(tmp_path, script, args, tail):
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    record = tmp_path / 'srun.args'
+    (bin_dir / 'srun').write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
+    (bin_dir / 'srun').chmod(0o755)
+    _run(['bash', f'tools/{script}', *args], GPUS='16', SRUN_ARGS='--qos=high',
+         PATH=f'{bin_dir}:{os.environ["PATH"]}')
+    argv = record.read_text().split('\n')[:-1]
+    assert argv[:9] == ['-p', 'part', '--job-name=job', '--gres=gpu:8', '--ntasks=16',
+                        '--ntasks-per-node=8', '--cpus-per-task=5', '--kill-on-bad-exit=1',
+                        '--qos=high']
+    assert argv[9:11] == [sys.executable, '-u']
+    assert argv[11] == str(REPO / 'tools' / tail[0]) and argv[12:] == tail[1:]
+
+
+def test_cpu_distributed_runs_turn_syncbn_into_bn():
+    from mmtwins.apis.runner import _sync_bn_to_bn
+    cfg = Config.fromfile(str(REPO / 'configs/upernet_twins_svt_s_160k_ade20k.py'))
+    assert 'SyncBN' in str(cfg.model)
+    assert _sync_bn_to_bn(cfg.model)
+    assert 'SyncBN' not in str(cfg.model) and cfg.model.decode_head.norm_cfg.type == 'BN'
+    assert cfg.model.auxiliary_head.norm_cfg.type == 'BN'
