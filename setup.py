@@ -1,3 +1,75 @@
+"""mmtwins: ``pip install -e .`` / ``mim install -e .``.
+
+The mim extension (as mmdet and mmseg do it) packs ``configs/``, ``tools/`` and
+``model-index.yml`` into ``mmtwins/.mim``: symbolic links for an editable install, copies when a
+wheel or sdist is built. ``mim search mmtwins``, ``mim train mmtwins CONFIG`` and
+``mim test mmtwins CONFIG --checkpoint CKPT`` read them from there.
+"""
+import os
+import os.path as osp
+import re
+import shutil
+import sys
+
 from setuptools import find_packages, setup
 
-setup(name='mmtwins', version='0.1.0', packages=find_packages(include=['mmtwins', 'mmtwins.*']))
+ROOT = osp.dirname(osp.abspath(__file__))
+MIM_FILES = ('configs', 'tools', 'model-index.yml')
+
+
+def read_version() -> str:
+    with open(osp.join(ROOT, 'mmtwins', 'version.py')) as f:
+        return re.search(r"__version__\s*=\s*'([^']+)'", f.read()).group(1)
+
+
+def read_requirements(path: str) -> list:
+    """Requirement lines of a requirements file (comments, blanks and ``-r``/``-c`` skipped)."""
+    with open(osp.join(ROOT, path)) as f:
+        lines = (line.split('#', 1)[0].strip() for line in f)
+        return [line for line in lines if line and not line.startswith('-')]
+
+
+def add_mim_extension() -> None:
+    """Link (editable install) or copy (wheel, sdist) the mim files into ``mmtwins/.mim``."""
+    if {'develop', 'editable_wheel'} & set(sys.argv):
+        mode = 'symlink'
+    elif {'sdist', 'bdist_wheel', 'install', 'build'} & set(sys.argv):
+        mode = 'copy'
+    else:
+        return
+    mim_path = osp.join(ROOT, 'mmtwins', '.mim')
+    os.makedirs(mim_path, exist_ok=True)
+    for name in MIM_FILES:
+        src, dst = osp.join(ROOT, name), osp.join(mim_path, name)
+        if not osp.exists(src):
+            continue
+        if osp.islink(dst) or osp.isfile(dst):
+            os.remove(dst)
+        elif osp.isdir(dst):
+            shutil.rmtree(dst)
+        if mode == 'symlink':
+            os.symlink(osp.relpath(src, mim_path), dst)
+        elif osp.isdir(src):
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+        else:
+            shutil.copyfile(src, dst)
+
+
+if __name__ == '__main__':
+    add_mim_extension()
+    setup(
+        name='mmtwins',
+        version=read_version(),
+        description='Twins-PCPVT and Twins-SVT backbones for OpenMMLab 3.x '
+        '(mmdet, mmsegmentation, mmpretrain)',
+        python_requires='>=3.8',
+        packages=find_packages(include=['mmtwins', 'mmtwins.*']),
+        package_data={
+            'mmtwins': [
+                '.mim/model-index.yml', '.mim/configs/**/*.py', '.mim/configs/**/*.yml',
+                '.mim/tools/**/*.py', '.mim/tools/**/*.sh'
+            ]
+        },
+        install_requires=read_requirements('requirements/runtime.txt'),
+        extras_require={'tests': read_requirements('requirements/tests.txt')},
+        zip_safe=False)

@@ -15,3 +15,8 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.2,
         init_cfg=dict(type='Pretrained')))
+
+# Crash-safe checkpoints (written to a temporary file, then renamed; a damaged latest checkpoint
+# is skipped on --resume) and a stop, naming the iteration, when the loss turns NaN/inf.
+default_hooks = dict(checkpoint=dict(type='mmtwins.AtomicCheckpointHook'))
+custom_hooks = [dict(type='mmtwins.NonFiniteLossHook')]

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 from mmengine.config import Config
 from mmengine.logging import print_log
 
+from mmtwins.engine import preflight_check
 from .config import add_common_args, load_config
 from .runner import build_runner
 
@@ -58,4 +59,6 @@ def build_train_cfg(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    build_runner(build_train_cfg(parse_args(argv))).train()
+    cfg = build_train_cfg(parse_args(argv))
+    preflight_check(cfg)  # unknown types, misspelled arguments, missing data: before any build
+    build_runner(cfg).train()

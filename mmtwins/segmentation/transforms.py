@@ -1,7 +1,7 @@
 """Data transforms for semantic segmentation test sets with or without ground truth."""
 from mmseg.datasets.transforms import LoadAnnotations
 
-from .registry import TRANSFORMS
+from mmtwins.registry import TRANSFORMS
 
 
 @TRANSFORMS.register_module()

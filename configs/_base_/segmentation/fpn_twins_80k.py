@@ -30,3 +30,8 @@ optim_wrapper = dict(
 param_scheduler = [
     dict(type='PolyLR', eta_min=0., power=0.9, begin=0, end=80000, by_epoch=False)
 ]
+
+# Crash-safe checkpoints (written to a temporary file, then renamed; a damaged latest checkpoint
+# is skipped on --resume) and a stop, naming the iteration, when the loss turns NaN/inf.
+default_hooks = dict(checkpoint=dict(type='mmtwins.AtomicCheckpointHook'))
+custom_hooks = [dict(type='mmtwins.NonFiniteLossHook')]

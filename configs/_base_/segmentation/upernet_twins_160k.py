@@ -31,3 +31,8 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
     dict(type='PolyLR', eta_min=0., power=1.0, begin=1500, end=160000, by_epoch=False)
 ]
+
+# Crash-safe checkpoints (written to a temporary file, then renamed; a damaged latest checkpoint
+# is skipped on --resume) and a stop, naming the iteration, when the loss turns NaN/inf.
+default_hooks = dict(checkpoint=dict(type='mmtwins.AtomicCheckpointHook'))
+custom_hooks = [dict(type='mmtwins.NonFiniteLossHook')]

@@ -1,0 +1,6 @@
+# Twins-SVT-L on ImageNet-1k, 300 epochs (the paper's Table 1: 83.7 top-1).
+_base_ = './_base_/cls_twins_in1k.py'
+
+model = dict(
+    backbone=dict(type='mmtwins.SVT', arch='large', drop_path_rate=0.5),
+    head=dict(in_channels=1024))

@@ -1,0 +1,155 @@
+"""Inference throughput (images/s) and peak memory of a module, on CPU or GPU.
+
+The paper's Table 1 convention: a fixed batch (192 there, on one V100), inference only, warm-up
+passes first, then the throughput of timed forward passes. Here every timed pass gives one
+images/s figure and the median over ``repeats`` is reported (robust to a noisy shared machine).
+"""
+import contextlib
+import re
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+_CLEAR_REFS = '/proc/self/clear_refs'
+_STATUS = '/proc/self/status'
+
+
+@dataclass
+class BenchmarkResult:
+    """What :func:`benchmark` measured.
+
+    Attributes:
+        images_per_s: median images/s over the timed passes.
+        runs: images/s of each timed pass.
+        batch_size, input_shape: of the batch that was timed (B, C, H, W).
+        device: ``'cpu'`` or ``'cuda:N'``.
+        precision: ``'fp32'``, or ``'amp-bf16'`` / ``'amp-fp16'`` (autocast).
+        peak_memory_mb: on GPU, the peak memory allocated by tensors during the timed passes
+            (``torch.cuda.max_memory_allocated``); on CPU, the process's peak resident set size
+            during them (weights and the Python runtime included).
+        memory_kind: which of the two ``peak_memory_mb`` is.
+    """
+    images_per_s: float
+    runs: List[float] = field(default_factory=list)
+    batch_size: int = 0
+    input_shape: tuple = ()
+    device: str = 'cpu'
+    precision: str = 'fp32'
+    peak_memory_mb: Optional[float] = None
+    memory_kind: str = ''
+
+    def summary(self) -> str:
+        mem = f'{self.peak_memory_mb:.0f} MB ({self.memory_kind})' \
+            if self.peak_memory_mb is not None else 'not available'
+        return (f'{self.images_per_s:.1f} images/s (median of {len(self.runs)} passes, '
+                f'min {min(self.runs):.1f}, max {max(self.runs):.1f}); batch {self.batch_size}, '
+                f'input {tuple(self.input_shape)}, {self.device}, {self.precision}; '
+                f'peak memory {mem}')
+
+
+# --------------------------------------------------------------------------- memory
+def _read_peak_rss_mb() -> Optional[float]:
+    try:
+        with open(_STATUS) as f:
+            m = re.search(r'^VmHWM:\s+(\d+)\s+kB', f.read(), re.M)
+        return int(m.group(1)) / 1024 if m else None
+    except OSError:
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux: ``5 > clear_refs``)."""
+    try:
+        with open(_CLEAR_REFS, 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory of the code run inside ``with`` (see :class:`BenchmarkResult`)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mb: Optional[float] = None
+        self.kind = ''
+
+    def __enter__(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.kind = 'CUDA max allocated'
+        elif _reset_peak_rss():
+            self.kind = 'process peak RSS'
+        else:  # no resettable mark: the peak over the whole process lifetime
+            self.kind = 'process lifetime peak RSS'
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == 'cuda':
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self.kind == 'process peak RSS':
+            self.mb = _read_peak_rss_mb()
+        else:
+            self.mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return False
+
+
+# --------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def autocast_context(device: torch.device, amp: bool, dtype: Optional[torch.dtype] = None):
+    """Autocast for ``amp`` (fp16 on GPU, bf16 on CPU unless ``dtype`` says otherwise)."""
+    if not amp:
+        return contextlib.nullcontext(), 'fp32'
+    dtype = dtype or (torch.float16 if device.type == 'cuda' else torch.bfloat16)
+    name = {torch.float16: 'fp16', torch.bfloat16: 'bf16'}.get(dtype, str(dtype))
+    return torch.autocast(device.type, dtype=dtype), f'amp-{name}'
+
+
+@torch.inference_mode()
+def benchmark(module: nn.Module,
+              inputs: torch.Tensor,
+              warmup: int = 3,
+              repeats: int = 10,
+              amp: bool = False,
+              amp_dtype: Optional[torch.dtype] = None) -> BenchmarkResult:
+    """Time ``module(inputs)`` in eval mode.
+
+    Args:
+        module: the module to run; it is moved to ``inputs.device``.
+        inputs: a (B, C, H, W) batch; B images count as one pass.
+        warmup: untimed passes first (allocator, kernel selection, caches).
+        repeats: timed passes; the median of their images/s is reported.
+        amp: run under autocast (fp16 on GPU, bf16 on CPU by default).
+        amp_dtype: autocast dtype overriding the default.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f'need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}')
+    device = inputs.device
+    module = module.to(device).eval()
+    autocast, precision = autocast_context(device, amp, amp_dtype)
+    batch = inputs.shape[0]
+    runs = []
+    with autocast:
+        for _ in range(warmup):
+            module(inputs)
+        _sync(device)
+        with PeakMemory(device) as mem:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                module(inputs)
+                _sync(device)
+                runs.append(batch / (time.perf_counter() - start))
+    return BenchmarkResult(images_per_s=statistics.median(runs), runs=runs, batch_size=batch,
+                           input_shape=tuple(inputs.shape), device=str(device),
+                           precision=precision, peak_memory_mb=mem.mb, memory_kind=mem.kind)

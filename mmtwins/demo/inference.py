@@ -1,0 +1,164 @@
+"""Run a trained detector or segmentor on image files or folders (``tools/infer.py``).
+
+The config's ``default_scope`` picks the inferencer: mmdet's ``DetInferencer`` for detectors
+(``mmdet``), mmseg's ``MMSegInferencer`` for segmentors (``mmseg``). For every input image
+``NAME.EXT`` it writes, under ``OUT_DIR``:
+
+* ``vis/NAME.png``: the predictions drawn on the image (boxes above the score threshold with their
+  class and score; or the class colours blended over the image);
+* ``pred/NAME.json`` (detection): every predicted box, ``bboxes`` as ``[x1, y1, x2, y2]`` in the
+  input image's pixels, ``labels`` (class indices), ``scores`` and ``classes`` (the class names
+  of the checkpoint's data set);
+* ``pred/NAME.png`` (segmentation): the (H, W) map of class indices at the input's size.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from mmengine.config import Config, DictAction
+from mmengine.utils import mkdir_or_exist
+from PIL import Image
+
+from mmtwins.apis import allow_mmengine_checkpoints
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+CHUNK = 16  # images per inferencer call: the drawn images of one call are held in memory
+
+
+def list_images(inputs: Sequence[str]) -> List[str]:
+    """Image files of ``inputs`` (files, or folders searched recursively), in order."""
+    images = []
+    for path in inputs:
+        if osp.isdir(path):
+            found = sorted(
+                osp.join(root, name) for root, _, names in os.walk(path) for name in names
+                if name.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise FileNotFoundError(f'no image ({", ".join(IMAGE_SUFFIXES)}) under {path}')
+            images += found
+        elif osp.isfile(path):
+            images.append(path)
+        else:
+            raise FileNotFoundError(f'no image file or folder at {path}')
+    stems = [osp.splitext(osp.basename(p))[0] for p in images]
+    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    if duplicates:
+        raise ValueError(f'several inputs share the file name(s) {duplicates}: their outputs '
+                         'would overwrite each other; run them separately')
+    return images
+
+
+def build_inferencer(config: str,
+                     checkpoint: str,
+                     device: Optional[str] = None,
+                     cfg_options: Optional[dict] = None):
+    """mmdet's ``DetInferencer`` or mmseg's ``MMSegInferencer`` for ``config`` (with
+    ``cfg_options`` merged into it) and ``checkpoint``.
+
+    Returns:
+        tuple: the task (``'det'`` or ``'seg'``) and the inferencer.
+    """
+    allow_mmengine_checkpoints()  # torch >= 2.6 loads with weights_only=True
+    cfg = Config.fromfile(config)  # also imports the config's custom_imports (mmtwins.models)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    scope = cfg.get('default_scope')
+    if scope == 'mmdet':
+        from mmdet.apis import DetInferencer
+        return 'det', DetInferencer(model=cfg, weights=checkpoint, device=device, scope=scope,
+                                    show_progress=False)
+    if scope == 'mmseg':
+        from mmseg.apis import MMSegInferencer
+        return 'seg', MMSegInferencer(model=cfg, weights=checkpoint, device=device, scope=scope)
+    raise ValueError(f'{config}: default_scope is {scope!r}; inference supports detectors '
+                     "(default_scope='mmdet') and segmentors (default_scope='mmseg')")
+
+
+def _save_det(pred: dict, classes: Sequence[str], out_file: str) -> None:
+    result = dict(pred, classes=list(classes))
+    with open(out_file, 'w') as f:
+        json.dump(result, f)
+
+
+def infer(config: str,
+          checkpoint: str,
+          inputs: Sequence[str],
+          out_dir: str,
+          device: Optional[str] = None,
+          score_thr: float = 0.3,
+          batch_size: int = 1,
+          cfg_options: Optional[dict] = None) -> Dict[str, List[str]]:
+    """Predict on every image of ``inputs`` and write the files of the module doc.
+
+    Args:
+        config, checkpoint: a trained model (a config of this project and its checkpoint).
+        inputs: image files and/or folders.
+        out_dir: where ``vis/`` and ``pred/`` go.
+        device: e.g. ``'cpu'``, ``'cuda:0'``; default: a GPU if there is one.
+        score_thr: boxes scoring below this are not drawn (all are saved); detection only.
+        batch_size: images per forward pass.
+        cfg_options: config overrides, e.g. ``{'model.test_cfg.score_thr': 0.}``.
+
+    Returns:
+        dict: the files written, ``vis`` and ``pred`` (one each per image, in input order).
+    """
+    images = list_images(inputs)
+    task, inferencer = build_inferencer(config, checkpoint, device, cfg_options)
+    classes = inferencer.model.dataset_meta['classes']
+    vis_dir, pred_dir = osp.join(out_dir, 'vis'), osp.join(out_dir, 'pred')
+    mkdir_or_exist(vis_dir)
+    mkdir_or_exist(pred_dir)
+    written: Dict[str, List[str]] = dict(vis=[], pred=[])
+    for start in range(0, len(images), CHUNK):
+        chunk = images[start:start + CHUNK]
+        if task == 'det':
+            results = inferencer(chunk, batch_size=batch_size, return_vis=True,
+                                 no_save_vis=True, pred_score_thr=score_thr)
+        else:
+            results = inferencer(chunk, batch_size=batch_size, return_vis=True)
+        preds, drawn = results['predictions'], results['visualization']
+        if len(chunk) == 1 and task == 'seg':  # mmseg unwraps the lists of a single image
+            preds, drawn = [preds], [drawn]
+        for path, pred, vis in zip(chunk, preds, drawn):
+            stem = osp.splitext(osp.basename(path))[0]
+            written['vis'].append(osp.join(vis_dir, f'{stem}.png'))
+            Image.fromarray(vis).save(written['vis'][-1])
+            if task == 'det':
+                written['pred'].append(osp.join(pred_dir, f'{stem}.json'))
+                _save_det(pred, classes, written['pred'][-1])
+            else:
+                written['pred'].append(osp.join(pred_dir, f'{stem}.png'))
+                Image.fromarray(np.asarray(pred, np.uint8)).save(written['pred'][-1])
+        print(f'{min(start + CHUNK, len(images))}/{len(images)} images done', flush=True)
+    return written
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description='Run a trained detector or segmentor of this project on images: writes '
+        'OUT_DIR/vis/NAME.png (predictions drawn) and OUT_DIR/pred/NAME.json (detection: boxes '
+        'x1,y1,x2,y2, labels, scores, class names) or OUT_DIR/pred/NAME.png (segmentation: '
+        'class index map).')
+    parser.add_argument('config', help='the model\'s config (default_scope mmdet or mmseg)')
+    parser.add_argument('checkpoint', help='the trained checkpoint')
+    parser.add_argument('inputs', nargs='+', help='image files and/or folders of images')
+    parser.add_argument('--out-dir', default='outputs/infer', help='where vis/ and pred/ go')
+    parser.add_argument('--device', help='e.g. cpu, cuda:0 (default: a GPU if there is one)')
+    parser.add_argument('--score-thr', type=float, default=0.3,
+                        help='detection: draw boxes scoring at least this (all are saved)')
+    parser.add_argument('--batch-size', type=int, default=1)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
+                        help='override config settings, e.g. model.test_cfg.score_thr=0.01')
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[str]]:
+    args = parse_args(argv)
+    written = infer(args.config, args.checkpoint, args.inputs, args.out_dir, args.device,
+                    args.score_thr, args.batch_size, args.cfg_options)
+    print(f'{len(written["vis"])} images: drawn in {osp.join(args.out_dir, "vis")}, '
+          f'predictions in {osp.join(args.out_dir, "pred")}')
+    return written

@@ -1,0 +1,17 @@
+"""Training robustness for any OpenMMLab 3.x runner: crash-safe checkpoints, a NaN/inf loss
+guard and a config check that runs before anything is built.
+
+Importing this package registers the hooks in the ``mmtwins`` scope (``mmtwins.*`` in configs,
+with ``custom_imports=dict(imports=['mmtwins.models', 'mmtwins.engine'])``) and the
+``atomic_local`` file backend.
+"""
+from .checkpoint_hook import AtomicCheckpointHook, checkpoint_problem, newest_intact_checkpoint
+from .fileio import AtomicLocalBackend, atomic_write
+from .loss_guard import NonFiniteLossHook
+from .preflight import ConfigError, preflight_check
+from mmtwins.registry import HOOKS
+
+__all__ = [
+    'AtomicCheckpointHook', 'AtomicLocalBackend', 'ConfigError', 'HOOKS', 'NonFiniteLossHook',
+    'atomic_write', 'checkpoint_problem', 'newest_intact_checkpoint', 'preflight_check'
+]

@@ -1,0 +1,147 @@
+"""Crash-safe checkpoints: atomic writes, safe pruning, and an integrity check before resuming.
+
+MMEngine 0.10.7's ``CheckpointHook`` writes a checkpoint and the ``last_checkpoint`` pointer
+in place, and with ``max_keep_ckpts`` deletes the oldest checkpoint *before* writing the new one.
+A crash while saving can therefore leave a truncated file that ``--resume`` picks, and with
+``max_keep_ckpts=1`` no intact checkpoint at all. :class:`AtomicCheckpointHook` fixes all three.
+"""
+import glob
+import logging
+import os.path as osp
+import zipfile
+from typing import Optional
+
+from mmengine.dist import barrier, is_main_process
+from mmengine.hooks import CheckpointHook
+from mmengine.logging import print_log
+from mmengine.runner import find_latest_checkpoint
+
+from mmtwins.checkpoint import CheckpointError, read_checkpoint
+from .fileio import ATOMIC_BACKEND, atomic_write
+from mmtwins.registry import HOOKS
+
+LAST_CHECKPOINT = 'last_checkpoint'
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """What is wrong with the checkpoint file ``path``, or None if it is intact.
+
+    A checkpoint in torch's zip format is checked against the CRC of every member (a truncated
+    file has no zip directory at all); a legacy-format file is loaded.
+    """
+    if not path:
+        return 'the path is empty'
+    if not osp.isfile(path):
+        return 'the file does not exist'
+    if osp.getsize(path) == 0:
+        return 'the file is empty'
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f'it cannot be read ({e})'
+        return None if bad is None else f'its member {bad} is corrupt (CRC mismatch)'
+    try:
+        read_checkpoint(path)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def newest_intact_checkpoint(directory: str, exclude: str = '') -> Optional[str]:
+    """The most recently written intact ``*.pth`` in ``directory`` other than ``exclude``."""
+    candidates = [p for p in glob.glob(osp.join(directory, '*.pth'))
+                  if osp.abspath(p) != osp.abspath(exclude)]
+    for path in sorted(candidates, key=osp.getmtime, reverse=True):
+        if checkpoint_problem(path) is None:
+            return path
+    return None
+
+
+@HOOKS.register_module()
+class AtomicCheckpointHook(CheckpointHook):
+    """``CheckpointHook`` that never leaves a damaged checkpoint for ``--resume`` to pick.
+
+    Same arguments as MMEngine's ``CheckpointHook``. Differences:
+
+    * checkpoints and the ``last_checkpoint`` pointer are written atomically (temporary file,
+      then rename; local directories, the default ``backend_args``);
+    * with ``max_keep_ckpts``, old checkpoints are deleted only after the new one is in place;
+    * before a run resumes, the checkpoint it will load is checked. If ``last_checkpoint``
+      (``--resume`` without a path) names a damaged or missing file, the newest intact
+      checkpoint of the work dir is used instead, with a warning, and the pointer is rewritten;
+      if there is none, or if an explicitly given checkpoint is damaged, a
+      :class:`~mmtwins.checkpoint.CheckpointError` names the file and what is wrong.
+
+    Use it in place of the default one::
+
+        default_hooks = dict(checkpoint=dict(type='mmtwins.AtomicCheckpointHook', interval=1))
+        custom_imports = dict(imports=['mmtwins.models', 'mmtwins.engine'], ...)
+    """
+
+    def __init__(self, *args, backend_args: Optional[dict] = None, **kwargs):
+        if backend_args is None and kwargs.get('file_client_args') is None:
+            out_dir = kwargs.get('out_dir')
+            if out_dir is None or '://' not in str(out_dir):
+                backend_args = dict(backend=ATOMIC_BACKEND)
+        super().__init__(*args, backend_args=backend_args, **kwargs)
+
+    # ------------------------------------------------------------------ resume check
+    def before_run(self, runner) -> None:
+        super().before_run(runner)
+        if not runner.cfg.get('resume', False):
+            return
+        explicit = runner.cfg.get('load_from')
+        if explicit:
+            problem = checkpoint_problem(explicit)
+            if problem:
+                raise CheckpointError(f'cannot resume from {explicit}: {problem}. Pick another '
+                                      'checkpoint, or use --resume without a path to take the '
+                                      'newest intact one of the work dir')
+            return
+        latest = find_latest_checkpoint(runner.work_dir)
+        if latest is None:
+            return  # nothing saved yet: MMEngine starts from scratch
+        problem = checkpoint_problem(latest)
+        if problem is None:
+            return
+        pointer = osp.join(runner.work_dir, LAST_CHECKPOINT)
+        fallback = newest_intact_checkpoint(osp.dirname(latest) or runner.work_dir, latest)
+        if fallback is None:
+            raise CheckpointError(
+                f'cannot resume: {pointer} names {latest!r}, but {problem}, and no other intact '
+                'checkpoint is in its directory. Start without --resume, or pass --resume '
+                'PATH with a checkpoint from elsewhere')
+        print_log(f'{latest} is damaged ({problem}); resuming from {fallback}, the newest '
+                  'intact checkpoint, instead', logger='current', level=logging.WARNING)
+        if is_main_process():
+            atomic_write(pointer, fallback)
+        barrier()
+
+    # ------------------------------------------------------------------ saving
+    def _save_checkpoint_with_step(self, runner, step, meta) -> None:
+        """As MMEngine's, but write the pointer atomically and prune only after saving."""
+        ckpt_filename = self.filename_tmpl.format(step)
+        self.last_ckpt = self.file_backend.join_path(self.out_dir, ckpt_filename)
+        runner.message_hub.update_info('last_ckpt', self.last_ckpt)
+        outdated = None
+        if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
+            if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
+                outdated = self.keep_ckpt_ids.popleft()
+            self.keep_ckpt_ids.append(step)
+            runner.message_hub.update_info('keep_ckpt_ids', list(self.keep_ckpt_ids))
+
+        runner.save_checkpoint(
+            self.out_dir, ckpt_filename, self.file_client_args,
+            save_optimizer=self.save_optimizer, save_param_scheduler=self.save_param_scheduler,
+            meta=meta, by_epoch=self.by_epoch, backend_args=self.backend_args, **self.args)
+        if not is_main_process():
+            return
+        atomic_write(osp.join(runner.work_dir, LAST_CHECKPOINT), self.last_ckpt)
+        if outdated is not None:
+            path = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(outdated))
+            if self.file_backend.isfile(path):
+                self.file_backend.remove(path)
+            elif self.file_backend.isdir(path):  # DeepSpeed checkpoints are directories
+                self.file_backend.rmtree(path)

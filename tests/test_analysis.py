@@ -1,0 +1,197 @@
+"""FLOPs/params (the paper's Table 1), the throughput benchmark and the log plots."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_PCPVT, TINY_SVT
+from mmengine.analysis import FlopAnalyzer
+from torch import nn
+
+from mmtwins.analysis import (benchmark, build_model, count_complexity, default_input_shape,
+                              load_config, load_json_log, plot_logs, runnable)
+from mmtwins.models.layers.attention import GlobalSubsampledAttention
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, 'configs')
+TOOLS = os.path.join(ROOT, 'tools', 'analysis_tools')
+
+# The paper's Table 1 (params with the ImageNet head, M; FLOPs at 224x224, G multiply-accumulates)
+# and the authors' later fvcore re-count of the FLOPs (their README).
+TABLE1 = {
+    'pcpvt_s': (24.1, 3.8, 3.7),
+    'pcpvt_b': (43.8, 6.7, 6.4),
+    'pcpvt_l': (60.9, 9.8, 9.5),
+    'svt_s': (24.0, 2.9, 2.8),
+    'svt_b': (56.0, 8.6, 8.3),
+    'svt_l': (99.2, 15.1, 14.8),
+}
+
+
+class _Attention(nn.Module):
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_sdpa_handle_counts_both_attention_matmuls():
+    q, k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 5)
+    # q @ k^T: 2*3 * 10*6 * 8 MACs; attn @ v: 2*3 * 10*6 * 5 MACs
+    expected = 2 * 3 * 10 * 6 * (8 + 5)
+    plain = FlopAnalyzer(_Attention(), (q, k, v))
+    plain.unsupported_ops_warnings(False)
+    assert plain.total() == 0, 'mmengine is expected not to see sdpa: the reason for the handle'
+    assert count_complexity(_Attention(), (q, k, v)).flops == expected
+    assert count_complexity(_Attention(), (q, k, v)).attention_flops == expected
+
+
+def test_gsa_flops_match_hand_count():
+    dim, heads, sr, h, w = 32, 2, 2, 8, 8
+    n, nk = h * w, (h // sr) * (w // sr)
+    attn = GlobalSubsampledAttention(dim, heads, sr)
+    x = torch.randn(1, n, dim)
+    c = count_complexity(_WithHW(attn, (h, w)), (x, ))
+    linear = n * dim * dim * 2 + nk * dim * 2 * dim  # q, proj; kv on the sub-sampled tokens
+    conv = nk * dim * dim * sr * sr
+    matmuls = 2 * n * nk * dim
+    norm = 5 * nk * dim  # mmengine's estimate for an affine LayerNorm
+    assert c.attention_flops == matmuls
+    assert c.flops == linear + conv + matmuls + norm
+
+
+class _WithHW(nn.Module):
+
+    def __init__(self, attn, hw):
+        super().__init__()
+        self.attn, self.hw = attn, hw
+
+    def forward(self, x):
+        return self.attn(x, self.hw)
+
+
+@pytest.mark.parametrize('variant', sorted(TABLE1))
+def test_table1_params_and_flops(variant):
+    """Reproduces Table 1: FLOPs within 5 %, params within 0.1 M, for the six classifiers.
+
+    The convention: convolutions, linear layers and the attention matmuls, as multiply-
+    accumulates. Without the attention matmuls the count is the authors' later fvcore figure.
+    """
+    params_m, flops_g, fvcore_g = TABLE1[variant]
+    model = build_model(load_config(os.path.join(CONFIGS, f'twins_{variant}_in1k.py')))
+    assert default_input_shape(model) == (224, 224)
+    module, inputs = runnable(model, 'model', (224, 224))
+    c = count_complexity(module, inputs)
+    assert abs(c.params / 1e6 - params_m) <= 0.1, c.params
+    assert abs(c.flops / 1e9 / flops_g - 1) <= 0.05, c.flops
+    assert abs((c.flops - c.attention_flops) / 1e9 / fvcore_g - 1) <= 0.05, c.flops
+    assert c.attention_flops > 0
+
+
+def _tiny(config, arch, **cfg_options):
+    cfg = load_config(os.path.join(CONFIGS, config), cfg_options)
+    cfg.model.backbone.update(arch=arch, init_cfg=None)
+    return build_model(cfg)
+
+
+@pytest.mark.parametrize('config,arch', [
+    ('mask_rcnn_twins_pcpvt_s_1x.py', TINY_PCPVT),  # two-stage: tensor mode needs data samples
+    ('upernet_twins_svt_s_160k_ade20k.py', TINY_SVT),
+])
+def test_dense_models_counted_with_backbone_attention(config, arch):
+    """Detectors and segmentors are counted too; only the backbone has attention matmuls."""
+    dims = arch['embed_dims']
+    neck = {'model.neck.in_channels': dims}
+    if config.startswith('upernet'):
+        neck = {'model.decode_head.in_channels': dims, 'model.auxiliary_head.in_channels': dims[2]}
+    model = _tiny(config, arch, **neck)
+    whole = count_complexity(*runnable(model, 'model', (64, 96)))
+    backbone = count_complexity(*runnable(model, 'backbone', (64, 96)))
+    assert whole.attention_flops == backbone.attention_flops > 0
+    assert whole.flops > backbone.flops > 0
+    assert whole.params > backbone.params == sum(p.numel() for p in model.backbone.parameters())
+
+
+def _tool(name):
+    """A tool script as a module: its ``main(argv)`` runs in this process."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_get_flops_tool_prints_counts(capsys):
+    _tool('get_flops').main([os.path.join(CONFIGS, 'twins_svt_s_in1k.py'), '--shape', '224',
+                             '224'])
+    out = capsys.readouterr().out
+    assert 'input shape: (1, 3, 224, 224)' in out
+    flops = float(out.split('FLOPs: ')[1].split(' G')[0])
+    params = float(out.split('params: ')[1].split(' M')[0])
+    assert abs(flops / 2.9 - 1) <= 0.05 and abs(params - 24.0) <= 0.1, out
+
+
+@pytest.mark.parametrize('part,amp', [('model', False), ('backbone', True)])
+def test_benchmark_reports_throughput_and_memory(part, amp):
+    model = _tiny('twins_svt_s_in1k.py', TINY_SVT, **{'model.head.in_channels': 64})
+    module, inputs = runnable(model, part, (64, 64), batch_size=2)
+    result = benchmark(module, inputs, warmup=1, repeats=3, amp=amp)
+    assert len(result.runs) == 3 and all(r > 0 for r in result.runs)
+    assert result.images_per_s == sorted(result.runs)[1]
+    assert result.batch_size == 2 and result.input_shape == (2, 3, 64, 64)
+    assert result.precision == ('amp-bf16' if amp else 'fp32')
+    assert result.peak_memory_mb > 0 and result.memory_kind
+    assert 'images/s' in result.summary()
+
+
+def test_benchmark_tool_runs(capsys):
+    _tool('benchmark').main([
+        os.path.join(CONFIGS, 'twins_pcpvt_s_in1k.py'), '--part', 'backbone', '--batch-size', '1',
+        '--shape', '64', '64', '--warmup', '0', '--repeats', '2', '--device', 'cpu'
+    ])
+    out = capsys.readouterr().out
+    ips = float(out.split('): ')[1].split(' images/s')[0])
+    assert ips > 0 and 'median of 2 passes' in out and 'peak memory' in out, out
+
+
+def _write_log(path, records):
+    with open(path, 'w') as f:
+        f.write('\n'.join(json.dumps(r) for r in records) + '\n')
+
+
+def test_plot_logs_places_epoch_metrics_at_iterations(tmp_path):
+    """An epoch-based log: validation ``step`` is the epoch, drawn at its last iteration."""
+    records = []
+    for it in range(1, 7):
+        records.append(dict(lr=1e-3 * it, loss=2.0 / it, epoch=1 + (it - 1) // 3, iter=it,
+                            step=it, data_time=0.1, time=0.2, memory=10))
+        if it % 3 == 0:
+            records.append({'accuracy/top1': 20.0 * it, 'data_time': 0.1, 'time': 0.2,
+                            'step': it // 3})
+    log_dir = tmp_path / 'work' / '20250101_000000' / 'vis_data'
+    log_dir.mkdir(parents=True)
+    _write_log(log_dir / '20250101_000000.json', records)
+    log = load_json_log(str(tmp_path / 'work'))  # a work dir: the JSON log is found
+    assert log.curves['loss'] == ([1, 2, 3, 4, 5, 6], [2.0 / i for i in range(1, 7)])
+    assert log.curves['accuracy/top1'] == ([3, 6], [60.0, 120.0])
+    assert set(log.curves) == {'lr', 'loss', 'accuracy/top1'}  # not time, memory...
+    written = plot_logs([str(tmp_path / 'work')], str(tmp_path / 'plots'))
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == ['accuracy_top1.png', 'loss.png', 'lr.png']
+    for p in written:
+        with open(p, 'rb') as f:
+            assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    with pytest.raises(KeyError, match='mIoU'):
+        plot_logs([str(tmp_path / 'work')], str(tmp_path / 'plots'), keys=['mIoU'])
+
+
+def test_plot_logs_tool(tmp_path, capsys):
+    log = tmp_path / 'run.json'
+    _write_log(log, [dict(lr=0.1, loss=1.0, step=50), dict(mIoU=30.5, aAcc=70.0, step=50),
+                     dict(lr=0.1, loss=0.5, step=100), dict(mIoU=35.5, aAcc=72.0, step=100)])
+    _tool('plot_logs').main([str(log), '--out-dir', str(tmp_path / 'png'), '--keys', 'mIoU',
+                             'loss'])
+    out = capsys.readouterr().out.split()
+    assert [os.path.basename(p) for p in out] == ['mIoU.png', 'loss.png']
+    assert load_json_log(str(log)).curves['mIoU'] == ([50, 100], [30.5, 35.5])
+    assert all(os.path.getsize(p) > 1000 for p in out)

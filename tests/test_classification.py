@@ -1,0 +1,186 @@
+"""ImageNet classifiers: the recipe, agreement with timm, training, transfer to dense models."""
+import glob
+import math
+import os
+
+import pytest
+import timm
+import torch
+from conftest import TINY_PCPVT, TINY_SVT
+from imagefolder import make_imagefolder, tiny_classifier_config
+from mmengine.config import Config
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import MODELS, init_default_scope
+from mmengine.runner import Runner, load_checkpoint
+
+from mmtwins.analysis import plot_logs
+from mmtwins.checkpoint import CheckpointError
+from mmtwins.classification import classifier_state_dict
+from mmtwins.classification.convert import main as convert_main
+from mmtwins.models import PCPVT, SVT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, 'configs')
+VARIANTS = [(f, s) for f in ('pcpvt', 'svt') for s in ('s', 'b', 'l')]
+DROP_PATH = {'s': 0.2, 'b': 0.3, 'l': 0.5}
+ARCH = {'s': 'small', 'b': 'base', 'l': 'large'}
+
+
+def _config(family, size):
+    return Config.fromfile(os.path.join(CONFIGS, f'twins_{family}_{size}_in1k.py'))
+
+
+def _build(cfg):
+    init_default_scope('mmpretrain')
+    return MODELS.build(cfg.model)
+
+
+@pytest.mark.parametrize('family,size', VARIANTS)
+def test_config_is_the_papers_recipe(family, size):
+    cfg = _config(family, size)
+    backbone, head = cfg.model.backbone, cfg.model.head
+    cls = {'pcpvt': PCPVT, 'svt': SVT}[family]
+    assert backbone.type == f'mmtwins.{cls.__name__}' and backbone.arch == ARCH[size]
+    assert backbone.drop_path_rate == DROP_PATH[size]
+    assert backbone.out_indices == (3, )
+    assert backbone.norm_after_stage == [False, False, False, True]
+    assert head.in_channels == cls.arch_zoo[ARCH[size]]['embed_dims'][-1]
+    assert head.num_classes == 1000 and cfg.model.neck.type == 'GlobalAveragePooling'
+    assert head.loss == dict(type='LabelSmoothLoss', label_smooth_val=0.1, mode='original')
+    augments = [(a.type, a.alpha) for a in cfg.model.train_cfg.augments]
+    assert augments == [('Mixup', 0.8), ('CutMix', 1.0)]
+    steps = {t.type: t for t in cfg.train_pipeline}
+    assert steps['RandomErasing'].erase_prob == 0.25 and 'RandAugment' in steps
+    opt = cfg.optim_wrapper
+    assert opt.optimizer.type == 'AdamW' and opt.optimizer.lr == 1e-3
+    assert opt.optimizer.weight_decay == 0.05 and opt.clip_grad == dict(max_norm=5.0)
+    assert cfg.train_cfg.max_epochs == 300
+    assert cfg.train_dataloader.batch_size * 8 == cfg.auto_scale_lr.base_batch_size == 1024
+    warmup, cosine = cfg.param_scheduler
+    assert (warmup.type, warmup.end, cosine.type, cosine.begin, cosine.end,
+            cosine.eta_min) == ('LinearLR', 5, 'CosineAnnealingLR', 5, 300, 0.)
+
+
+def test_no_weight_decay_on_norms_biases_and_position_encodings():
+    cfg = _config('svt', 's')
+    cfg.model.backbone.arch = TINY_SVT
+    cfg.model.head.in_channels = TINY_SVT['embed_dims'][-1]
+    model = _build(cfg)
+    optimizer = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
+    decay = {id(p): g['weight_decay'] for g in optimizer.param_groups for p in g['params']}
+    exempt = [n for n, p in model.named_parameters() if decay[id(p)] == 0]
+    assert any('pos_block' in n for n in exempt)
+    assert any('.norm1.' in n for n in exempt) and any('stage_norms' in n for n in exempt)
+    for name, p in model.named_parameters():
+        no_decay = 'pos_block' in name or name.endswith('.bias') or p.ndim == 1
+        assert decay[id(p)] == (0. if no_decay else 0.05), name
+
+
+@pytest.mark.parametrize('family,timm_name', [('svt', 'twins_svt_small'),
+                                              ('pcpvt', 'twins_pcpvt_small')])
+def test_converted_timm_classifier_gives_timm_logits(family, timm_name, tmp_path):
+    """timm's weights (the authors' layout, head kept) -> converter CLI -> same logits."""
+    peer = timm.create_model(timm_name, pretrained=False).eval()
+    src, dst = tmp_path / 'authors.pth', tmp_path / 'mmpretrain.pth'
+    torch.save({'model': peer.state_dict()}, src)  # wrapped as in the authors' release
+    convert_main([str(src), str(dst)])
+    model = _build(_config(family, 's')).eval()
+    load_checkpoint(model, str(dst), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours, theirs = model(x, mode='tensor'), peer(x)
+    assert ours.shape == theirs.shape == (2, 1000)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_mmpretrain_twins_classifier_converts_with_its_head():
+    """mmpretrain 1.x's own Twins classifier (``backbone.stages...``, ``head.fc.*``)."""
+    spec = {k: TINY_SVT[k] for k in ('embed_dims', 'num_heads', 'mlp_ratios', 'depths',
+                                     'sr_ratios', 'window_sizes')}
+    spec.update(patch_sizes=[4, 2, 2, 2], strides=[4, 2, 2, 2])
+    init_default_scope('mmpretrain')
+    peer = MODELS.build(dict(
+        type='ImageClassifier',
+        backbone=dict(type='SVT', arch=spec, out_indices=(3, ), qkv_bias=True,
+                      norm_after_stage=[False, False, False, True]),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=10, in_channels=64))).eval()
+    peer.init_weights()
+    cfg = _config('svt', 's')
+    cfg.model.backbone.arch = TINY_SVT
+    cfg.model.head.update(in_channels=64, num_classes=10)
+    model = _build(cfg).eval()
+    model.load_state_dict(classifier_state_dict({'state_dict': peer.state_dict()}), strict=True)
+    x = torch.randn(2, 3, 224, 224)  # whole LSA windows at every stage
+    with torch.no_grad():
+        diff = (model(x, mode='tensor') - peer(x, mode='tensor')).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_converter_refuses_a_checkpoint_without_head():
+    backbone = SVT(arch=TINY_SVT, out_indices=(3, ), norm_after_stage=[False] * 3 + [True])
+    with pytest.raises(CheckpointError, match='no ImageNet head'):
+        classifier_state_dict(backbone.state_dict())
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """Train the tiny SVT classifier for one epoch (3 iterations) through the Runner."""
+    root = tmp_path_factory.mktemp('cls')
+    data = make_imagefolder(str(root / 'data'), num_classes=3, per_class=(4, 2))
+    runner = Runner.from_cfg(tiny_classifier_config(data, root / 'work'))
+    runner.train()
+    loss = runner.message_hub.get_scalar('train/loss').current()
+    metrics = runner.test()
+    return dict(work_dir=root / 'work', loss=loss, metrics=metrics, iters=runner.iter)
+
+
+def test_train_and_evaluate_top1(trained):
+    assert trained['iters'] == 3  # 12 images / batch 4
+    assert math.isfinite(trained['loss'])
+    top1 = trained['metrics']['accuracy/top1']
+    assert 0 <= top1 <= 100
+    assert os.path.isfile(trained['work_dir'] / 'epoch_1.pth')
+    pngs = plot_logs([str(trained['work_dir'])], str(trained['work_dir'] / 'plots'))
+    names = sorted(os.path.basename(p) for p in pngs)
+    assert names == ['accuracy_top1.png', 'loss.png', 'lr.png']
+
+
+def _assert_backbone_loaded(backbone, classifier_sd):
+    own = backbone.state_dict()
+    shared = [k for k in own if f'backbone.{k}' in classifier_sd]
+    # only a dense SVT's stage-end norms 0-2 are new (trained from scratch)
+    assert {k for k in own if k not in shared} == {
+        f'stage_norms.{i}.{p}' for i in range(3) for p in ('weight', 'bias')
+        if f'stage_norms.{i}.{p}' in own}
+    for k in shared:
+        assert torch.equal(own[k], classifier_sd[f'backbone.{k}']), k
+
+
+def _dense_configs(family):
+    names = []
+    for pattern in ('retinanet_twins_{}_s_1x', 'mask_rcnn_twins_{}_s_1x',
+                    'fpn_twins_{}_s_80k_ade20k', 'upernet_twins_{}_s_160k_ade20k'):
+        names += glob.glob(os.path.join(CONFIGS, pattern.format(family) + '.py'))
+    assert len(names) == 4, f'dense {family} configs missing: {names}'
+    return names
+
+
+@pytest.mark.parametrize('family', ['svt', 'pcpvt'])
+def test_classifier_checkpoint_loads_into_dense_configs(family, trained, tmp_path):
+    """A classifier checkpoint initialises the backbone of every detection/segmentation config."""
+    if family == 'svt':
+        ckpt = str(trained['work_dir'] / 'epoch_1.pth')
+    else:  # an (untrained) PCPVT classifier saved in the same mmengine format
+        cfg = tiny_classifier_config(tmp_path, tmp_path, 'pcpvt')
+        ckpt = str(tmp_path / 'pcpvt_cls.pth')
+        torch.save({'state_dict': _build(cfg).state_dict(), 'meta': {}}, ckpt)
+    sd = torch.load(ckpt, map_location='cpu', weights_only=False)['state_dict']
+    arch = {'svt': TINY_SVT, 'pcpvt': TINY_PCPVT}[family]
+    for path in _dense_configs(family):
+        backbone_cfg = Config.fromfile(path).model.backbone
+        backbone_cfg.update(arch=arch)
+        backbone_cfg.init_cfg.update(checkpoint=ckpt, prefix='backbone.')
+        backbone = MODELS.build(backbone_cfg)
+        backbone.init_weights()
+        _assert_backbone_loaded(backbone, sd)

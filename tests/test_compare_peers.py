@@ -1,0 +1,29 @@
+"""The peer comparison tool's short mode (run in CI): mmtwins agrees with every installed peer."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mmtwins.analysis.peers import PEERS, available_peers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_peer_is_installed_for_the_comparison():
+    # timm is a test dependency and mmseg/mmpretrain are runtime ones: none may be missing.
+    assert available_peers() == list(PEERS)
+
+
+def test_compare_peers_short_mode_asserts_agreement(tmp_path):
+    out = tmp_path / 'peers.json'
+    res = subprocess.run([sys.executable, str(ROOT / 'tools/analysis_tools/compare_peers.py'),
+                          '--short', '--out', str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data['matmul_gflops'] > 0 and data['peers'] == list(PEERS)
+    assert [c['variant'] for c in data['cases']] == ['pcpvt-small', 'svt-small']
+    for case in data['cases']:
+        assert set(case['max_abs_diff']) == set(PEERS)
+        assert all(d <= 1e-4 for d in case['max_abs_diff'].values()), case['max_abs_diff']
+        assert set(case['seconds']) == {'mmtwins', *PEERS}
+        assert all(t > 0 for t in case['seconds'].values())

@@ -1,0 +1,129 @@
+"""The main job (``make demo``): the toy data generator, and a shortened run of the whole pipeline
+(tools/train.py, tools/test.py with and without --tta, tools/infer.py, curves, summary)."""
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmtwins.demo import CLASSES, SEG_CLASSES, make_toy_data
+from mmtwins.demo.inference import infer, list_images
+from mmtwins.demo.pipeline import main as demo_main
+
+SIZE = 128
+
+
+def _read_coco(root, split):
+    with open(root / 'coco' / 'annotations' / f'instances_{split}.json') as f:
+        return json.load(f)
+
+
+def test_toy_data_layouts_agree_and_are_deterministic(tmp_path):
+    make_toy_data(str(tmp_path / 'a'), num_train=6, num_val=3, seed=0)
+    make_toy_data(str(tmp_path / 'b'), num_train=3, num_val=3, seed=0)
+    a, b = tmp_path / 'a', tmp_path / 'b'
+
+    # A smaller set is a prefix of a larger one; the held-out split does not depend on it.
+    for rel in ('coco/train/000003.jpg', 'coco/val/000003.jpg',
+                'ade/ADEChallengeData2016/annotations/validation/ADE_val_00000003.png'):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes()
+    assert _read_coco(a, 'val') == _read_coco(b, 'val')
+    assert (a / 'coco/train/000001.jpg').read_bytes() != (a / 'coco/val/000001.jpg').read_bytes()
+
+    coco = _read_coco(a, 'train')
+    assert [c['name'] for c in coco['categories']] == list(CLASSES)
+    assert len(coco['images']) == 6 and coco['annotations']
+    ade = a / 'ade' / 'ADEChallengeData2016'
+    assert len(list((ade / 'images' / 'training').glob('*.jpg'))) == 6
+    by_image = {img['id']: [] for img in coco['images']}
+    for ann in coco['annotations']:
+        by_image[ann['image_id']].append(ann)
+    for img in coco['images']:
+        index = int(img['file_name'][:6])
+        assert np.asarray(Image.open(a / 'coco' / 'train' / img['file_name'])).shape == (SIZE, SIZE, 3)
+        label_map = np.asarray(Image.open(ade / 'annotations' / 'training' /
+                                          f'ADE_train_{index:08d}.png'))
+        assert label_map.shape == (SIZE, SIZE)
+        # The label map (1 background, 2.. the classes) shows exactly the annotated classes.
+        assert set(np.unique(label_map)) == {1} | {ann['category_id'] + 1 for ann in by_image[img['id']]}
+        for ann in by_image[img['id']]:
+            x, y, w, h = ann['bbox']
+            assert 0 <= x and 0 <= y and x + w <= SIZE and y + h <= SIZE and min(w, h) >= 8
+            inside = label_map[int(y):math.ceil(y + h) + 1, int(x):math.ceil(x + w) + 1]
+            # the polygon's pixels in the map match its area (up to the rasterised border)
+            pixels = np.count_nonzero(inside == ann['category_id'] + 1)
+            assert abs(pixels - ann['area']) <= 0.1 * ann['area'] + 2 * (w + h)
+
+
+def test_list_images_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match='no image file or folder'):
+        list_images([str(tmp_path / 'missing.jpg')])
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(FileNotFoundError, match='no image'):
+        list_images([str(tmp_path / 'empty')])
+    for folder in ('x', 'y'):
+        (tmp_path / folder).mkdir()
+        Image.new('RGB', (8, 8)).save(tmp_path / folder / 'same.png')
+    with pytest.raises(ValueError, match='share the file name'):
+        list_images([str(tmp_path / 'x'), str(tmp_path / 'y')])
+
+
+def test_demo_pipeline_shortened(tmp_path):
+    """The whole main job with 16 + 8 images, 1 detector epoch (2 iterations) and 4 segmentor
+    iterations. The detector keeps every box (score_thr=0), so that its barely trained scores
+    still give a COCO evaluation."""
+    out, data = tmp_path / 'demo', tmp_path / 'data'
+    result = demo_main([
+        '--out-dir', str(out), '--data-dir', str(data), '--num-train', '16', '--num-val', '8',
+        '--num-vis', '2', '--det-options', 'train_cfg.max_epochs=1', 'model.test_cfg.score_thr=0',
+        '--seg-options', 'train_cfg.max_iters=4'
+    ])
+    with open(out / 'metrics.json') as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    det, seg = result['detection'], result['segmentation']
+
+    # Real metrics, computed on the 8 held-out images.
+    assert 'coco/bbox_mAP' in det['test'] and math.isfinite(det['box_AP'])
+    assert 0 <= det['box_AP'] <= 100 and det['box_AP'] == round(100 * det['test']['coco/bbox_mAP'], 1)
+    for metrics in (seg['test'], seg['test_tta']):
+        assert all(math.isfinite(metrics[k]) and 0 <= metrics[k] <= 100
+                   for k in ('aAcc', 'mIoU', 'mAcc'))
+    assert (seg['mIoU'], seg['mIoU_tta']) == (seg['test']['mIoU'], seg['test_tta']['mIoU'])
+    summary = (out / 'summary.md').read_text()
+    assert f'| {det["box_AP"]:.1f} |' in summary and f'| {seg["mIoU_tta"]:.1f} |' in summary
+
+    # The steps ran the project's tools; the raw predictions of the held-out split are saved.
+    commands = [s['command'] for s in result['steps'] if s['command']]
+    assert len(result['steps']) == 9 and len(commands) == 7
+    assert sum('tools/train.py' in c for c in commands) == 2
+    assert sum('tools/test.py' in c for c in commands) == 3 and '--tta' in commands[4]
+    assert sum('tools/infer.py' in c for c in commands) == 2
+    with open(out / 'det' / 'test' / 'predictions.pkl', 'rb') as f:
+        assert len(pickle.load(f)) == 8
+    assert len(list((out / 'seg' / 'test' / 'pred_maps').glob('*.png'))) == 8
+
+    # Predictions drawn on 2 held-out images per task, and the raw predictions next to them.
+    for task in ('det', 'seg'):
+        assert len(result['detection' if task == 'det' else 'segmentation']['images']) == 2
+    for path in det['images'] + seg['images']:
+        assert Image.open(path).format == 'PNG' and Image.open(path).size == (SIZE, SIZE)
+    with open(out / 'vis' / 'det' / 'pred' / '000001.json') as f:
+        pred = json.load(f)
+    assert pred['classes'] == list(CLASSES) and len(pred['bboxes']) == len(pred['scores']) > 0
+    seg_pred = np.asarray(Image.open(out / 'vis' / 'seg' / 'pred' / 'ADE_val_00000001.png'))
+    assert seg_pred.shape == (SIZE, SIZE) and seg_pred.max() < len(SEG_CLASSES)
+
+    # Curves of both trainings.
+    for path in det['curves'] + seg['curves']:
+        assert Image.open(path).format == 'PNG'
+    names = {p.name for p in (out / 'curves' / 'det').iterdir()}
+    assert names == {'loss.png', 'lr.png', 'coco_bbox_mAP.png'}
+    assert {p.name for p in (out / 'curves' / 'seg').iterdir()} == {'loss.png', 'lr.png', 'mIoU.png'}
+
+    # Inference on a folder with the library API, as tools/infer.py does.
+    written = infer(det['config'], det['checkpoint'], [str(data / 'coco' / 'val')],
+                    str(tmp_path / 'infer'), device='cpu', score_thr=0.)
+    assert [p.rsplit('/', 1)[1] for p in written['pred']] == [f'{i:06d}.json' for i in range(1, 9)]
+    assert all(Image.open(p).size == (SIZE, SIZE) for p in written['vis'])

@@ -1,0 +1,350 @@
+"""Faults during training: killed runs resume exactly, dying workers end the job, damaged
+checkpoints are never resumed from, and a NaN/inf loss stops (or skips) before it harms weights.
+
+The first tests drive the real ``tools/train.py`` / ``tools/dist_train.sh`` on a tiny
+mmpretrain classifier (tiny SVT, 32x32 images, no random augmentation: deterministic on CPU);
+the others run MMEngine's Runner in-process on a toy regression model.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Tuple
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.dataset import BaseDataset
+from mmengine.hooks import Hook
+from mmengine.model import BaseModel
+from mmengine.registry import DATASETS, MODELS
+from mmengine.runner import Runner
+from PIL import Image
+from torch import nn
+
+import mmtwins.engine  # noqa: F401 - registers the hooks
+from mmtwins.apis import build_runner
+from mmtwins.checkpoint import CheckpointError
+from mmtwins.engine import AtomicLocalBackend, atomic_write, checkpoint_problem
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------- real tools
+CLASSIFIER_CFG = '''
+default_scope = 'mmpretrain'
+custom_imports = dict(imports=['mmtwins.models', 'mmtwins.engine', 'fault_hooks'],
+                      allow_failed_imports=False)
+arch = dict(embed_dims=[16, 32, 32, 64], num_heads=[1, 2, 2, 4], mlp_ratios=[2, 2, 2, 2],
+            depths=[1, 1, 1, 1], sr_ratios=[8, 4, 2, 1], window_sizes=[7, None, 7, None])
+model = dict(
+    type='ImageClassifier',
+    data_preprocessor=dict(num_classes=2, mean=[127.5] * 3, std=[57.0] * 3, to_rgb=True),
+    backbone=dict(type='mmtwins.SVT', arch=arch, norm_after_stage=[False, False, False, True]),
+    neck=dict(type='GlobalAveragePooling'),
+    head=dict(type='LinearClsHead', num_classes=2, in_channels=64,
+              loss=dict(type='CrossEntropyLoss')))
+train_dataloader = dict(
+    batch_size=2, num_workers=0,
+    sampler=dict(type='DefaultSampler', shuffle=True),
+    dataset=dict(type='CustomDataset', data_root={data_root!r}, data_prefix='train',
+                 pipeline=[dict(type='LoadImageFromFile'), dict(type='PackInputs')]))
+train_cfg = dict(by_epoch=False, max_iters=8)
+optim_wrapper = dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9))
+default_hooks = dict(
+    checkpoint=dict(type='mmtwins.AtomicCheckpointHook', interval=2, by_epoch=False),
+    logger=dict(type='LoggerHook', interval=1))
+custom_hooks = [dict(type='mmtwins.NonFiniteLossHook')]
+randomness = dict(seed=0, deterministic=True)
+'''
+
+FAULT_HOOKS = '''
+import os
+import signal
+
+from mmengine.dist import get_rank
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class SigkillOnceHook(Hook):
+    """Test fault: rank ``rank`` SIGKILLs itself after iteration ``at_iter``, once (a marker
+    file next to the work dir remembers it, so the resumed run goes through)."""
+
+    def __init__(self, at_iter, rank=0):
+        self.at_iter, self.rank = at_iter, rank
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        marker = runner.work_dir.rstrip('/') + '.killed'
+        due = runner.iter + 1 == self.at_iter and get_rank() == self.rank
+        if due and not os.path.exists(marker):
+            open(marker, 'w').close()
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+@pytest.fixture(scope='module')
+def classifier(tmp_path_factory):
+    """A 2-class ImageFolder of 8 images and the configs: plain, and killed at iteration 5."""
+    root = tmp_path_factory.mktemp('faults')
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        folder = root / 'data' / 'train' / f'class_{k}'
+        folder.mkdir(parents=True)
+        for i in range(4):
+            pixels = np.clip(rng.normal(80 + 100 * k, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f'{i}.png')
+    (root / 'fault_hooks.py').write_text(FAULT_HOOKS)
+    (root / 'cls.py').write_text(CLASSIFIER_CFG.format(data_root=str(root / 'data')))
+    (root / 'cls_killed.py').write_text(
+        "_base_ = './cls.py'\n"
+        "custom_hooks = [dict(type='mmtwins.NonFiniteLossHook'),\n"
+        "                dict(type='SigkillOnceHook', at_iter=5, rank=0)]\n")
+    (root / 'cls_killed_dist.py').write_text(
+        "_base_ = './cls.py'\n"
+        "custom_hooks = [dict(type='SigkillOnceHook', at_iter=3, rank=1)]\n")
+    return root
+
+
+def start_tool(root: Path, *args, **env_vars) -> subprocess.Popen:
+    """Run ``args`` from the repository root with the test's hook module importable."""
+    env = dict(os.environ, PYTHONPATH=f'{root}{os.pathsep}{REPO}', OMP_NUM_THREADS='1',
+               PYTHON=sys.executable, **env_vars)
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> Tuple[int, str]:
+    """Wait for ``proc`` (bounded: an expired timeout fails the test) -> (exit code, output)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f'{proc.args} did not end within {timeout} s')
+    return proc.returncode, out
+
+
+def start_training(root: Path, config: str, work_dir: Path, *extra) -> subprocess.Popen:
+    return start_tool(root, sys.executable, 'tools/train.py', str(root / config), '--work-dir',
+                      str(work_dir), *extra)
+
+
+def final_state(work_dir: Path):
+    ckpt = torch.load(work_dir / 'iter_8.pth', map_location='cpu', weights_only=False)
+    return ckpt['meta']['iter'], ckpt['state_dict']
+
+
+def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(classifier):
+    work = classifier / 'killed'
+    clean = start_training(classifier, 'cls.py', classifier / 'clean')
+    killed = start_training(classifier, 'cls_killed.py', work)
+    rc, out = finish(clean)
+    assert rc == 0, out[-3000:]
+    assert finish(killed)[0] == -signal.SIGKILL
+    assert (work / 'last_checkpoint').read_text() == str(work / 'iter_4.pth')
+    assert not (work / 'iter_6.pth').exists()  # iteration 5 was lost with the process
+    assert not list(work.glob('.*tmp*'))
+
+    rc, out = finish(start_training(classifier, 'cls_killed.py', work, '--resume'))
+    assert rc == 0, out[-3000:]
+    assert 'resumed epoch: 0, iter: 4' in out
+    it_clean, sd_clean = final_state(classifier / 'clean')
+    it_resumed, sd_resumed = final_state(work)
+    assert it_clean == it_resumed == 8
+    assert sd_clean.keys() == sd_resumed.keys()
+    for k in sd_clean:
+        assert torch.equal(sd_clean[k], sd_resumed[k]), k
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_a_dying_worker_ends_the_distributed_job_with_an_error(classifier):
+    """Rank 1 is SIGKILLed after iteration 3 of a 2-process gloo run; rank 0 then waits in
+    DDP's all-reduce until torchrun notices and ends the job (the timeout bounds the wait)."""
+    proc = start_tool(classifier, 'bash', 'tools/dist_train.sh',
+                      str(classifier / 'cls_killed_dist.py'), '2', '--work-dir',
+                      str(classifier / 'dist'), PORT=str(free_port()))
+    rc, out = finish(proc, timeout=240)
+    assert rc != 0
+    assert 'Signal 9 (SIGKILL) received by PID' in out, out[-3000:]
+    assert not (classifier / 'dist' / 'iter_8.pth').exists()
+
+
+# ----------------------------------------------------------------------------- in-process
+@MODELS.register_module(force=True)
+class FaultToyModel(BaseModel):
+    """y = w x + b fitted by MSE on (B, 2) inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+
+    def forward(self, inputs, targets=None, mode='tensor', **meta):
+        out = self.linear(torch.stack(inputs))
+        if mode == 'loss':
+            return dict(loss=((out - torch.stack(targets))**2).mean())
+        return out
+
+
+@DATASETS.register_module(force=True)
+class FaultToyDataset(BaseDataset):
+    """8 samples in a fixed order; ``nan_at`` makes that sample's input NaN."""
+
+    def __init__(self, nan_at=-1, **kwargs):
+        self.nan_at = nan_at
+        super().__init__(serialize_data=False, **kwargs)
+
+    def load_data_list(self):
+        gen = torch.Generator().manual_seed(0)
+        data = []
+        for i in range(8):
+            x = torch.randn(2, generator=gen)
+            if i == self.nan_at:
+                x[0] = float('nan')
+            data.append(dict(inputs=x, targets=x.sum(0, keepdim=True)))
+        return data
+
+
+def toy_runner(work_dir: Path, max_iters=8, nan_at=-1, skip=False, resume=False,
+               load_from=None, max_keep_ckpts=-1) -> Runner:
+    cfg = Config(dict(
+        model=dict(type='FaultToyModel'),
+        work_dir=str(work_dir),
+        experiment_name=f'toy_{uuid.uuid4().hex}',
+        train_dataloader=dict(
+            batch_size=1, num_workers=0, sampler=dict(type='DefaultSampler', shuffle=False),
+            collate_fn=dict(type='pseudo_collate'),
+            dataset=dict(type='FaultToyDataset', nan_at=nan_at)),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9)),
+        default_hooks=dict(checkpoint=dict(type='mmtwins.AtomicCheckpointHook', interval=2,
+                                           by_epoch=False, max_keep_ckpts=max_keep_ckpts)),
+        custom_hooks=[dict(type='mmtwins.NonFiniteLossHook', skip=skip)],
+        default_scope='mmengine', resume=resume, load_from=load_from,
+        randomness=dict(seed=0), log_level='WARNING'))
+    return build_runner(cfg)  # the Runner of tools/train.py
+
+
+def weights(runner: Runner):
+    return {k: v.clone() for k, v in runner.model.state_dict().items()}
+
+
+class _Snapshot(Hook):
+    """Records the weights after every iteration."""
+
+    def __init__(self, store: dict):
+        self.store = store
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        self.store[runner.iter + 1] = weights(runner)
+
+
+def test_nan_loss_stops_before_the_update_naming_the_iteration(tmp_path):
+    runner = toy_runner(tmp_path / 'w', nan_at=4)  # sample 4 is iteration 5
+    saved = {}
+    runner.register_hook(_Snapshot(saved), priority='VERY_LOW')
+    with pytest.raises(FloatingPointError, match=r'loss is not finite at iteration 5: nan\. '
+                       r'Training stopped before this step changed the parameters'):
+        runner.train()
+    assert runner.iter == 4
+    for k, v in weights(runner).items():
+        assert torch.isfinite(v).all() and torch.equal(v, saved[4][k])
+
+
+def test_nan_loss_skip_mode_drops_the_step_and_trains_on(tmp_path):
+    runner = toy_runner(tmp_path / 'w', nan_at=4, skip=True)
+    saved = {}
+    runner.register_hook(_Snapshot(saved), priority='VERY_LOW')
+    runner.train()
+    hook = next(h for h in runner.hooks if type(h).__name__ == 'NonFiniteLossHook')
+    assert hook.skipped_iters == [5] and runner.iter == 8
+    for k in saved[4]:
+        assert torch.equal(saved[5][k], saved[4][k])  # the NaN step changed nothing
+        assert not torch.equal(saved[6][k], saved[5][k])  # training went on
+        assert torch.isfinite(saved[8][k]).all()
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path):
+    clean = toy_runner(tmp_path / 'clean')
+    clean.train()
+    expected = weights(clean)
+
+    # A crash right after iteration 6 was saved, and the save of iteration 6 left a torn file.
+    work = tmp_path / 'crashed'
+    work.mkdir()
+    for step in (2, 4, 6):
+        shutil.copy(tmp_path / 'clean' / f'iter_{step}.pth', work)
+    (work / 'last_checkpoint').write_text(str(work / 'iter_6.pth'))
+    size = (work / 'iter_6.pth').stat().st_size
+    with open(work / 'iter_6.pth', 'r+b') as f:
+        f.truncate(size // 2)
+    assert 'truncated' in checkpoint_problem(str(work / 'iter_6.pth'))
+
+    resumed = toy_runner(work, resume=True)
+    resumed.train()
+    assert (work / 'last_checkpoint').read_text() == str(work / 'iter_8.pth')
+    for k, v in weights(resumed).items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_resuming_an_explicitly_named_damaged_checkpoint_fails_clearly(tmp_path):
+    bad = tmp_path / 'iter_4.pth'
+    bad.write_bytes(b'PK\x03\x04 not really a checkpoint')
+    runner = toy_runner(tmp_path / 'w', resume=True, load_from=str(bad))
+    with pytest.raises(CheckpointError, match=f'cannot resume from {bad}: .*Pick another'):
+        runner.train()
+    assert runner.iter == 0
+
+
+def test_no_intact_checkpoint_left_fails_clearly(tmp_path):
+    work = tmp_path / 'w'
+    work.mkdir()
+    (work / 'iter_2.pth').write_bytes(b'')
+    (work / 'last_checkpoint').write_text(str(work / 'iter_2.pth'))
+    with pytest.raises(CheckpointError, match=r'last_checkpoint names .*iter_2.pth.*the file is '
+                       r'empty, and no other intact checkpoint'):
+        toy_runner(work, resume=True).train()
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = tmp_path / 'iter_2.pth'
+    AtomicLocalBackend().put(b'old checkpoint', target)
+
+    def disk_full(fd):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(os, 'fsync', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        atomic_write(target, b'new checkpoint, half written')
+    assert target.read_bytes() == b'old checkpoint'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['iter_2.pth']  # no temporary file
+
+
+def test_old_checkpoints_are_pruned_only_after_the_new_one_is_saved(tmp_path, monkeypatch):
+    """MMEngine deletes the oldest checkpoint first: with max_keep_ckpts=1 a failed save would
+    leave none at all."""
+    runner = toy_runner(tmp_path / 'w', max_iters=4, max_keep_ckpts=1)
+    put = AtomicLocalBackend.put
+
+    def fail_second_save(self, obj, filepath):
+        if str(filepath).endswith('iter_4.pth'):
+            raise OSError(28, 'No space left on device')
+        return put(self, obj, filepath)
+
+    monkeypatch.setattr(AtomicLocalBackend, 'put', fail_second_save)
+    with pytest.raises(OSError):
+        runner.train()
+    work = tmp_path / 'w'
+    assert (work / 'last_checkpoint').read_text() == str(work / 'iter_2.pth')
+    assert checkpoint_problem(str(work / 'iter_2.pth')) is None
+    assert not (work / 'iter_4.pth').exists()

@@ -1,0 +1,166 @@
+"""ONNX export with dynamic batch/height/width, checked in ONNX Runtime against PyTorch.
+
+One export per model serves every size. The sizes cover each LSA padding case of the tiny SVT
+(windows of 7 tokens; stage s has ceil(H / 2**(s+2)) x ceil(W / 2**(s+2)) tokens):
+
+* 224x224: 56x56 tokens, whole windows at every stage (the export example: the eager path
+  would pad nothing, so a graph that followed it could not pad any other size);
+* 200x224: 50x56, bottom padding only; 224x256: 56x64, right padding only;
+* 97x131: 25x33, both sides (and odd sizes that PatchEmbed pads);
+* 800x1344: 200x336 tokens, the COCO-like case with bottom padding only.
+"""
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from conftest import TINY_PCPVT, TINY_SVT
+from mmengine.config import Config
+
+from mmtwins.deployment import (build_export_module, export_onnx, load_model,
+                                non_default_domain_ops, verify_onnx)
+from mmtwins.deployment.pytorch2onnx import main as pytorch2onnx
+from mmtwins.models import PCPVT, SVT
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-4
+PAD_CASES = [(1, 224, 224), (2, 200, 224), (1, 224, 256), (3, 97, 131)]
+
+
+def max_diff(results):
+    return max(o['max_abs_diff'] for r in results for o in r['outputs'].values())
+
+
+@pytest.mark.parametrize('cls,arch', [(SVT, TINY_SVT), (PCPVT, TINY_PCPVT)], ids=['SVT', 'PCPVT'])
+def test_backbone_one_dynamic_export_matches_pytorch_at_every_size(cls, arch, tmp_path):
+    module = build_export_module(cls(arch=arch))
+    path = str(tmp_path / 'backbone.onnx')
+    names = export_onnx(module, path, shape=(224, 224), batch=1)
+    assert names == ['feat0', 'feat1', 'feat2', 'feat3']
+    assert non_default_domain_ops(path) == set()
+    graph = onnx.load(path).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert (graph.input[0].name, dims) == ('images', ['batch', 3, 'height', 'width'])
+
+    sizes = PAD_CASES + ([(1, 800, 1344)] if cls is SVT else [])
+    results = verify_onnx(path, module, sizes)
+    other = build_export_module(cls(arch=arch))  # the check is not vacuous: other weights fail
+    assert max_diff(verify_onnx(path, other, PAD_CASES[:1])) > 1e-2
+    for (b, h, w), res in zip(sizes, results):
+        for i, (name, out) in enumerate(res['outputs'].items()):
+            stride = 4 * 2**i
+            assert out['shape'] == (b, arch['embed_dims'][i], -(-h // stride), -(-w // stride))
+    assert max_diff(results) <= TOL
+
+
+def tiny_model_config(name: str) -> Config:
+    """``configs/<name>`` with the tiny arch of its family and narrow necks/heads."""
+    cfg = Config.fromfile(str(REPO / 'configs' / name))
+    model = cfg.model
+    arch = TINY_SVT if model.backbone.type == 'mmtwins.SVT' else TINY_PCPVT
+    dims = arch['embed_dims']
+    model.backbone.update(arch=arch, init_cfg=None)
+    bn = dict(type='BN', requires_grad=True)
+    if 'decode_head' in model:  # mmseg
+        if 'neck' in model:  # Semantic FPN
+            model.neck.update(in_channels=dims, out_channels=16)
+            model.decode_head.update(in_channels=[16] * 4, channels=16, norm_cfg=bn)
+        else:  # UperNet
+            model.decode_head.update(in_channels=dims, channels=16, norm_cfg=bn)
+            model.auxiliary_head.update(in_channels=dims[2], channels=16, norm_cfg=bn)
+    else:  # mmdet
+        model.neck.update(in_channels=dims, out_channels=16)
+        head = model.get('bbox_head') or model.rpn_head
+        head.update(in_channels=16, feat_channels=16)
+    return cfg
+
+
+def test_segmentor_logits_and_labels_via_the_tool(tmp_path, capsys):
+    cfg = tiny_model_config('fpn_twins_svt_s_80k_ade20k.py')
+    cfg_file = str(tmp_path / 'fpn_tiny.py')
+    cfg.dump(cfg_file)
+    out = pytorch2onnx([cfg_file, '--shape', '64', '96', '--dynamic', '--output-file',
+                        str(tmp_path / 'seg.onnx'), '--verify', '56', '56', '97', '131'])
+    log = capsys.readouterr().out
+    assert 'exported the segmentor' in log and 'seg_logits' in log
+    assert 'ONNX Runtime matches PyTorch' in log
+    assert non_default_domain_ops(out) == set()
+
+    # The exported computation is mmseg's own whole-image inference.
+    torch.manual_seed(0)
+    model = load_model(cfg_file)
+    images = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        expected = model.encode_decode(images, [dict(img_shape=(97, 131))] * 2)
+        module = build_export_module(model)
+        torch.testing.assert_close(module(images)[0], expected, rtol=0, atol=1e-6)
+
+    # The label map: one export, compared pixel by pixel.
+    module = build_export_module(model, seg_output='labels')
+    path = str(tmp_path / 'labels.onnx')
+    assert export_onnx(module, path, (64, 96)) == ['seg_labels']
+    [res] = verify_onnx(path, module, [(2, 97, 131)])
+    assert res['outputs']['seg_labels'] == dict(shape=(2, 97, 131), mismatches=0)
+
+
+def test_upernet_pyramid_pooling_exports_with_dynamic_sizes(tmp_path):
+    """UperNet's adaptive pooling has no dynamic-size ONNX export; the wrapper swaps in an
+    equivalent of the same values (checked against mmseg's own inference first)."""
+    torch.manual_seed(0)
+    model = load_model(tiny_model_config('upernet_twins_pcpvt_s_160k_ade20k.py'))
+    images = torch.randn(2, 3, 97, 131)
+    with torch.no_grad():
+        expected = model.encode_decode(images, [dict(img_shape=(97, 131))] * 2)
+        module = build_export_module(model)
+        torch.testing.assert_close(module(images)[0], expected, rtol=0, atol=1e-5)
+    path = str(tmp_path / 'upernet.onnx')
+    export_onnx(module, path, (64, 96))
+    assert non_default_domain_ops(path) == set()
+    results = verify_onnx(path, module, [(2, 97, 131), (1, 200, 224)])
+    shapes = [r['outputs']['seg_logits']['shape'] for r in results]
+    assert shapes == [(2, 150, 97, 131), (1, 150, 200, 224)]
+    assert max_diff(results) <= TOL
+
+
+def test_segmentor_checkpoint_is_loaded_strictly(tmp_path):
+    cfg = tiny_model_config('fpn_twins_svt_s_80k_ade20k.py')
+    cfg_file = str(tmp_path / 'fpn_tiny.py')
+    cfg.dump(cfg_file)
+    model = load_model(cfg_file)
+    ckpt = tmp_path / 'model.pth'
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
+    loaded = load_model(cfg_file, str(ckpt))
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    torch.save({'state_dict': {k: v for k, v in model.state_dict().items()
+                               if not k.startswith('decode_head')}}, ckpt)
+    with pytest.raises(ValueError, match=r'does not fit .* missing key\(s\)'):
+        load_model(cfg_file, str(ckpt))
+
+
+def test_detector_raw_head_outputs(tmp_path):
+    cfg = tiny_model_config('retinanet_twins_pcpvt_s_1x.py')
+    torch.manual_seed(0)
+    module = build_export_module(load_model(cfg))
+    path = str(tmp_path / 'retinanet.onnx')
+    names = export_onnx(module, path, (64, 96))
+    levels = range(5)  # FPN: stages 1-3 + 2 extra levels
+    assert names == [f'{kind}_{i}' for kind in ('cls_scores', 'bbox_preds') for i in levels]
+    assert non_default_domain_ops(path) == set()
+    sizes = [(1, 64, 96), (2, 97, 131), (1, 200, 336)]
+    results = verify_onnx(path, module, sizes)
+    assert max_diff(results) <= TOL
+    anchors = cfg.model.bbox_head.anchor_generator
+    per_loc = len(anchors.ratios) * anchors.scales_per_octave
+    num_classes = cfg.model.bbox_head.num_classes
+    for (b, h, w), res in zip(sizes, results):
+        for i in levels:
+            stride = 8 * 2**i
+            hw = (-(-h // stride), -(-w // stride))
+            assert res['outputs'][f'cls_scores_{i}']['shape'] == (b, per_loc * num_classes, *hw)
+            assert res['outputs'][f'bbox_preds_{i}']['shape'] == (b, per_loc * 4, *hw)
+
+
+def test_export_rejects_a_too_small_example():
+    with pytest.raises(ValueError, match='at least 29 pixels'):
+        export_onnx(build_export_module(SVT(arch=TINY_SVT)), 'unused.onnx', (16, 64))

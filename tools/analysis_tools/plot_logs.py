@@ -1,0 +1,28 @@
+"""Plot loss, learning rate and metrics (top-1, mAP, mIoU) of MMEngine JSON logs to PNG files.
+
+    python tools/analysis_tools/plot_logs.py WORK_DIR_OR_JSON [...] --out-dir plots
+        [--keys loss lr accuracy/top1] [--legend run-a run-b]
+"""
+import argparse
+
+from mmtwins.analysis import plot_logs
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('logs', nargs='+', help='JSON logs (vis_data/TIMESTAMP.json) or work dirs')
+    p.add_argument('--out-dir', default='plots', help='where the PNG files go')
+    p.add_argument('--keys', nargs='+',
+                   help='what to plot (default: loss, lr and the task metric found in the logs)')
+    p.add_argument('--legend', nargs='+', help='one label per log')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for path in plot_logs(args.logs, args.out_dir, args.keys, args.legend):
+        print(path)
+
+
+if __name__ == '__main__':
+    main()
