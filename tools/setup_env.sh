@@ -29,12 +29,14 @@ if [[ ! -x $venv/bin/python ]]; then
     log "creating virtual environment $venv"
     "$python" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip, minus the "Location ... is ignored" line that a machine-wide pip.conf naming missing local
+# indexes prints for every package
+pip() { "$venv/bin/python" -m pip "$@" 2> >(grep -v '^WARNING: Location .* is ignored' >&2); }
 
 log "installing build tools and torch (first time: a ~5 GB download)"
-"${pip[@]}" install -q -c "$constraints" 'setuptools' wheel ninja 'numpy' packaging
-"${pip[@]}" install -q -c "$constraints" torch torchvision
+pip install -q -c "$constraints" 'setuptools' wheel ninja 'numpy' packaging
+pip install -q -c "$constraints" torch torchvision
 
 mmcv_version=$(sed -n 's/^mmcv==//p' "$constraints")
 mmcv_wheel=$(ls "$wheels"/mmcv-"$mmcv_version"-*.whl 2>/dev/null | head -n1 || true)
@@ -43,7 +45,7 @@ if [[ -z $mmcv_wheel ]]; then
     mkdir -p "$wheels"
     tmp=$(mktemp -d "$wheels/.build.XXXXXX")
     # No build isolation: the build must compile against the torch installed above.
-    MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "${pip[@]}" wheel -v --no-build-isolation --no-deps \
+    MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} pip wheel -v --no-build-isolation --no-deps \
         -c "$constraints" "mmcv==$mmcv_version" -w "$tmp" 2>&1 \
         | sed -nuE 's#^ *(\[[0-9]+/[0-9]+\]) .* -c (-c )?[^ ]*/([^/ ]+\.(cpp|cu)) .*#  compiling \1 \3#p; /^(ERROR|error:|Created wheel)/p' >&2 || true
     built=$(ls "$tmp"/mmcv-*.whl 2>/dev/null | head -n1 || true)
@@ -54,9 +56,9 @@ if [[ -z $mmcv_wheel ]]; then
 fi
 
 log "installing mmcv, the OpenMMLab stack and mmtwins (editable)"
-"${pip[@]}" install -q -c "$constraints" "$mmcv_wheel"
-"${pip[@]}" install -q -c "$constraints" -r "$root/requirements.txt"
-"${pip[@]}" install -q -c "$constraints" --no-build-isolation --no-deps -e "$root"
+pip install -q -c "$constraints" "$mmcv_wheel"
+pip install -q -c "$constraints" -r "$root/requirements.txt"
+pip install -q -c "$constraints" --no-build-isolation --no-deps -e "$root"
 "$venv/bin/python" -c 'import mmcv.ops, mmdet, mmseg, mmpretrain, mmtwins' \
     || { log "the installed stack does not import"; exit 1; }
 echo "$want" > "$stamp"

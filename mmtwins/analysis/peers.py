@@ -197,9 +197,11 @@ class CaseResult:
     saved_mb: Dict[str, float] = field(default_factory=dict)
     peak_mb: Dict[str, Optional[float]] = field(default_factory=dict)
     max_abs_diff: Dict[str, float] = field(default_factory=dict)
+    cosine: Optional[float] = None  # autocast cases: output cosine similarity with fp32
 
     def speedup(self) -> Optional[float]:
-        """Fastest peer's median time over mmtwins' (> 1: mmtwins is faster)."""
+        """Fastest peer's median time over mmtwins' (> 1: mmtwins is faster); for an autocast
+        case, mmtwins' fp32 time over its autocast time."""
         peers = [t for n, t in self.seconds.items() if n != 'mmtwins']
         return min(peers) / self.seconds['mmtwins'] if peers else None
 
@@ -230,7 +232,12 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
         if diff > tol:
             raise AssertionError(f'mmtwins disagrees with {p} on {family}-{arch}: max abs '
                                  f'difference {diff:.3g} > {tol}')
-    steps = {n: make_step(m, x, mode, amp) for n, m in impls.items()}
+    if amp:  # bf16/fp16 autocast against mmtwins' own fp32, the same model
+        steps = {'mmtwins': make_step(impls['mmtwins'], x, mode, amp=True),
+                 'mmtwins-fp32': make_step(impls['mmtwins'], x, mode, amp=False)}
+        res.cosine = autocast_cosine(impls['mmtwins'], x)
+    else:
+        steps = {n: make_step(m, x, mode) for n, m in impls.items()}
     times = interleaved_times(steps, dev, warmup, repeats)
     res.seconds = {n: statistics.median(t) for n, t in times.items()}
     if mode == 'train' and not amp:
@@ -239,6 +246,16 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
             res.peak_mb = {n: peak_memory_mb(n, family, arch, mode, shape) for n in impls}
     log(format_case(res))
     return res
+
+
+def autocast_cosine(model: nn.Module, x: torch.Tensor) -> float:
+    """Cosine similarity of the concatenated stage maps under autocast and in fp32."""
+    model.eval()
+    with torch.inference_mode():
+        ref = torch.cat([o.flatten() for o in model(x)])
+        with autocast_context(x.device, True)[0]:
+            low = torch.cat([o.float().flatten() for o in model(x)])
+    return torch.nn.functional.cosine_similarity(ref, low, dim=0).item()
 
 
 def matmul_gflops(device: str = 'cpu', n: int = 2048, repeats: int = 5) -> float:
@@ -258,6 +275,8 @@ def matmul_gflops(device: str = 'cpu', n: int = 2048, repeats: int = 5) -> float
 
 def format_case(r: CaseResult) -> str:
     cols = ', '.join(f'{n} {t * 1e3:.0f} ms' for n, t in r.seconds.items())
+    if r.cosine is not None:
+        cols += f' (cosine similarity with fp32 {r.cosine:.5f})'
     line = (f'{r.variant:>10} {r.mode:<5} {"x".join(map(str, r.shape)):<14} {r.precision:<8} '
             f'{cols}; speed-up vs fastest peer {r.speedup() or float("nan"):.2f}x')
     if r.saved_mb:

@@ -6,8 +6,8 @@ memory side by side in one run.
     python tools/analysis_tools/compare_peers.py --short               # agreement + one quick timing (CI)
 
 Cases: inference at 224x224 batch 8 and 512x512 batch 2, one training step at 512x512 batch 2
-(fp32), bf16-autocast inference (mmtwins against its own fp32), and on request (--coco) a training
-step at 800x1344 batch 1 with and without mmtwins' with_cp.
+(fp32), bf16-autocast inference (mmtwins against its own fp32), and on request (--cases coco) a
+training step at 800x1344 batch 1.
 """
 import argparse
 import json
@@ -18,6 +18,14 @@ import torch
 from mmtwins.analysis import peers as P
 
 SMALL = ['pcpvt-small', 'svt-small']
+# name: (mode, input shape, bf16 autocast); autocast cases compare mmtwins with its own fp32.
+CASES = {
+    'infer224': ('infer', (8, 3, 224, 224), False),
+    'infer512': ('infer', (2, 3, 512, 512), False),
+    'train512': ('train', (2, 3, 512, 512), False),
+    'amp512': ('infer', (2, 3, 512, 512), True),
+    'coco': ('train', (1, 3, 800, 1344), False),
+}
 ALL = [f'{f}-{a}' for f in ('pcpvt', 'svt') for a in ('small', 'base', 'large')]
 
 
@@ -29,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--repeats', type=int, default=7)
-    p.add_argument('--coco', action='store_true', help='add the 800x1344 training case')
+    p.add_argument('--cases', nargs='+', choices=list(CASES), default=list(CASES)[:4],
+                   help='cases to run (default: all but coco, the 800x1344 training step)')
     p.add_argument('--no-memory', action='store_true', help='skip the fresh-process peak RSS runs')
     p.add_argument('--short', action='store_true',
                    help='agreement with every peer and one small timed case only (for CI)')
@@ -54,13 +63,10 @@ def main(argv=None):
             results.append(P.compare_case(family, arch, 'infer', (1, 3, 224, 224),
                                           **dict(kw, warmup=1, repeats=3, memory=False)))
             continue
-        for mode, shape in (('infer', (8, 3, 224, 224)), ('infer', (2, 3, 512, 512)),
-                            ('train', (2, 3, 512, 512))):
-            results.append(P.compare_case(family, arch, mode, shape, **kw))
-        results.append(P.compare_case(family, arch, 'infer', (2, 3, 512, 512),
-                                      **dict(kw, peers=[]), amp=True))
-        if args.coco:
-            results.append(P.compare_case(family, arch, 'train', (1, 3, 800, 1344), **kw))
+        for case in args.cases:
+            mode, shape, amp = CASES[case]
+            results.append(P.compare_case(family, arch, mode, shape, amp=amp,
+                                          **dict(kw, peers=[]) if amp else kw))
     if args.out:
         with open(args.out, 'w') as f:
             f.write(P.to_json(results, dict(matmul_gflops=ceiling, device=args.device,
