@@ -61,7 +61,7 @@ def main(argv=None):
         family, arch = v.split('-')
         if args.short:
             results.append(P.compare_case(family, arch, 'infer', (1, 3, 224, 224),
-                                          **dict(kw, warmup=1, repeats=3, memory=False)))
+                                          **dict(kw, warmup=0, repeats=1, memory=False)))
             continue
         for case in args.cases:
             mode, shape, amp = CASES[case]
