@@ -5,11 +5,12 @@ The config's ``default_scope`` picks the inferencer: mmdet's ``DetInferencer`` f
 ``NAME.EXT`` it writes, under ``OUT_DIR``:
 
 * ``vis/NAME.png``: the predictions drawn on the image (boxes above the score threshold with their
-  class and score; or the class colours blended over the image);
+  class and score; or the class colours blended half-and-half with the image);
 * ``pred/NAME.json`` (detection): every predicted box, ``bboxes`` as ``[x1, y1, x2, y2]`` in the
   input image's pixels, ``labels`` (class indices), ``scores`` and ``classes`` (the class names
   of the checkpoint's data set);
-* ``pred/NAME.png`` (segmentation): the (H, W) map of class indices at the input's size.
+* ``pred/NAME.png`` (segmentation): the (H, W) map of class indices at the input's size (8-bit;
+  16-bit for more than 256 classes).
 """
 import argparse
 import json
@@ -108,6 +109,7 @@ def infer(config: str,
     images = list_images(inputs)
     task, inferencer = build_inferencer(config, checkpoint, device, cfg_options)
     classes = inferencer.model.dataset_meta['classes']
+    dtype = np.uint8 if len(classes) <= 256 else np.uint16  # of the segmentation maps
     vis_dir, pred_dir = osp.join(out_dir, 'vis'), osp.join(out_dir, 'pred')
     mkdir_or_exist(vis_dir)
     mkdir_or_exist(pred_dir)
@@ -118,7 +120,7 @@ def infer(config: str,
             results = inferencer(chunk, batch_size=batch_size, return_vis=True,
                                  no_save_vis=True, pred_score_thr=score_thr)
         else:
-            results = inferencer(chunk, batch_size=batch_size, return_vis=True)
+            results = inferencer(chunk, batch_size=batch_size, return_vis=True, opacity=0.5)
         preds, drawn = results['predictions'], results['visualization']
         if len(chunk) == 1 and task == 'seg':  # mmseg unwraps the lists of a single image
             preds, drawn = [preds], [drawn]
@@ -131,7 +133,7 @@ def infer(config: str,
                 _save_det(pred, classes, written['pred'][-1])
             else:
                 written['pred'].append(osp.join(pred_dir, f'{stem}.png'))
-                Image.fromarray(np.asarray(pred, np.uint8)).save(written['pred'][-1])
+                Image.fromarray(np.asarray(pred, dtype)).save(written['pred'][-1])
         print(f'{min(start + CHUNK, len(images))}/{len(images)} images done', flush=True)
     return written
 

@@ -12,6 +12,7 @@ On a machine without COCO, ADE20K, GPU or pretrained weights:
    inferencers) and plots the loss, learning-rate and metric curves of both trainings;
 5. prints a summary table and writes everything under one folder::
 
+       OUT_DIR/data/              the toy data set (COCO and ADE20K layouts; --data-dir)
        OUT_DIR/metrics.json       every metric, the data and schedule, each command and its time
        OUT_DIR/summary.md         the summary table
        OUT_DIR/det/, OUT_DIR/seg/ the training work dirs (checkpoints, logs, the config used)
@@ -62,7 +63,7 @@ class DemoOptions:
     """What the demo does. ``det_options``/``seg_options``: ``KEY=VALUE`` config overrides for
     every run of the detector/segmentor (``--cfg-options`` of the tools)."""
     out_dir: str = 'work_dirs/demo'
-    data_dir: str = 'data/toy'
+    data_dir: Optional[str] = None  # default: OUT_DIR/data
     num_train: int = 400
     num_val: int = 100
     seed: int = 0
@@ -77,7 +78,7 @@ class Demo:
     def __init__(self, opts: DemoOptions):
         self.opts = opts
         self.out_dir = osp.abspath(opts.out_dir)
-        self.data_dir = osp.abspath(opts.data_dir)
+        self.data_dir = osp.abspath(opts.data_dir or osp.join(opts.out_dir, 'data'))
         self.start = time.time()
         self.steps: List[dict] = []
 
@@ -186,7 +187,8 @@ class Demo:
 
         coco_val = osp.join(paths['coco'], COCO_IMG_DIR.format(split='val'))
         det_images = sorted(os.listdir(coco_val))[:self.opts.num_vis]
-        det_vis = self.draw('det', det_config, det_ckpt, [osp.join(coco_val, n) for n in det_images])
+        det_vis = self.draw('det', det_config, det_ckpt,
+                            [osp.join(coco_val, n) for n in det_images])
         ade_val = osp.join(paths['ade'], 'images', 'validation')
         seg_images = sorted(os.listdir(ade_val))[:self.opts.num_vis]
         seg_vis = self.draw('seg', seg_config, seg_ckpt, [osp.join(ade_val, n) for n in seg_images])
@@ -244,10 +246,14 @@ class Demo:
 
 def child_env() -> Dict[str, str]:
     """The environment of the tools run: this one, with the directory this mmtwins is imported
-    from first on PYTHONPATH (as ``tools/dist_train.sh`` does), so they run the same code."""
+    from first on PYTHONPATH (as ``tools/dist_train.sh`` does), so they run the same code, and
+    one OpenMP thread per process unless ``OMP_NUM_THREADS`` is set: the toy models' ops are too
+    small to gain from more, and on a busy 2-core machine a second thread waiting for a core made
+    each training iteration up to 35x slower here (the data loader worker takes the other core)."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])
     env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
+    env.setdefault('OMP_NUM_THREADS', '1')
     return env
 
 
@@ -288,8 +294,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoOptions:
         'and a Twins-SVT Semantic FPN on CPU (see mmtwins/demo/pipeline.py for the outputs).')
     parser.add_argument('--out-dir', default=defaults.out_dir,
                         help='where every result goes (default: %(default)s)')
-    parser.add_argument('--data-dir', default=defaults.data_dir,
-                        help='where the toy data set is written (default: %(default)s)')
+    parser.add_argument('--data-dir',
+                        help='where the toy data set is written (default: OUT_DIR/data)')
     parser.add_argument('--num-train', type=int, default=defaults.num_train,
                         help='training images (default: %(default)s)')
     parser.add_argument('--num-val', type=int, default=defaults.num_val,

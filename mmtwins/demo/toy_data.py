@@ -4,8 +4,9 @@ Every image shows 1-3 coloured shapes (rectangle, circle, triangle; each class h
 family, jittered) on a textured background (a two-colour gradient, stripes and noise). The same
 scenes are written twice::
 
-    OUT/coco/annotations/instances_train.json   COCO instances: boxes (x, y, w, h), polygon masks,
-    OUT/coco/annotations/instances_val.json     areas; category ids 1 rectangle, 2 circle, 3 triangle
+    OUT/coco/annotations/instances_train.json   COCO instances: boxes (x, y, w, h), polygon
+    OUT/coco/annotations/instances_val.json     masks, areas; category ids 1 rectangle, 2 circle,
+                                                3 triangle
     OUT/coco/train/000001.jpg ...               the images (file_name in the JSON)
     OUT/coco/val/000001.jpg ...
     OUT/ade/ADEChallengeData2016/images/training/ADE_train_00000001.jpg ...
@@ -105,8 +106,8 @@ def _polygon(rng: np.random.Generator, label: int, cx: float, cy: float, r: floa
                for k in range(32)]
     else:  # equilateral triangle, any rotation
         a = rng.uniform(0, 2 * math.pi)
-        pts = [(cx + r * math.cos(a + 2 * math.pi * k / 3), cy + r * math.sin(a + 2 * math.pi * k / 3))
-               for k in range(3)]
+        angles = [a + 2 * math.pi * k / 3 for k in range(3)]
+        pts = [(cx + r * math.cos(t), cy + r * math.sin(t)) for t in angles]
     return [round(float(v), 1) for p in pts for v in p]
 
 
