@@ -12,6 +12,8 @@ from mmtwins.demo import CLASSES, SEG_CLASSES, make_toy_data
 from mmtwins.demo.inference import infer, list_images
 from mmtwins.demo.pipeline import main as demo_main
 
+from coco_toy import one_torch_thread  # noqa: F401 (fixture)
+
 SIZE = 128
 
 
@@ -72,6 +74,7 @@ def test_list_images_errors(tmp_path):
         list_images([str(tmp_path / 'x'), str(tmp_path / 'y')])
 
 
+@pytest.mark.usefixtures('one_torch_thread')  # the in-process inference at the end
 def test_demo_pipeline_shortened(tmp_path):
     """The whole main job with 16 + 8 images, 1 detector epoch (2 iterations) and 4 segmentor
     iterations. The detector keeps every box (score_thr=0), so that its barely trained scores

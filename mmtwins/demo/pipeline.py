@@ -303,10 +303,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoOptions:
     parser.add_argument('--seed', type=int, default=defaults.seed, help='the data set\'s seed')
     parser.add_argument('--det-options', nargs='+', default=[], metavar='KEY=VALUE',
                         help='config overrides for every run of the detector, e.g. '
-                        'train_cfg.max_epochs=6 (passed to --cfg-options of the tools)')
+                        'train_cfg.val_interval=1 (passed to --cfg-options of the tools)')
     parser.add_argument('--seg-options', nargs='+', default=[], metavar='KEY=VALUE',
                         help='config overrides for every run of the segmentor, e.g. '
-                        'train_cfg.max_iters=200')
+                        'train_cfg.val_interval=50')
     parser.add_argument('--num-vis', type=int, default=defaults.num_vis,
                         help='held-out images to draw predictions on (default: %(default)s)')
     return DemoOptions(**vars(parser.parse_args(argv)))

@@ -37,11 +37,7 @@ from PIL import Image, ImageDraw
 CLASSES = ('rectangle', 'circle', 'triangle')
 # The class colours' hue families (degrees): red, green, blue; each shape jitters its hue +-15.
 HUES = (0., 120., 225.)
-# Visualisation palettes (RGB): one colour per detection class, and with 'background' first for
-# the segmentation classes.
-PALETTE = [(220, 50, 50), (40, 180, 60), (50, 90, 230)]
-SEG_CLASSES = ('background', ) + CLASSES
-SEG_PALETTE = [(128, 128, 128)] + PALETTE
+SEG_CLASSES = ('background', ) + CLASSES  # label map values 1, 2, ... (0: other, ignored)
 SPLITS = {'train': ('training', 0), 'val': ('validation', 1)}  # name -> (ADE folder, seed part)
 # The COCO layout under its data root (what the configs under configs/demo/ read).
 COCO_ANN_FILE = 'annotations/instances_{split}.json'
@@ -144,11 +140,12 @@ def draw_scene(rng: np.random.Generator, size: int) -> Scene:
     return Scene(np.clip(img, 0, 255).astype(np.uint8), np.asarray(label_map), shapes)
 
 
-def _coco_dict(scenes: Sequence[Scene], file_names: Sequence[str], size: int) -> dict:
+def _coco_dict(shapes: Sequence[List[Shape]], file_names: Sequence[str], size: int) -> dict:
+    """COCO instances of images ``file_names`` of side ``size`` showing ``shapes``."""
     images, annotations = [], []
-    for img_id, (scene, file_name) in enumerate(zip(scenes, file_names), start=1):
+    for img_id, (objects, file_name) in enumerate(zip(shapes, file_names), start=1):
         images.append(dict(id=img_id, file_name=file_name, width=size, height=size))
-        for shape in scene.shapes:
+        for shape in objects:
             annotations.append(
                 dict(id=len(annotations) + 1, image_id=img_id, category_id=shape.label + 1,
                      bbox=shape.bbox, area=shape.area, segmentation=[shape.polygon], iscrowd=0))
@@ -183,7 +180,7 @@ def make_toy_data(out_dir: str, num_train: int = 400, num_val: int = 100, size: 
     paths = toy_data_paths(out_dir)
     counts = {'train': num_train, 'val': num_val}
     jobs = [(split, i) for split in SPLITS for i in range(1, counts[split] + 1)]
-    scenes: Dict[str, List[Scene]] = {split: [] for split in SPLITS}
+    shapes: Dict[str, List[List[Shape]]] = {split: [] for split in SPLITS}
     for split, (ade_split, _) in SPLITS.items():
         for sub in (osp.join(paths['coco'], COCO_IMG_DIR.format(split=split)),
                     osp.dirname(osp.join(paths['coco'], COCO_ANN_FILE.format(split=split))),
@@ -194,7 +191,7 @@ def make_toy_data(out_dir: str, num_train: int = 400, num_val: int = 100, size: 
     for split, i in track_iter_progress(jobs):
         ade_split, split_seed = SPLITS[split]
         scene = draw_scene(np.random.default_rng([seed, split_seed, i]), size)
-        scenes[split].append(scene)
+        shapes[split].append(scene.shapes)
         image = Image.fromarray(scene.image)
         image.save(osp.join(paths['coco'], COCO_IMG_DIR.format(split=split), f'{i:06d}.jpg'),
                    quality=95)
@@ -205,9 +202,8 @@ def make_toy_data(out_dir: str, num_train: int = 400, num_val: int = 100, size: 
     for split in SPLITS:
         names = [f'{i:06d}.jpg' for i in range(1, counts[split] + 1)]
         with open(osp.join(paths['coco'], COCO_ANN_FILE.format(split=split)), 'w') as f:
-            json.dump(_coco_dict(scenes[split], names, size), f)
+            json.dump(_coco_dict(shapes[split], names, size), f)
     return paths
-
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
