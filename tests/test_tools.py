@@ -53,6 +53,19 @@ def test_test_options_for_a_segmentation_config(tmp_path):
     assert cfg.test_evaluator.keep_results is True
 
 
+def test_test_amp_enables_autocast_and_warns_where_bf16_is_emulated(monkeypatch):
+    from mmtwins.apis import config as config_api
+    warnings = []
+    monkeypatch.setattr(config_api, 'print_log', lambda msg, **kw: warnings.append(msg))
+    monkeypatch.setattr(config_api, 'cpu_amp_is_emulated', lambda: True)
+    cfg = test_api.build_test_cfg(test_api.parse_args([RETINANET, 'c.pth', '--amp']))
+    assert cfg.test_cfg.type == 'TestLoop' and cfg.test_cfg.fp16 is True
+    assert len(warnings) == 1 and 'bf16 autocast is emulated' in warnings[0]
+    monkeypatch.setattr(config_api, 'cpu_amp_is_emulated', lambda: False)
+    test_api.build_test_cfg(test_api.parse_args([RETINANET, 'c.pth', '--amp']))
+    assert len(warnings) == 1
+
+
 def test_test_option_errors():
     with pytest.raises(ValueError, match=r'--out must name a \.pkl/\.pickle file for mmdet'):
         test_api.build_test_cfg(test_api.parse_args([RETINANET, 'c.pth', '--out', 'r.json']))

@@ -4,22 +4,30 @@ Peers: timm (``twins_*``), mmsegmentation 1.x and mmpretrain 1.x (``PCPVT``/``SV
 implementation is built for the same variant without stage-end norms, so all four compute the
 same function on maps of whole LSA windows; mmtwins is loaded with each peer's weights (through
 its own checkpoint loader) and must reproduce that peer's four stage maps at 224x224 before
-anything is timed. Timings are interleaved
-(implementations take turns in rotating order) and the median of the repeats is reported.
+anything is timed. Timings are interleaved (implementations take turns in rotating order) and the
+median of the repeats is reported.
+
+Every implementation runs in its own worker process, driven in turn from the parent (see
+:class:`_Workers`): one allocator state per implementation, as in a user's own process, and no
+two computing at once.
 
 Memory, two measures:
 
 * ``saved_mb``: bytes of the tensors autograd keeps for the backward pass of one training step
   (unique storages, counted with ``torch.autograd.graph.saved_tensors_hooks``): deterministic.
-* ``peak_mb``: the increase of the peak resident set size over the process's size before the
-  step, measured in a fresh process per implementation (so no allocator cache of another run
-  leaks in); what a user sees, though noisier.
+* ``peak_mb``: the increase of the peak resident set size during the first step over the worker
+  process's size before it (on a GPU: peak allocated memory); what a user sees, though noisier.
+
+For inference cases the achieved GFLOP/s (the forward pass's FLOPs, counted by
+:func:`mmtwins.analysis.flops.count_complexity`, over the median time) is also reported as a
+fraction of the machine's dense fp32 matmul GFLOP/s (2048x2048, measured around each case).
 """
 import json
 import math
+import multiprocessing
+import os
+import platform
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -137,58 +145,136 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def interleaved_times(steps: Dict[str, Callable], device, warmup: int, repeats: int
+# --------------------------------------------------------------------------- workers
+@dataclass
+class Entry:
+    """One timed column: an implementation with constructor kwargs (mmtwins only) and
+    precision. Entries named ``mmtwins`` and the peers' names enter the ratios; others
+    (``mmtwins-fp32``, ``mmtwins-with_cp``) are mmtwins' own references."""
+    name: str
+    impl: str
+    kwargs: dict = field(default_factory=dict)
+    amp: bool = False
+
+
+def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device: str,
+            threads: int) -> None:
+    """Serve one implementation's steps to :class:`_Workers` until told to stop."""
+    try:
+        torch.set_num_threads(threads)
+        dev = torch.device(device)
+        torch.manual_seed(0)
+        model = build_impl(entry.impl, family, arch, **entry.kwargs).to(dev)
+        x = torch.randn(*shape).to(dev)
+        step = make_step(model, x, mode, amp=entry.amp)
+        conn.send(('ok', None))
+        while True:
+            cmd = conn.recv()
+            if cmd == 'stop':
+                return
+            if cmd == 'peak':  # one step: its peak memory above the process's size before it
+                with PeakMemory(dev) as before:
+                    pass
+                with PeakMemory(dev) as peak:
+                    step()
+                exact = peak.kind in ('process peak RSS', 'CUDA max allocated')
+                base = before.mb if dev.type == 'cpu' else 0.
+                conn.send(('ok', peak.mb - base if exact and peak.mb is not None else None))
+            elif cmd == 'step':
+                start = time.perf_counter()
+                step()
+                _sync(dev)
+                conn.send(('ok', time.perf_counter() - start))
+            elif cmd == 'saved':
+                conn.send(('ok', saved_tensor_mb(model, x)))
+                model.train(mode == 'train')
+    except Exception:  # reported to the parent, which raises
+        import traceback
+        conn.send(('error', traceback.format_exc()))
+
+
+class _Workers:
+    """One spawned process per entry, driven in turn from this process.
+
+    Each implementation runs in its own fresh interpreter, so none inherits the memory
+    allocator's state (heap size, pages already faulted in) left by another; only one process
+    computes at a time, so they do not compete for the cores.
+    """
+
+    def __init__(self, entries: Sequence[Entry], family: str, arch: str, mode: str, shape,
+                 device: str):
+        ctx = multiprocessing.get_context('spawn')
+        self.conns, self.procs = {}, []
+        try:
+            for e in entries:
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_worker, daemon=True,
+                                   args=(child, e, family, arch, mode, list(shape), device,
+                                         torch.get_num_threads()))
+                proc.start()
+                self.conns[e.name] = parent
+                self.procs.append(proc)
+            for name in self.conns:
+                self._reply(name)
+        except BaseException:
+            self.close()
+            raise
+
+    def _reply(self, name: str):
+        try:
+            status, value = self.conns[name].recv()
+        except EOFError:
+            raise RuntimeError(f'the worker process of {name} died (out of memory?)') from None
+        if status == 'error':
+            raise RuntimeError(f'{name} failed in its worker process:\n{value}')
+        return value
+
+    def ask(self, name: str, cmd: str):
+        self.conns[name].send(cmd)
+        return self._reply(name)
+
+    def close(self):
+        for conn in self.conns.values():
+            try:
+                conn.send('stop')
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def interleaved_times(workers: _Workers, names: Sequence[str], warmup: int, repeats: int
                       ) -> Dict[str, List[float]]:
-    """Seconds per call of each step, taking turns in rotating order."""
-    names = list(steps)
+    """Seconds per step of each entry, taking turns in rotating order after the warm-up."""
+    names = list(names)
     for name in names:
         for _ in range(warmup):
-            steps[name]()
-    _sync(device)
+            workers.ask(name, 'step')
     times = {n: [] for n in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            steps[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(workers.ask(name, 'step'))
     return times
-
-
-# --------------------------------------------------------------------------- peak memory
-_PEAK_SNIPPET = '''
-import json, sys, torch
-from mmtwins.analysis.peers import build_impl, make_step
-from mmtwins.analysis.benchmark import PeakMemory
-impl, family, arch, mode, shape, kw = json.loads(sys.argv[1])
-torch.manual_seed(0)
-model = build_impl(impl, family, arch, **kw)
-x = torch.randn(*shape)
-step = make_step(model, x, mode)
-with PeakMemory(torch.device('cpu')) as base:
-    pass
-with PeakMemory(torch.device('cpu')) as peak:
-    step()
-print(json.dumps(dict(peak_mb=peak.mb - base.mb, kind=peak.kind)))
-'''
-
-
-def peak_memory_mb(impl: str, family: str, arch: str, mode: str, shape: Sequence[int],
-                   **kwargs) -> Optional[float]:
-    """Peak RSS increase of one step of ``impl`` in a fresh CPU process (None if unmeasurable)."""
-    arg = json.dumps([impl, family, arch, mode, list(shape), kwargs])
-    res = subprocess.run([sys.executable, '-c', _PEAK_SNIPPET, arg], capture_output=True,
-                         text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f'peak-memory run of {impl} failed:\n{res.stderr[-2000:]}')
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    return out['peak_mb'] if out['kind'] == 'process peak RSS' else None
 
 
 # --------------------------------------------------------------------------- the comparison
 @dataclass
 class CaseResult:
-    """One (variant, mode, input) case: per implementation, median seconds and memory."""
+    """One (variant, mode, input) case: per entry, median seconds and memory.
+
+    ``gflops``: the case's forward GFLOP (2 x multiply-accumulates, attention included);
+    ``matmul_gflops``: this machine's dense fp32 matmul GFLOP/s, the better of two measurements
+    taken just before and just after the case's steps.
+    """
     variant: str
     mode: str
     shape: List[int]
@@ -198,52 +284,100 @@ class CaseResult:
     peak_mb: Dict[str, Optional[float]] = field(default_factory=dict)
     max_abs_diff: Dict[str, float] = field(default_factory=dict)
     cosine: Optional[float] = None  # autocast cases: output cosine similarity with fp32
+    gflops: Optional[float] = None
+    matmul_gflops: Optional[float] = None
+    interleaved: bool = True
 
     def speedup(self) -> Optional[float]:
         """Fastest peer's median time over mmtwins' (> 1: mmtwins is faster); for an autocast
         case, mmtwins' fp32 time over its autocast time."""
-        peers = [t for n, t in self.seconds.items() if n != 'mmtwins']
+        if 'mmtwins-fp32' in self.seconds:
+            return self.seconds['mmtwins-fp32'] / self.seconds['mmtwins']
+        peers = [t for n, t in self.seconds.items() if n in PEERS]
         return min(peers) / self.seconds['mmtwins'] if peers else None
 
     def memory_ratio(self, kind: str = 'saved_mb') -> Optional[float]:
         """mmtwins' memory over the leanest peer's (< 1: mmtwins is leaner)."""
         mem = getattr(self, kind)
-        peers = [m for n, m in mem.items() if n != 'mmtwins' and m]
+        peers = [m for n, m in mem.items() if n in PEERS and m]
         return mem['mmtwins'] / min(peers) if peers and mem.get('mmtwins') else None
+
+    def with_cp_saving(self) -> Optional[float]:
+        """Fraction of mmtwins' peak memory that ``with_cp=True`` removes (if measured)."""
+        full, cp = self.peak_mb.get('mmtwins'), self.peak_mb.get('mmtwins-with_cp')
+        return 1 - cp / full if full and cp else None
+
+    def flops_fraction(self, name: str = 'mmtwins') -> Optional[float]:
+        """GFLOP/s achieved by ``name`` over the dense matmul GFLOP/s (inference cases)."""
+        if self.mode != 'infer' or not self.gflops or not self.matmul_gflops:
+            return None
+        return self.gflops / self.seconds[name] / self.matmul_gflops
 
 
 def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers: Sequence[str],
                  device: str = 'cpu', amp: bool = False, warmup: int = 2, repeats: int = 5,
-                 memory: bool = True, tol: float = 1e-4, log=print) -> CaseResult:
-    """Check agreement with every peer, then time (and measure memory of) one case."""
+                 memory: bool = True, with_cp: bool = False, interleave: bool = True,
+                 tol: float = 1e-4, log=print) -> CaseResult:
+    """Check agreement with every peer, then time (and measure the memory of) one case.
+
+    Every entry runs in its own worker process (:class:`_Workers`); its first step is untimed
+    and gives its peak memory, then ``warmup - 1`` more untimed steps, then ``repeats`` timed
+    ones (in rotating order with the other entries if ``interleave``).
+
+    Args:
+        amp: time mmtwins under autocast against its own fp32 (no peers).
+        memory: report the first step's peak memory; for training steps also count the bytes
+            saved for backward.
+        with_cp: also run mmtwins with gradient checkpointing (training cases).
+        interleave: keep every entry's worker alive and take turns (default); False runs the
+            entries one after another, one process at a time (large inputs: the processes'
+            memory side by side would not fit), so slow drifts of the machine are not averaged
+            out.
+    """
     dev = torch.device(device)
-    torch.manual_seed(0)
-    x = torch.randn(*shape, device=dev)
-    impls = {'mmtwins': build_impl('mmtwins', family, arch).to(dev)}
-    impls.update({p: build_impl(p, family, arch).to(dev) for p in peers})
-    res = CaseResult(f'{family}-{arch}', mode, list(shape), autocast_context(dev, amp)[1])
+    res = CaseResult(f'{family}-{arch}', mode, list(shape), autocast_context(dev, amp)[1],
+                     interleaved=interleave)
     # Agreement at 224x224, where every stage map is whole LSA windows: on padded maps the peers
     # differ from mmtwins by design (timm does not mask padded keys; mmseg's and mmpretrain's
     # mask switches off when only one side is padded).
+    torch.manual_seed(0)
     check = torch.randn(1, 3, 224, 224)
     for p in peers:
-        res.max_abs_diff[p] = diff = max_abs_diff_with_peer(impls[p].cpu(), family, arch, check)
-        impls[p].to(dev)
+        res.max_abs_diff[p] = diff = max_abs_diff_with_peer(
+            build_impl(p, family, arch), family, arch, check)
         if diff > tol:
             raise AssertionError(f'mmtwins disagrees with {p} on {family}-{arch}: max abs '
                                  f'difference {diff:.3g} > {tol}')
-    if amp:  # bf16/fp16 autocast against mmtwins' own fp32, the same model
-        steps = {'mmtwins': make_step(impls['mmtwins'], x, mode, amp=True),
-                 'mmtwins-fp32': make_step(impls['mmtwins'], x, mode, amp=False)}
-        res.cosine = autocast_cosine(impls['mmtwins'], x)
+    if amp:
+        entries = [Entry('mmtwins', 'mmtwins', amp=True), Entry('mmtwins-fp32', 'mmtwins')]
+        res.cosine = autocast_cosine(build_impl('mmtwins', family, arch).to(dev),
+                                     torch.randn(*shape, device=dev))
     else:
-        steps = {n: make_step(m, x, mode) for n, m in impls.items()}
-    times = interleaved_times(steps, dev, warmup, repeats)
+        entries = [Entry('mmtwins', 'mmtwins')] + [Entry(p, p) for p in peers]
+        if with_cp and mode == 'train':
+            entries.append(Entry('mmtwins-with_cp', 'mmtwins', dict(with_cp=True)))
+    if mode == 'infer':
+        from .flops import count_complexity
+        macs = count_complexity(build_impl('mmtwins', family, arch), torch.randn(*shape)).flops
+        res.gflops = 2 * macs / 1e9
+    res.matmul_gflops = matmul_gflops(device)
+    # Interleaved: every worker alive at once. One at a time: each entry's steps in a block, for
+    # cases where several processes' memory would not fit side by side.
+    groups = [entries] if interleave else [[e] for e in entries]
+    times = {}
+    for group in groups:
+        with _Workers(group, family, arch, mode, shape, device) as workers:
+            for e in group:
+                peak = workers.ask(e.name, 'peak')
+                if memory:
+                    res.peak_mb[e.name] = peak
+                if memory and mode == 'train' and not amp:
+                    res.saved_mb[e.name] = workers.ask(e.name, 'saved')
+            times.update(interleaved_times(workers, [e.name for e in group],
+                                           max(warmup - 1, 0), repeats))
+    # The ceiling: the better of two measurements, before and after the timed steps.
+    res.matmul_gflops = max(res.matmul_gflops, matmul_gflops(device))
     res.seconds = {n: statistics.median(t) for n, t in times.items()}
-    if mode == 'train' and not amp:
-        res.saved_mb = {n: saved_tensor_mb(m, x) for n, m in impls.items()}
-        if memory and dev.type == 'cpu':
-            res.peak_mb = {n: peak_memory_mb(n, family, arch, mode, shape) for n in impls}
     log(format_case(res))
     return res
 
@@ -258,7 +392,7 @@ def autocast_cosine(model: nn.Module, x: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(ref, low, dim=0).item()
 
 
-def matmul_gflops(device: str = 'cpu', n: int = 2048, repeats: int = 5) -> float:
+def matmul_gflops(device: str = 'cpu', n: int = 2048, repeats: int = 10) -> float:
     """Dense fp32 matmul GFLOP/s of this machine (the ceiling for the GFLOP/s fractions)."""
     dev = torch.device(device)
     a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
@@ -273,25 +407,86 @@ def matmul_gflops(device: str = 'cpu', n: int = 2048, repeats: int = 5) -> float
     return 2 * n**3 / best / 1e9
 
 
+def _mem(r: CaseResult, kind: str) -> str:
+    mem = getattr(r, kind)
+    return ', '.join(f'{n} {m:.0f}' if m else f'{n} ?' for n, m in mem.items())
+
+
+def machine_info(device: str = 'cpu') -> dict:
+    """What the timings depend on: CPU model and vector ISA, threads, torch, native bf16, GPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f
+                       if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    info = dict(cpu=cpu, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                cpu_native_bf16=bool(torch.backends.mkldnn.is_available()
+                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                device=device)
+    if device.startswith('cuda'):
+        info['gpu'] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
 def format_case(r: CaseResult) -> str:
+    """One line per case: times, ratios, memory, GFLOP/s fraction."""
     cols = ', '.join(f'{n} {t * 1e3:.0f} ms' for n, t in r.seconds.items())
     if r.cosine is not None:
         cols += f' (cosine similarity with fp32 {r.cosine:.5f})'
-    line = (f'{r.variant:>10} {r.mode:<5} {"x".join(map(str, r.shape)):<14} {r.precision:<8} '
-            f'{cols}; speed-up vs fastest peer {r.speedup() or float("nan"):.2f}x')
+    against = 'own fp32' if r.cosine is not None else 'fastest peer'
+    line = (f'{r.variant:>11} {r.mode:<5} {"x".join(map(str, r.shape)):<14} {r.precision:<8} '
+            f'{cols}; speed-up vs {against} {r.speedup() or float("nan"):.2f}x')
+    if r.flops_fraction() is not None:
+        line += (f'; {r.gflops / r.seconds["mmtwins"]:.0f} GFLOP/s = '
+                 f'{r.flops_fraction():.2f} of dense matmul ({r.matmul_gflops:.0f})')
     if r.saved_mb:
-        line += (f'; saved-for-backward MB ' +
-                 ', '.join(f'{n} {m:.0f}' for n, m in r.saved_mb.items()) +
-                 f' (ratio {r.memory_ratio() or float("nan"):.2f})')
-    if r.peak_mb:
-        line += ('; peak RSS MB ' + ', '.join(f'{n} {m:.0f}' if m else f'{n} ?'
-                                               for n, m in r.peak_mb.items()) +
-                 f' (ratio {r.memory_ratio("peak_mb") or float("nan"):.2f})')
+        line += (f'; saved-for-backward MB {_mem(r, "saved_mb")} '
+                 f'(ratio {r.memory_ratio() or float("nan"):.2f})')
+    if r.peak_mb and any(r.peak_mb.values()):
+        line += f'; peak MB {_mem(r, "peak_mb")}'
+        if r.memory_ratio('peak_mb') is not None:
+            line += f' (ratio {r.memory_ratio("peak_mb"):.2f})'
+    if r.with_cp_saving() is not None:
+        line += f'; with_cp saves {r.with_cp_saving():.0%} of the peak'
     return line
+
+
+def format_markdown(results: List[CaseResult]) -> str:
+    """The results as a Markdown table (milliseconds, MB), as in docs/benchmarks.md."""
+    names = []
+    for r in results:
+        names += [n for n in r.seconds if n not in names]
+
+    def cell(d, n, fmt):
+        return fmt.format(d[n]) if d.get(n) is not None else ''
+
+    head = ['variant', 'case', 'precision'] + [f'{n} ms' for n in names] + \
+        ['speed-up', 'GFLOP/s fraction'] + [f'{n} peak MB' for n in names] + \
+        ['peak ratio', 'saved-for-backward ratio']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in results:
+        ms = {n: t * 1e3 for n, t in r.seconds.items()}
+        case = f'{r.mode} {"x".join(map(str, r.shape))}' + ('' if r.interleaved else ' (*)')
+        row = [r.variant, case, r.precision]
+        row += [cell(ms, n, '{:.0f}') for n in names]
+        row += [f'{r.speedup():.2f}x' if r.speedup() else '',
+                f'{r.flops_fraction():.2f}' if r.flops_fraction() else '']
+        row += [cell(r.peak_mb, n, '{:.0f}') for n in names]
+        row += [f'{r.memory_ratio("peak_mb"):.2f}' if r.memory_ratio('peak_mb') else '',
+                f'{r.memory_ratio():.2f}' if r.memory_ratio() else '']
+        lines.append('| ' + ' | '.join(row) + ' |')
+    if not all(r.interleaved for r in results):
+        lines.append('\n(*) implementations run one after another, not interleaved')
+    return '\n'.join(lines)
 
 
 def to_json(results: List[CaseResult], extra: dict) -> str:
     return json.dumps(dict(extra, cases=[dict(asdict(r), speedup=r.speedup(),
                                               saved_ratio=r.memory_ratio(),
-                                              peak_ratio=r.memory_ratio('peak_mb'))
+                                              peak_ratio=r.memory_ratio('peak_mb'),
+                                              with_cp_saving=r.with_cp_saving(),
+                                              flops_fraction=r.flops_fraction())
                                          for r in results]), indent=2)

@@ -1,10 +1,13 @@
 """Command-line options shared by ``tools/train.py`` and ``tools/test.py``, as in mmdet/mmseg."""
 import argparse
+import logging
 import os
 import os.path as osp
 from typing import Optional
 
+import torch
 from mmengine.config import Config, DictAction
+from mmengine.logging import print_log
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -36,3 +39,24 @@ def load_config(args: argparse.Namespace) -> Config:
     work_dir: Optional[str] = args.work_dir or cfg.get('work_dir')
     cfg.work_dir = work_dir or osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     return cfg
+
+
+def cpu_amp_is_emulated() -> bool:
+    """True where autocast would run on a CPU without native bf16 (AVX512-BF16 or AMX).
+
+    There, bf16 matrix multiplications and convolutions are emulated through conversions, and
+    autocast is several times slower than fp32 (measured: docs/benchmarks.md).
+    """
+    if torch.cuda.is_available():
+        return False
+    return not (torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def warn_if_cpu_amp_is_emulated() -> None:
+    """Log a warning before an ``--amp`` run that :func:`cpu_amp_is_emulated` would slow down."""
+    if cpu_amp_is_emulated():
+        print_log('--amp on a CPU without native bf16 support (no AVX512-BF16/AMX, CPU '
+                  f'capability {torch.backends.cpu.get_cpu_capability()}): bf16 autocast is '
+                  'emulated here and runs slower than fp32. Leave out --amp on this machine.',
+                  logger='current', level=logging.WARNING)

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-from .config import add_common_args, load_config
+from .config import add_common_args, load_config, warn_if_cpu_amp_is_emulated
 from .runner import build_runner
 
 PICKLE_SUFFIXES = ('.pkl', '.pickle')
@@ -27,6 +27,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         'directory of prediction maps (mmseg)')
     parser.add_argument('--tta', action='store_true',
                         help="test-time augmentation with the config's tta_model and tta_pipeline")
+    parser.add_argument('--amp', action='store_true',
+                        help='test under autocast (fp16 on a GPU, bf16 on a CPU)')
     add_common_args(parser)
     return parser.parse_args(argv)
 
@@ -76,12 +78,15 @@ def add_dump_metric(runner: Runner, scope: Optional[str], out_file: str) -> None
 
 
 def build_test_cfg(args: argparse.Namespace) -> Config:
-    """The test config of ``args``: ``load_config`` plus the checkpoint, ``--tta`` and, for
-    mmseg configs, ``--out``."""
+    """The test config of ``args``: ``load_config`` plus the checkpoint, ``--tta``, ``--amp``
+    (the test loop's autocast) and, for mmseg configs, ``--out``."""
     cfg = load_config(args)
     cfg.load_from = args.checkpoint
     if args.tta:
         apply_tta(cfg)
+    if args.amp:
+        warn_if_cpu_amp_is_emulated()
+        cfg.test_cfg = dict(cfg.get('test_cfg') or dict(type='TestLoop'), fp16=True)
     if args.out and cfg.get('default_scope') == 'mmseg':
         set_seg_output(cfg, args.out)
     elif args.out and not args.out.endswith(PICKLE_SUFFIXES):

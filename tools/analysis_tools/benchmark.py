@@ -13,6 +13,7 @@ from mmengine.config import DictAction
 
 from mmtwins.analysis import (PARTS, benchmark, build_model, default_input_shape, load_config,
                               runnable)
+from mmtwins.apis.config import warn_if_cpu_amp_is_emulated
 
 
 def parse_args(argv=None):
@@ -35,6 +36,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.amp and args.device == 'cpu':
+        warn_if_cpu_amp_is_emulated()
     model = build_model(load_config(args.config, args.cfg_options))
     shape = args.shape or default_input_shape(model)
     module, inputs = runnable(model, args.part, shape, args.batch_size, args.device)

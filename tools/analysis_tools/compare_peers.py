@@ -1,17 +1,19 @@
 """mmtwins against timm, mmsegmentation and mmpretrain: same weights, same outputs, then speed and
 memory side by side in one run.
 
-    python tools/analysis_tools/compare_peers.py                       # PCPVT-S and SVT-S, all cases
-    python tools/analysis_tools/compare_peers.py --variants all --out peers.json
+    python tools/analysis_tools/compare_peers.py                       # PCPVT-S and SVT-S, default cases
+    python tools/analysis_tools/compare_peers.py --variants all --out peers.json --markdown peers.md
+    python tools/analysis_tools/compare_peers.py --cases coco          # 800x1344 training, with_cp too
     python tools/analysis_tools/compare_peers.py --short               # agreement + one quick timing (CI)
 
 Cases: inference at 224x224 batch 8 and 512x512 batch 2, one training step at 512x512 batch 2
-(fp32), bf16-autocast inference (mmtwins against its own fp32), and on request (--cases coco) a
-training step at 800x1344 batch 1.
+(fp32), bf16-autocast inference (mmtwins against its own fp32) and, on request (--cases coco), a
+training step at 800x1344 batch 1 with mmtwins also run with ``with_cp=True`` (one process at a
+time: five side by side would not fit in 24 GiB). Every implementation runs in its own worker
+process; see mmtwins/analysis/peers.py.
 """
 import argparse
 import json
-import platform
 
 import torch
 
@@ -35,14 +37,16 @@ def parse_args(argv=None):
                    help="e.g. svt-small pcpvt-base, or 'all' (default: the two small variants)")
     p.add_argument('--peers', nargs='+', default=None, help='default: every installed peer')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--repeats', type=int, default=7)
+    p.add_argument('--warmup', type=int, default=2,
+                   help='untimed steps per implementation (the first also measures memory)')
+    p.add_argument('--repeats', type=int, default=7, help='timed steps per implementation')
     p.add_argument('--cases', nargs='+', choices=list(CASES), default=list(CASES)[:4],
                    help='cases to run (default: all but coco, the 800x1344 training step)')
-    p.add_argument('--no-memory', action='store_true', help='skip the fresh-process peak RSS runs')
+    p.add_argument('--no-memory', action='store_true', help='do not report memory')
     p.add_argument('--short', action='store_true',
                    help='agreement with every peer and one small timed case only (for CI)')
     p.add_argument('--out', help='write the results as JSON here')
+    p.add_argument('--markdown', help='write the results as a Markdown table here')
     return p.parse_args(argv)
 
 
@@ -52,26 +56,28 @@ def main(argv=None):
     peers = args.peers or P.available_peers()
     kw = dict(peers=peers, device=args.device, warmup=args.warmup, repeats=args.repeats,
               memory=not args.no_memory)
-    ceiling = P.matmul_gflops(args.device)
-    print(f'{platform.processor() or platform.machine()}, torch {torch.__version__}, '
-          f'{torch.get_num_threads()} threads, device {args.device}; dense fp32 matmul '
-          f'{ceiling:.0f} GFLOP/s; peers: {", ".join(peers)}')
+    machine = P.machine_info(args.device)
+    print(', '.join(f'{k} {v}' for k, v in machine.items()) + f'; peers: {", ".join(peers)}')
     results = []
     for v in variants:
         family, arch = v.split('-')
         if args.short:
             results.append(P.compare_case(family, arch, 'infer', (1, 3, 224, 224),
-                                          **dict(kw, warmup=0, repeats=1, memory=False)))
+                                          **dict(kw, warmup=1, repeats=1, memory=False)))
             continue
         for case in args.cases:
             mode, shape, amp = CASES[case]
             results.append(P.compare_case(family, arch, mode, shape, amp=amp,
+                                          with_cp=case == 'coco', interleave=case != 'coco',
                                           **dict(kw, peers=[]) if amp else kw))
     if args.out:
         with open(args.out, 'w') as f:
-            f.write(P.to_json(results, dict(matmul_gflops=ceiling, device=args.device,
-                                            peers=peers)))
+            f.write(P.to_json(results, dict(machine=machine, peers=peers, args=vars(args))))
         print(f'wrote {args.out}')
+    if args.markdown:
+        with open(args.markdown, 'w') as f:
+            f.write(P.format_markdown(results) + '\n')
+        print(f'wrote {args.markdown}')
 
 
 if __name__ == '__main__':

@@ -1,0 +1,159 @@
+"""The feed-forward branch of a Twins block, computed in token chunks.
+
+The MLP's hidden tensor is ``mlp_ratio`` (4 or 8) times wider than its input: at 512x512 the first
+stage's hidden tensor of one image is 64 MB. Materialised whole, it costs memory and, on a CPU,
+time: the C library hands allocations that large straight to the kernel and takes them back when
+freed, so every forward and backward pass page-faults through fresh zeroed memory again. The
+token rows of an MLP are independent, so :class:`Mlp` runs them in chunks whose hidden slice is
+at most ``chunk_elems`` elements (4 MB in fp32 by default), allocated from the reused heap and
+still in cache when the next operation reads it.
+
+In training, :class:`_ChunkedMlpFunction` keeps only the pre-activation hidden chunks ``h`` for
+backward and recomputes ``gelu(h)`` there: autograd would keep ``h`` (for the GELU) and
+``gelu(h)`` (for ``fc2``), the widest tensor twice. Values and gradients are those of
+``fc2(gelu(fc1(x)))`` up to the order of floating-point summation.
+"""
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .embed import is_exporting
+
+#: Default bound on the elements of one chunk's hidden slice (2**20: 4 MB in fp32).
+CHUNK_ELEMS = 1 << 20
+
+
+def _chunk_rows(hidden_dim: int, chunk_elems: Optional[int], device: torch.device) -> Optional[int]:
+    """Token rows per chunk; None means one chunk (on GPUs, whose caching allocator already
+    reuses memory and whose kernels want the largest matrices)."""
+    if chunk_elems is None or device.type != 'cpu':
+        return None
+    return max(1, chunk_elems // hidden_dim)
+
+
+def _spans(total: int, rows: Optional[int]):
+    rows = rows or max(total, 1)
+    return [(s, min(s + rows, total)) for s in range(0, total, rows)]
+
+
+def _mlp_chunks(x: torch.Tensor, w1, b1, w2, b2, rows: Optional[int],
+                keep: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    """``fc2(gelu(fc1(x)))`` on 2-D ``x`` (M, C) chunk by chunk; appends each ``h`` to ``keep``."""
+    out = x.new_empty(x.shape[0], w2.shape[0])
+    for s, e in _spans(x.shape[0], rows):
+        h = F.linear(x[s:e], w1, b1)
+        if keep is not None:
+            keep.append(h)
+        torch.addmm(b2, F.gelu(h), w2.t(), out=out[s:e])
+    return out
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` would compute ``x`` in: autocast's, if enabled."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def _accumulate(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor):
+    """``acc += a @ b`` with ``acc`` in fp32 (weight gradients summed over chunks)."""
+    if acc is None:
+        return None
+    if acc.dtype == a.dtype:
+        return acc.addmm_(a, b)
+    return acc.add_(a.mm(b))
+
+
+class _ChunkedMlpFunction(torch.autograd.Function):
+    """Differentiable chunked MLP; see the module docstring. Under autocast it computes in the
+    autocast dtype, as ``F.linear`` would, and returns gradients in the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, rows):
+        dtype = _compute_dtype(x)
+        ctx.rows, ctx.dtype, ctx.x_dtype, ctx.x_shape = rows, dtype, x.dtype, x.shape
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        hidden: List[torch.Tensor] = []
+        with torch.autocast(x.device.type, enabled=False):
+            out = _mlp_chunks(x2, w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype), rows,
+                              keep=hidden)
+        ctx.save_for_backward(x2, w1, w2, *hidden)
+        return out.view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, w1, w2, *hidden = ctx.saved_tensors
+        dtype = ctx.dtype
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        w1c, w2c = w1.to(dtype), w2.to(dtype)
+
+        def zeros(shape, needed):
+            return torch.zeros(shape, dtype=torch.float32, device=g.device) if needed else None
+
+        gw1, gb1 = zeros(w1.shape, need_w1), zeros(w1.shape[:1], need_b1)
+        gw2, gb2 = zeros(w2.shape, need_w2), zeros(w2.shape[:1], need_b2)
+        gx = torch.empty_like(x2) if need_x else None
+        for (s, e), h in zip(_spans(x2.shape[0], ctx.rows), hidden):
+            gc = g[s:e]
+            if need_w2:
+                _accumulate(gw2, gc.t(), F.gelu(h))
+            if need_b2:
+                gb2.add_(gc.sum(0))
+            gh = torch.ops.aten.gelu_backward(gc.mm(w2c), h)
+            if need_w1:
+                _accumulate(gw1, gh.t(), x2[s:e])
+            if need_b1:
+                gb1.add_(gh.sum(0))
+            if need_x:
+                torch.mm(gh, w1c, out=gx[s:e])
+        if gx is not None:
+            gx = gx.to(ctx.x_dtype).view(ctx.x_shape)
+
+        def cast(t, like):
+            return None if t is None else t.to(like.dtype)
+
+        return (gx, cast(gw1, w1), cast(gb1, w1), cast(gw2, w2), cast(gb2, w2), None)
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> dropout -> Linear -> dropout, on (B, N, C) tokens.
+
+    Args:
+        dim (int): Input and output channels C.
+        hidden_dim (int): Hidden channels.
+        drop (float): Dropout after the GELU and after ``fc2``.
+        chunk_elems (int, optional): Bound on one chunk's hidden slice, in elements; None
+            computes the hidden tensor whole. On CPU only (see the module docstring).
+
+    The chunked path is used unless hidden dropout is active in training or a graph is being
+    recorded for export (which gets the plain composition).
+
+    Shapes:
+        (B, N, C) -> (B, N, C).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.,
+                 chunk_elems: Optional[int] = CHUNK_ELEMS):
+        super().__init__()
+        # Named fc1/fc2 as in the authors' release.
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(drop)
+        self.chunk_elems = chunk_elems
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_exporting() or (self.training and self.drop1.p > 0):
+            return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        rows = _chunk_rows(self.fc1.out_features, self.chunk_elems, x.device)
+        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return self.drop2(_ChunkedMlpFunction.apply(x, *params, rows))
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            out = _mlp_chunks(x.reshape(-1, x.shape[-1]).to(dtype),
+                              *(p.to(dtype) for p in params), rows)
+        return self.drop2(out.view(*x.shape[:-1], out.shape[-1]))
