@@ -7,16 +7,13 @@ detection configs and only shrinks it: a tiny Twins backbone loaded from a gener
 through the config's ``init_cfg``, narrow heads, the toy data at 128x96, no augmentation, a
 constant lr, a few epochs.
 """
-import functools
 import json
 import math
 import os.path as osp
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import mmengine.config.utils
 import numpy as np
-import pytest
 import torch
 from mmengine.config import Config
 from PIL import Image, ImageDraw
@@ -26,29 +23,6 @@ from conftest import TINY_PCPVT, TINY_SVT
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ('box', 'blob')
 IMG_W, IMG_H = 128, 96
-
-
-@pytest.fixture(scope='module')
-def fast_package_configs():
-    """Read each installed package's model index once per test module.
-
-    mmengine resolves every ``mmdet::`` base config by parsing all of the package's ~400
-    ``metafile.yml`` files first (about 1.5 s per reference here); the files do not change during
-    a test run, so their parsed contents are cached.
-    """
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mmengine.config.utils, 'load', functools.lru_cache(mmengine.config.utils.load))
-        yield
-
-
-@pytest.fixture(scope='module')
-def one_torch_thread():
-    """Run torch ops on one thread: with tiny tensors on a shared 2-core machine, a second OpenMP
-    thread waiting for a busy core made each op up to ~80x slower here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _octagon(cx: float, cy: float, r: float) -> List[float]:

@@ -12,7 +12,6 @@ from mmtwins.demo import CLASSES, SEG_CLASSES, make_toy_data
 from mmtwins.demo.inference import infer, list_images
 from mmtwins.demo.pipeline import main as demo_main
 
-from coco_toy import one_torch_thread  # noqa: F401 (fixture)
 
 SIZE = 128
 

@@ -12,11 +12,10 @@ from mmengine.registry import DefaultScope
 from mmtwins.apis import apply_tta, build_runner
 from mmtwins.apis.test import add_dump_metric
 
-from coco_toy import fast_package_configs, one_torch_thread  # noqa: F401 (fixtures)
 from coco_toy import (IMG_H, IMG_W, REPO, load_tiny_config, make_coco_toy,
                       write_tiny_det_config)
 
-pytestmark = pytest.mark.usefixtures('fast_package_configs', 'one_torch_thread')
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 FAMILIES = {'pcpvt': 'PCPVT', 'svt': 'SVT'}
 SIZES = {'s': 'small', 'b': 'base', 'l': 'large'}
 CONFIGS = [f'{method}_twins_{fam}_{size}_{sched}.py' for method in ('retinanet', 'mask_rcnn')

@@ -1,6 +1,5 @@
 """ADE20K semantic segmentation: the 12 configs, their data pipelines, mmtwins.SegTTAModel, and real
 training / resuming / single-scale and multi-scale (TTA) evaluation through the Runner and tools."""
-import functools
 import json
 import math
 import os
@@ -39,30 +38,7 @@ UPERNET = 'upernet_twins_pcpvt_s_160k_ade20k.py'
 TTA_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _memoized_mmseg_metafiles():
-    """Read mmseg's 200-odd metafiles once, not once per ``mmseg::`` base of every config.
-
-    To resolve each ``mmseg::_base_/...`` path, mmengine 0.10.7 re-parses them all and reloads
-    the package (about 1-2 s per path here); the results depend only on the installed files.
-    """
-    import mmengine.config.config as cfg_config
-    import mmengine.config.utils as cfg_utils
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cfg_utils, 'load', functools.lru_cache(maxsize=None)(cfg_utils.load))
-        mp.setattr(cfg_config, 'is_installed',
-                   functools.lru_cache(maxsize=None)(cfg_config.is_installed))
-        yield
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _one_torch_thread():
-    """The tiny models here run several times faster single-threaded on a shared 2-core machine
-    (measured: a TTA test pass 9 s with 1 thread vs 47-77 s with 2 under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _load(name: str) -> Config:

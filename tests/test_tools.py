@@ -14,10 +14,9 @@ from mmtwins.apis import allow_mmengine_checkpoints, apply_tta, setup_cpu_distri
 from mmtwins.apis import test as test_api
 from mmtwins.apis import train as train_api
 
-from coco_toy import fast_package_configs, one_torch_thread  # noqa: F401 (fixtures)
 from coco_toy import REPO, load_tiny_config, make_coco_toy, write_tiny_det_config
 
-pytestmark = pytest.mark.usefixtures('fast_package_configs', 'one_torch_thread')
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 RETINANET = str(REPO / 'configs' / 'retinanet_twins_svt_s_1x.py')
 
 
