@@ -56,10 +56,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def _accumulate(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor):
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``acc += a @ b`` with ``acc`` in fp32 (weight gradients summed over chunks)."""
-    if acc is None:
-        return None
     if acc.dtype == a.dtype:
         return acc.addmm_(a, b)
     return acc.add_(a.mm(b))
