@@ -188,6 +188,8 @@ def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device
             elif cmd == 'saved':
                 conn.send(('ok', saved_tensor_mb(model, x)))
                 model.train(mode == 'train')
+            else:
+                raise ValueError(f'unknown worker command {cmd!r}')
     except Exception:  # reported to the parent, which raises
         import traceback
         conn.send(('error', traceback.format_exc()))
