@@ -37,8 +37,10 @@ def parse_args(argv=None):
                    help="e.g. svt-small pcpvt-base, or 'all' (default: the two small variants)")
     p.add_argument('--peers', nargs='+', default=None, help='default: every installed peer')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--warmup', type=int, default=2,
-                   help='untimed steps per implementation (the first also measures memory)')
+    p.add_argument('--warmup', type=int, default=5,
+                   help='untimed steps per implementation (the first also measures memory); '
+                   'the heap of a training process takes a few steps to settle (measured: the '
+                   "peers' first 3-4 training steps at 512x512 are slower than the later ones)")
     p.add_argument('--repeats', type=int, default=7, help='timed steps per implementation')
     p.add_argument('--cases', nargs='+', choices=list(CASES), default=list(CASES)[:4],
                    help='cases to run (default: all but coco, the 800x1344 training step)')
