@@ -56,6 +56,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
+def _mlp_forward(x: torch.Tensor, params, rows: Optional[int],
+                 keep: Optional[List[torch.Tensor]] = None):
+    """(B, N, C) ``x`` through :func:`_mlp_chunks` in the dtype ``F.linear`` would use.
+
+    Returns ``x`` as 2-D (M, C) in that dtype and the output (B, N, C_out).
+    """
+    dtype = _compute_dtype(x)
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        out = _mlp_chunks(x2, *(p.to(dtype) for p in params), rows, keep=keep)
+    return x2, out.view(*x.shape[:-1], out.shape[-1])
+
+
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``acc += a @ b`` with ``acc`` in fp32 (weight gradients summed over chunks)."""
     if acc.dtype == a.dtype:
@@ -69,15 +82,11 @@ class _ChunkedMlpFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, rows):
-        dtype = _compute_dtype(x)
-        ctx.rows, ctx.dtype, ctx.x_dtype, ctx.x_shape = rows, dtype, x.dtype, x.shape
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         hidden: List[torch.Tensor] = []
-        with torch.autocast(x.device.type, enabled=False):
-            out = _mlp_chunks(x2, w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype), rows,
-                              keep=hidden)
+        x2, out = _mlp_forward(x, (w1, b1, w2, b2), rows, keep=hidden)
+        ctx.rows, ctx.dtype, ctx.x_dtype, ctx.x_shape = rows, x2.dtype, x.dtype, x.shape
         ctx.save_for_backward(x2, w1, w2, *hidden)
-        return out.view(*x.shape[:-1], w2.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -150,8 +159,4 @@ class Mlp(nn.Module):
         params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return self.drop2(_ChunkedMlpFunction.apply(x, *params, rows))
-        dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            out = _mlp_chunks(x.reshape(-1, x.shape[-1]).to(dtype),
-                              *(p.to(dtype) for p in params), rows)
-        return self.drop2(out.view(*x.shape[:-1], out.shape[-1]))
+        return self.drop2(_mlp_forward(x, params, rows)[1])
