@@ -5,6 +5,7 @@ The first tests drive the real ``tools/train.py`` / ``tools/dist_train.sh`` on a
 mmpretrain classifier (tiny SVT, 32x32 images, no random augmentation: deterministic on CPU);
 the others run MMEngine's Runner in-process on a toy regression model.
 """
+import json
 import os
 import shutil
 import signal
@@ -20,9 +21,10 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.dataset import BaseDataset
+from mmengine.evaluator import BaseMetric
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
-from mmengine.registry import DATASETS, MODELS
+from mmengine.registry import DATASETS, METRICS, MODELS
 from mmengine.runner import Runner
 from PIL import Image
 from torch import nn
@@ -348,3 +350,38 @@ def test_old_checkpoints_are_pruned_only_after_the_new_one_is_saved(tmp_path, mo
     assert (work / 'last_checkpoint').read_text() == str(work / 'iter_2.pth')
     assert checkpoint_problem(str(work / 'iter_2.pth')) is None
     assert not (work / 'iter_4.pth').exists()
+
+
+@METRICS.register_module(force=True)
+class FaultToyError(BaseMetric):
+    """Mean absolute error of :class:`FaultToyModel` on its test samples."""
+
+    def process(self, data_batch, data_samples):
+        for out, target in zip(data_samples, data_batch['targets']):
+            self.results.append((out - target).abs().item())
+
+    def compute_metrics(self, results):
+        return dict(mae=float(np.mean(results)))
+
+
+@pytest.mark.parametrize('main_process', [True, False])
+def test_test_metrics_json_is_written_by_the_main_process_only(tmp_path, monkeypatch,
+                                                               main_process):
+    """MMEngine's LoggerHook dumps the test metrics from every rank into the one file the ranks
+    share; two ranks writing it at once left torn JSON in a 2-process dist_test.sh run."""
+    monkeypatch.setattr('mmtwins.engine.logger_hook.is_main_process', lambda: main_process)
+    data = dict(batch_size=2, num_workers=0, sampler=dict(type='DefaultSampler', shuffle=False),
+                collate_fn=dict(type='pseudo_collate'), dataset=dict(type='FaultToyDataset'))
+    runner = build_runner(Config(dict(
+        model=dict(type='FaultToyModel'), work_dir=str(tmp_path), default_scope='mmengine',
+        test_dataloader=data, test_evaluator=dict(type='FaultToyError'), test_cfg=dict(),
+        default_hooks=dict(logger=dict(type='mmtwins.AtomicLoggerHook')), log_level='WARNING')))
+    metrics = runner.test()
+    written = list(tmp_path.glob('*/*.json'))
+    if not main_process:
+        assert written == []
+        return
+    [path] = written
+    logged = json.loads(path.read_text())
+    assert logged['mae'] == pytest.approx(metrics['mae']) and metrics['mae'] > 0
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith('.')] == []  # no temp file

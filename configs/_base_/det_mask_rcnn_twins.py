@@ -17,6 +17,8 @@ model = dict(
         init_cfg=dict(type='Pretrained')))
 
 # Crash-safe checkpoints (written to a temporary file, then renamed; a damaged latest checkpoint
-# is skipped on --resume) and a stop, naming the iteration, when the loss turns NaN/inf.
-default_hooks = dict(checkpoint=dict(type='mmtwins.AtomicCheckpointHook'))
+# is skipped on --resume), test metrics written once by rank 0 (all ranks share the log dir)
+# and a stop, naming the iteration, when the loss turns NaN/inf.
+default_hooks = dict(checkpoint=dict(type='mmtwins.AtomicCheckpointHook'),
+                     logger=dict(type='mmtwins.AtomicLoggerHook'))
 custom_hooks = [dict(type='mmtwins.NonFiniteLossHook')]

@@ -1,5 +1,5 @@
-"""Training robustness for any OpenMMLab 3.x runner: crash-safe checkpoints, a NaN/inf loss
-guard and a config check that runs before anything is built.
+"""Training robustness for any OpenMMLab 3.x runner: crash-safe checkpoints, test metrics written
+once in distributed runs, a NaN/inf loss guard and a config check that runs before anything is built.
 
 Importing this package registers the hooks in the ``mmtwins`` scope (``mmtwins.*`` in configs,
 with ``custom_imports=dict(imports=['mmtwins.models', 'mmtwins.engine'])``) and the
@@ -7,11 +7,12 @@ with ``custom_imports=dict(imports=['mmtwins.models', 'mmtwins.engine'])``) and 
 """
 from .checkpoint_hook import AtomicCheckpointHook, checkpoint_problem, newest_intact_checkpoint
 from .fileio import AtomicLocalBackend, atomic_write
+from .logger_hook import AtomicLoggerHook
 from .loss_guard import NonFiniteLossHook
 from .preflight import ConfigError, preflight_check
 from mmtwins.registry import HOOKS
 
 __all__ = [
-    'AtomicCheckpointHook', 'AtomicLocalBackend', 'ConfigError', 'HOOKS', 'NonFiniteLossHook',
+    'AtomicCheckpointHook', 'AtomicLocalBackend', 'AtomicLoggerHook', 'ConfigError', 'HOOKS', 'NonFiniteLossHook',
     'atomic_write', 'checkpoint_problem', 'newest_intact_checkpoint', 'preflight_check'
 ]
