@@ -1,10 +1,19 @@
 """The peer comparison tool's short mode (run in CI): mmtwins agrees with every installed peer."""
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from mmtwins.analysis.peers import PEERS, available_peers, compare_case, format_markdown
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmtwins.analysis import peers
+from mmtwins.analysis.peers import (KERNEL_CATEGORIES, PEERS, Entry, _Workers, available_peers,
+                                    compare_case, format_markdown, kernel_breakdown)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,11 +41,80 @@ def test_compare_peers_short_mode_asserts_agreement(tmp_path):
 def test_training_case_with_cp_one_process_at_a_time():
     """The COCO case's mode, on a small input: with_cp entry, workers one after another, memory
     measured; gradient checkpointing keeps well under half the activations (a count)."""
+    lines = []
     res = compare_case('svt', 'small', 'train', (1, 3, 64, 64), peers=['timm'], warmup=1,
-                       repeats=1, with_cp=True, interleave=False, log=lambda line: None)
+                       repeats=1, with_cp=True, interleave=False, kernels=True, log=lines.append)
     assert set(res.seconds) == {'mmtwins', 'timm', 'mmtwins-with_cp'} and not res.interleaved
     assert all(t > 0 for t in res.seconds.values())
     assert res.saved_mb['mmtwins-with_cp'] < 0.6 * res.saved_mb['mmtwins']
     assert res.saved_mb['mmtwins'] <= 0.8 * res.saved_mb['timm']
     assert set(res.peak_mb) == set(res.seconds)
     assert '(*) implementations run one after another' in format_markdown([res])
+    # --kernels: one profiled step per entry, in the log and in a second table
+    assert set(res.kernels) == set(res.seconds)
+    for k in res.kernels.values():
+        assert k['ms']['matmul'] > 0 and k['ms']['fused attention'] > 0 and k['matmul_gflops'] > 0
+    assert len(lines) == 1 + len(res.seconds) and 'profiled step' in lines[1]
+    assert '| svt-small | train 1x3x64x64 | mmtwins-with_cp |' in format_markdown([res])
+
+
+def test_kernel_breakdown_categories_add_up_and_count_matmul_flops():
+    x, w, b = torch.randn(64, 128), torch.randn(256, 128), torch.randn(256)
+    a, c = torch.randn(4, 32, 16), torch.randn(4, 16, 8)
+
+    def step():
+        y = F.gelu(F.linear(x, w, b))                    # addmm: 2 * 64 * 128 * 256
+        torch.cat([y, y]).mm(w)                          # mm: 2 * 128 * 256 * 128
+        torch.bmm(a, c)                                  # bmm: 2 * 4 * 32 * 16 * 8
+        F.layer_norm(y, (256, ))
+
+    k = kernel_breakdown(step)
+    ms = k['ms']
+    assert list(ms) == [c for c, _, _ in KERNEL_CATEGORIES] + ['other', 'total']
+    assert ms['total'] == pytest.approx(sum(v for n, v in ms.items() if n != 'total'))
+    for category in ('matmul', 'copies', 'GELU', 'LayerNorm'):
+        assert ms[category] > 0, category
+    assert ms['fused attention'] == ms['convolution'] == 0
+    flops = 2 * (64 * 128 * 256 + 128 * 256 * 128 + 4 * 32 * 16 * 8)
+    assert k['matmul_gflops'] == pytest.approx(flops / ms['matmul'] / 1e6)
+
+
+
+@contextlib.contextmanager
+def _fails_within(seconds: int):
+    """Turn a hang into a test failure (SIGALRM)."""
+    def hung(signum, frame):
+        raise TimeoutError(f'still waiting after {seconds} s')
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _exit_at_start(conn, *args):
+    """A worker that dies before it answers (as one killed while building its model)."""
+    os._exit(1)
+
+
+def test_a_worker_dying_at_start_is_an_error_not_a_hang(monkeypatch):
+    """The parent closes its copy of each worker's pipe end, so a worker's death ends the wait
+    for its answer (EOF) instead of leaving the parent waiting forever."""
+    monkeypatch.setattr(peers, '_worker', _exit_at_start)  # spawn pickles it by reference
+    with _fails_within(60), pytest.raises(RuntimeError,
+                                          match='the worker process of mmtwins died'):
+        _Workers([Entry('mmtwins', 'mmtwins')], 'svt', 'small', 'infer', (1, 3, 64, 64), 'cpu')
+
+
+def test_a_worker_killed_between_steps_is_an_error():
+    with _Workers([Entry('mmtwins', 'mmtwins')], 'svt', 'small', 'infer', (1, 3, 64, 64),
+                  'cpu') as workers:
+        assert workers.ask('mmtwins', 'step') > 0
+        os.kill(workers.procs[0].pid, signal.SIGKILL)
+        workers.procs[0].join()
+        with _fails_within(60), pytest.raises(RuntimeError,
+                                              match='the worker process of mmtwins died'):
+            workers.ask('mmtwins', 'step')

@@ -21,6 +21,12 @@ Memory, two measures:
 For inference cases the achieved GFLOP/s (the forward pass's FLOPs, counted by
 :func:`mmtwins.analysis.flops.count_complexity`, over the median time) is also reported as a
 fraction of the machine's dense fp32 matmul GFLOP/s (2048x2048, measured around each case).
+
+With ``kernels=True`` (``--kernels``) one more step of every implementation runs under
+``torch.profiler``: its time by operator category (matmul, fused attention, convolution, copies,
+GELU, LayerNorm, other) and the GFLOP/s its matmul operators reach inside the network
+(:func:`kernel_breakdown`), which says how much of a step an implementation's own layout and
+element-wise work costs next to the shared kernels.
 """
 import json
 import math
@@ -140,6 +146,58 @@ def saved_tensor_mb(model: nn.Module, x: torch.Tensor) -> float:
     return sum(n for ptr, n in seen.items() if ptr not in params) / 2**20
 
 
+#: Operator categories of :func:`kernel_breakdown`: (category, operator names, name substrings),
+#: matched in this order; everything else is ``other`` (element-wise ops, reductions such as the
+#: bias gradients, softmax of unfused attention, autograd and Python overhead).
+KERNEL_CATEGORIES = (
+    ('matmul', ('aten::mm', 'aten::addmm', 'aten::addmm_', 'aten::bmm', 'aten::baddbmm',
+                'aten::baddbmm_'), ()),
+    ('fused attention', (), ('scaled_dot_product',)),
+    ('convolution', (), ('conv',)),
+    ('copies', ('aten::copy_', 'aten::cat', 'aten::stack', 'aten::fill_', 'aten::zero_'), ()),
+    ('GELU', (), ('gelu',)),
+    ('LayerNorm', (), ('layer_norm',)),
+)
+
+
+def _category(name: str) -> str:
+    for category, names, parts in KERNEL_CATEGORIES:
+        if name in names or any(part in name for part in parts):
+            return category
+    return 'other'
+
+
+def _gemm_flops(name: str, shapes) -> int:
+    """2 x multiply-accumulates of one matmul operator call from its input shapes."""
+    a, b = shapes[:2] if name in ('aten::mm', 'aten::bmm') else shapes[1:3]
+    return 2 * math.prod(a) * b[-1]
+
+
+def kernel_breakdown(step: Callable) -> dict:
+    """Where one call of ``step`` spends its time on the CPU, by operator category.
+
+    ``step`` runs once under ``torch.profiler``; each operator's self time (its own, not its
+    children's) goes to its category of :data:`KERNEL_CATEGORIES`, so the categories add up to
+    the profiled step. The matmul operators' FLOPs come from their input shapes.
+
+    Returns:
+        dict: ``ms`` (category -> milliseconds, plus ``total``) and ``matmul_gflops``, the
+        GFLOP/s the matmul operators achieve inside the network.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    ms = dict.fromkeys([c for c, _, _ in KERNEL_CATEGORIES] + ['other'], 0.)
+    gemm_flops = 0
+    for event in prof.events():
+        category = _category(event.name)
+        ms[category] += event.self_cpu_time_total / 1e3
+        if category == 'matmul':
+            gemm_flops += _gemm_flops(event.name, event.input_shapes)
+    ms['total'] = sum(ms.values())
+    return dict(ms=ms, matmul_gflops=gemm_flops / ms['matmul'] / 1e6 if ms['matmul'] else None)
+
+
 def _sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -185,6 +243,8 @@ def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device
                 step()
                 _sync(dev)
                 conn.send(('ok', time.perf_counter() - start))
+            elif cmd == 'kernels':
+                conn.send(('ok', kernel_breakdown(step)))
             elif cmd == 'saved':
                 conn.send(('ok', saved_tensor_mb(model, x)))
                 model.train(mode == 'train')
@@ -214,6 +274,7 @@ class _Workers:
                                    args=(child, e, family, arch, mode, list(shape), device,
                                          torch.get_num_threads()))
                 proc.start()
+                child.close()  # the worker's end: once the worker exits, recv() raises EOFError
                 self.conns[e.name] = parent
                 self.procs.append(proc)
             for name in self.conns:
@@ -226,13 +287,20 @@ class _Workers:
         try:
             status, value = self.conns[name].recv()
         except EOFError:
-            raise RuntimeError(f'the worker process of {name} died (out of memory?)') from None
+            raise self._died(name) from None
         if status == 'error':
             raise RuntimeError(f'{name} failed in its worker process:\n{value}')
         return value
 
+    @staticmethod
+    def _died(name: str) -> RuntimeError:
+        return RuntimeError(f'the worker process of {name} died (out of memory?)')
+
     def ask(self, name: str, cmd: str):
-        self.conns[name].send(cmd)
+        try:
+            self.conns[name].send(cmd)
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._died(name) from None
         return self._reply(name)
 
     def close(self):
@@ -289,6 +357,7 @@ class CaseResult:
     gflops: Optional[float] = None
     matmul_gflops: Optional[float] = None
     interleaved: bool = True
+    kernels: Dict[str, dict] = field(default_factory=dict)  # entry -> kernel_breakdown()
 
     def speedup(self) -> Optional[float]:
         """Fastest peer's median time over mmtwins' (> 1: mmtwins is faster); for an autocast
@@ -319,7 +388,7 @@ class CaseResult:
 def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers: Sequence[str],
                  device: str = 'cpu', amp: bool = False, warmup: int = 2, repeats: int = 5,
                  memory: bool = True, with_cp: bool = False, interleave: bool = True,
-                 tol: float = 1e-4, log=print) -> CaseResult:
+                 kernels: bool = False, tol: float = 1e-4, log=print) -> CaseResult:
     """Check agreement with every peer, then time (and measure the memory of) one case.
 
     Every entry runs in its own worker process (:class:`_Workers`); its first step is untimed
@@ -331,12 +400,16 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
         memory: report the first step's peak memory; for training steps also count the bytes
             saved for backward.
         with_cp: also run mmtwins with gradient checkpointing (training cases).
+        kernels: after the timed steps, profile one more step of every entry
+            (:func:`kernel_breakdown`, CPU only).
         interleave: keep every entry's worker alive and take turns (default); False runs the
             entries one after another, one process at a time (large inputs: the processes'
             memory side by side would not fit), so slow drifts of the machine are not averaged
             out.
     """
     dev = torch.device(device)
+    if kernels and dev.type != 'cpu':
+        raise ValueError(f'the kernel breakdown profiles CPU operators only, not {device}')
     res = CaseResult(f'{family}-{arch}', mode, list(shape), autocast_context(dev, amp)[1],
                      interleaved=interleave)
     # Agreement at 224x224, where every stage map is whole LSA windows: on padded maps the peers
@@ -377,10 +450,14 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
                     res.saved_mb[e.name] = workers.ask(e.name, 'saved')
             times.update(interleaved_times(workers, [e.name for e in group],
                                            max(warmup - 1, 0), repeats))
+            if kernels:
+                for e in group:
+                    res.kernels[e.name] = workers.ask(e.name, 'kernels')
     # The ceiling: the better of two measurements, before and after the timed steps.
     res.matmul_gflops = max(res.matmul_gflops, matmul_gflops(device))
     res.seconds = {n: statistics.median(t) for n, t in times.items()}
-    log(format_case(res))
+    for line in [format_case(res)] + format_kernels(res):
+        log(line)
     return res
 
 
@@ -456,6 +533,18 @@ def format_case(r: CaseResult) -> str:
     return line
 
 
+def format_kernels(r: CaseResult) -> List[str]:
+    """One line per profiled entry of ``r``: its step's time by operator category."""
+    lines = []
+    for name, k in r.kernels.items():
+        ms = k['ms']
+        parts = ', '.join(f'{c} {t:.0f} ({t / ms["total"]:.0%})' for c, t in ms.items()
+                          if c != 'total')
+        gemm = f'; matmuls at {k["matmul_gflops"]:.0f} GFLOP/s' if k['matmul_gflops'] else ''
+        lines.append(f'    {name}: profiled step {ms["total"]:.0f} ms = {parts}{gemm}')
+    return lines
+
+
 def format_markdown(results: List[CaseResult]) -> str:
     """The results as a Markdown table (milliseconds, MB), as in docs/benchmarks.md."""
     names = []
@@ -482,6 +571,24 @@ def format_markdown(results: List[CaseResult]) -> str:
         lines.append('| ' + ' | '.join(row) + ' |')
     if not all(r.interleaved for r in results):
         lines.append('\n(*) implementations run one after another, not interleaved')
+    if any(r.kernels for r in results):
+        lines += ['', _kernels_markdown(results)]
+    return '\n'.join(lines)
+
+
+def _kernels_markdown(results: List[CaseResult]) -> str:
+    """The kernel breakdowns: one row per profiled entry, each category's share of its step."""
+    cats = [c for c, _, _ in KERNEL_CATEGORIES] + ['other']
+    head = ['variant', 'case', 'implementation', 'profiled ms'] + [f'{c} %' for c in cats] + \
+        ['matmul GFLOP/s']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in results:
+        for name, k in r.kernels.items():
+            ms = k['ms']
+            row = [r.variant, f'{r.mode} {"x".join(map(str, r.shape))}', name,
+                   f'{ms["total"]:.0f}'] + [f'{100 * ms[c] / ms["total"]:.0f}' for c in cats]
+            row.append(f'{k["matmul_gflops"]:.0f}' if k['matmul_gflops'] else '')
+            lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
 
 

@@ -45,6 +45,10 @@ def parse_args(argv=None):
     p.add_argument('--cases', nargs='+', choices=list(CASES), default=list(CASES)[:4],
                    help='cases to run (default: all but coco, the 800x1344 training step)')
     p.add_argument('--no-memory', action='store_true', help='do not report memory')
+    p.add_argument('--kernels', action='store_true',
+                   help='after the timings, profile one more step of every implementation: '
+                   'its time by operator category (matmul, fused attention, convolution, '
+                   'copies, GELU, LayerNorm, other) and the GFLOP/s of its matmuls (CPU only)')
     p.add_argument('--short', action='store_true',
                    help='agreement with every peer and one small timed case only (for CI)')
     p.add_argument('--out', help='write the results as JSON here')
@@ -57,7 +61,7 @@ def main(argv=None):
     variants = ALL if args.variants == ['all'] else args.variants
     peers = args.peers or P.available_peers()
     kw = dict(peers=peers, device=args.device, warmup=args.warmup, repeats=args.repeats,
-              memory=not args.no_memory)
+              memory=not args.no_memory, kernels=args.kernels)
     machine = P.machine_info(args.device)
     print(', '.join(f'{k} {v}' for k, v in machine.items()) + f'; peers: {", ".join(peers)}')
     results = []
