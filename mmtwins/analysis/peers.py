@@ -158,6 +158,7 @@ KERNEL_CATEGORIES = (
     ('GELU', (), ('gelu',)),
     ('LayerNorm', (), ('layer_norm',)),
 )
+CATEGORY_NAMES = tuple(c for c, _, _ in KERNEL_CATEGORIES) + ('other', )
 
 
 def _category(name: str) -> str:
@@ -187,7 +188,7 @@ def kernel_breakdown(step: Callable) -> dict:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
-    ms = dict.fromkeys([c for c, _, _ in KERNEL_CATEGORIES] + ['other'], 0.)
+    ms = dict.fromkeys(CATEGORY_NAMES, 0.)
     gemm_flops = 0
     for event in prof.events():
         category = _category(event.name)
@@ -578,15 +579,15 @@ def format_markdown(results: List[CaseResult]) -> str:
 
 def _kernels_markdown(results: List[CaseResult]) -> str:
     """The kernel breakdowns: one row per profiled entry, each category's share of its step."""
-    cats = [c for c, _, _ in KERNEL_CATEGORIES] + ['other']
-    head = ['variant', 'case', 'implementation', 'profiled ms'] + [f'{c} %' for c in cats] + \
-        ['matmul GFLOP/s']
+    head = ['variant', 'case', 'implementation', 'profiled ms',
+            *(f'{c} %' for c in CATEGORY_NAMES), 'matmul GFLOP/s']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in results:
         for name, k in r.kernels.items():
             ms = k['ms']
             row = [r.variant, f'{r.mode} {"x".join(map(str, r.shape))}', name,
-                   f'{ms["total"]:.0f}'] + [f'{100 * ms[c] / ms["total"]:.0f}' for c in cats]
+                   f'{ms["total"]:.0f}', *(f'{100 * ms[c] / ms["total"]:.0f}'
+                                           for c in CATEGORY_NAMES)]
             row.append(f'{k["matmul_gflops"]:.0f}' if k['matmul_gflops'] else '')
             lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
