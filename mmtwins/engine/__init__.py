@@ -1,5 +1,6 @@
-"""Training robustness for any OpenMMLab 3.x runner: crash-safe checkpoints, test metrics written
-once in distributed runs, a NaN/inf loss guard and a config check that runs before anything is built.
+"""Training robustness for any OpenMMLab 3.x runner: crash-safe checkpoints, test metrics
+written once in distributed runs, a NaN/inf loss guard and a config check that runs before
+anything is built.
 
 Importing this package registers the hooks in the ``mmtwins`` scope (``mmtwins.*`` in configs,
 with ``custom_imports=dict(imports=['mmtwins.models', 'mmtwins.engine'])``) and the
@@ -13,6 +14,7 @@ from .preflight import ConfigError, preflight_check
 from mmtwins.registry import HOOKS
 
 __all__ = [
-    'AtomicCheckpointHook', 'AtomicLocalBackend', 'AtomicLoggerHook', 'ConfigError', 'HOOKS', 'NonFiniteLossHook',
-    'atomic_write', 'checkpoint_problem', 'newest_intact_checkpoint', 'preflight_check'
+    'AtomicCheckpointHook', 'AtomicLocalBackend', 'AtomicLoggerHook', 'ConfigError', 'HOOKS',
+    'NonFiniteLossHook', 'atomic_write', 'checkpoint_problem', 'newest_intact_checkpoint',
+    'preflight_check'
 ]

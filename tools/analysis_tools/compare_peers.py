@@ -5,6 +5,7 @@ memory side by side in one run.
     python tools/analysis_tools/compare_peers.py --variants all --out peers.json --markdown peers.md
     python tools/analysis_tools/compare_peers.py --cases coco          # 800x1344 training, with_cp too
     python tools/analysis_tools/compare_peers.py --short               # agreement + one quick timing (CI)
+    python tools/analysis_tools/compare_peers.py --cases train512 --kernels   # + time by kernel category
 
 Cases: inference at 224x224 batch 8 and 512x512 batch 2, one training step at 512x512 batch 2
 (fp32), bf16-autocast inference (mmtwins against its own fp32) and, on request (--cases coco), a
