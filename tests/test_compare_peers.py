@@ -79,7 +79,6 @@ def test_kernel_breakdown_categories_add_up_and_count_matmul_flops():
     assert k['matmul_gflops'] == pytest.approx(flops / ms['matmul'] / 1e6)
 
 
-
 @contextlib.contextmanager
 def _fails_within(seconds: int):
     """Turn a hang into a test failure (SIGALRM)."""
