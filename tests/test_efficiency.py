@@ -30,6 +30,16 @@ def test_chunked_mlp_matches_the_plain_composition_in_fp32(chunk_elems):
 
 
 @pytest.mark.parametrize('chunk_elems', CHUNKINGS)
+def test_chunked_mlp_in_fp64_sums_its_gradients_in_fp64(chunk_elems):
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64, chunk_elems=chunk_elems).double()
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    for ours, plain in zip(_grads(mlp, x, plain=False), _grads(mlp, x, plain=True)):
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('chunk_elems', CHUNKINGS)
 def test_chunked_mlp_under_bf16_autocast_keeps_dtypes_and_fp32_accuracy(chunk_elems):
     """Autocast dtypes as F.linear's; weight gradients summed over chunks in fp32, so they are
     no further from the fp32 gradients than autocast's own ones."""
@@ -69,6 +79,25 @@ def test_chunked_mlp_keeps_only_its_input_and_the_pre_activation_for_backward():
     acts = [t for t in saved if t.data_ptr() not in params]
     # x (20 x 16) and the three hidden chunks (7 + 7 + 6 rows of 64): never gelu(h)
     assert sorted(tuple(t.shape) for t in acts) == [(6, 64), (7, 64), (7, 64), (20, 16)]
+
+
+@pytest.mark.parametrize('hw', [(14, 14), (9, 12)], ids=['whole-windows', 'padded'])
+def test_lsa_projection_keeps_no_copy_of_the_attention_output(hw):
+    from mmtwins.models.layers import LocallyGroupedAttention
+    attn = LocallyGroupedAttention(16, num_heads=2, window_size=7)
+    x = torch.randn(2, hw[0] * hw[1], 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = attn(x, hw)
+    windows = 2 * 2 * 2  # batch 2, 2 x 2 windows of 7 x 7 either way
+    # The attention's output (windows, heads, 49, d), token-major (q, k, v have row stride 3C),
+    # and the 2-D inputs the qkv and proj linears keep.
+    out = [t for t in saved if t.shape == (windows, 2, 49, 8) and t.stride(2) == 16]
+    rows = [t for t in saved if t.shape == (windows * 49, 16)]
+    assert len(out) == 1 and len(rows) == 2
+    ptr = out[0].untyped_storage().data_ptr()
+    assert sum(t.untyped_storage().data_ptr() == ptr for t in rows) == 1
+    assert y.shape == x.shape
 
 
 @pytest.mark.parametrize('family', ['svt', 'pcpvt'])

@@ -120,9 +120,11 @@ class LocallyGroupedAttention(nn.Module):
             mask = self._key_mask(H, W, Hp, Wp, x.device).repeat(B, 1, 1, 1)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.)
-        # (B * nh * nw, heads, ws * ws, d) -> (B, Hp, Wp, C)
-        x = x.transpose(1, 2).reshape(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+        # Projected per window: (B * nh * nw, heads, ws * ws, d) -> (B * nh * nw, ws * ws, C) is
+        # a view of the attention's output, which it keeps for backward anyway, so the
+        # projection keeps no copy of its own. Then un-windowed to (B, Hp, Wp, C) and cropped.
+        x = self.proj(x.transpose(1, 2).reshape(-1, ws * ws, C))
+        x = x.view(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if padded:
             x = x[:, :H, :W]
-        x = x.reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(x.reshape(B, N, C))
