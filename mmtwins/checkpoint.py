@@ -1,13 +1,16 @@
 """Twins checkpoints of every layout in circulation, converted to mmtwins' and loaded with a report.
 
 mmtwins' own layout is the authors' release (also timm's) except that stage-end LayerNorms live in
-``stage_norms.{i}`` (the authors' final ``norm`` is ``stage_norms.3``). Accepted sources:
+``stage_norms.{i}``: the ImageNet classifier's final ``norm`` is ``stage_norms.3``, and the
+per-stage ``norm_list.{i}`` of the authors' dense (detection/segmentation) SVT are
+``stage_norms.{i}``, whose checkpoints also carry the classifier's unused ``norm``, which is
+dropped with the head. Accepted sources:
 
 ============  =====================================================================
 layout        recognised by
 ============  =====================================================================
 ``authors``   ``blocks.{i}.{j}...`` keys (authors' release, timm, mmtwins itself);
-              the authors' files wrap them as ``{'model': state_dict}``
+              the authors' ImageNet files wrap them as ``{'model': state_dict}``
 ``mmseg``     ``layers.{i}.{j}...`` + ``position_encodings`` (mmsegmentation 1.x)
 ``mmpretrain``  ``stages.{i}.{j}...`` + ``position_encodings`` (mmpretrain 1.x)
 ============  =====================================================================
@@ -137,7 +140,7 @@ _COMMON_RULES = [
     (r'\.ffn\.layers\.1\.', '.mlp.fc2.'),
 ]
 _RULES: Dict[str, List[Tuple[str, str]]] = {
-    'authors': [],
+    'authors': [(r'^norm_list\.(\d+)\.', r'stage_norms.\1.')],
     'mmseg': _COMMON_RULES + [
         (r'^layers\.', 'blocks.'),
         (r'\.attn\.attn\.out_proj\.', '.attn.proj.'),
@@ -155,8 +158,10 @@ def convert_state_dict(sd: StateDict, layout: Optional[str] = None) -> Tuple[Sta
     """Rename a flat Twins state dict of any supported layout to mmtwins' layout.
 
     Returns:
-        ``(backbone, head)``: the backbone's tensors in mmtwins' names, and the classification
-        head's tensors (``head.*``), which a backbone does not use.
+        ``(backbone, head)``: the backbone's tensors in mmtwins' names, and, under their own
+        names, the tensors only the ImageNet classifier uses: ``head.*``, and the final
+        ``norm.*`` where the checkpoint has per-stage norms of its own (the authors' dense SVT
+        keeps the classifier's ``norm`` beside its ``norm_list``, unused).
     """
     layout = layout or detect_layout(sd)
     if layout not in _RULES:
@@ -170,9 +175,25 @@ def convert_state_dict(sd: StateDict, layout: Optional[str] = None) -> Tuple[Sta
             continue
         for pattern, repl in _RULES[layout]:
             key = re.sub(pattern, repl, key)
-        key = re.sub(r'^norm\.', f'stage_norms.{last}.', key)  # the authors' final norm
         backbone[key] = value
+    per_stage_norms = any(k.startswith('stage_norms.') for k in backbone)
+    for key in [k for k in backbone if k.startswith('norm.')]:
+        if per_stage_norms:
+            head[key] = backbone.pop(key)
+        else:  # the classifier's final norm, after the last stage
+            backbone[f'stage_norms.{last}.{key[len("norm."):]}'] = backbone.pop(key)
     return backbone, head
+
+
+def _stage_depths(sd: StateDict) -> Dict[int, int]:
+    """Blocks per stage of a state dict in mmtwins' names: ``{stage: depth}``."""
+    depths: Dict[int, int] = {}
+    for key in sd:
+        m = re.match(r'blocks\.(\d+)\.(\d+)\.', key)
+        if m:
+            i, j = int(m.group(1)), int(m.group(2))
+            depths[i] = max(depths.get(i, 0), j + 1)
+    return depths
 
 
 def describe_variant(sd: StateDict) -> str:
@@ -180,8 +201,8 @@ def describe_variant(sd: StateDict) -> str:
     from mmtwins.models.backbones import PCPVT, SVT
     n = _num_stages(sd)
     dims = [sd[f'patch_embeds.{i}.proj.weight'].shape[0] for i in range(n)]
-    depths = [1 + max(int(m.group(1)) for k in sd
-                      for m in [re.match(rf'blocks\.{i}\.(\d+)\.', k)] if m) for i in range(n)]
+    stage_depths = _stage_depths(sd)
+    depths = [stage_depths.get(i, 0) for i in range(n)]
     lsa = any(k.endswith('.attn.qkv.weight') for k in sd)
     for cls in (SVT, PCPVT) if lsa else (PCPVT, ):
         for name, arch in cls.arch_zoo.items():
@@ -199,6 +220,7 @@ class LoadReport:
     loaded: List[str] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)
     expected_missing: List[str] = field(default_factory=list)
+    unused_stage_norms: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     head: List[str] = field(default_factory=list)
 
@@ -206,10 +228,14 @@ class LoadReport:
         lines = [f'loaded {len(self.loaded)} tensors of a {self.variant} checkpoint '
                  f'({self.layout} layout)']
         if self.head:
-            lines.append(f'dropped the classification head: {", ".join(sorted(self.head))}')
+            lines.append('dropped what only the ImageNet classifier uses: '
+                         f'{", ".join(sorted(self.head))}')
         if self.expected_missing:
             lines.append('not in the checkpoint, trained from scratch as expected (stage-end '
                          f'norms of a dense model): {", ".join(sorted(self.expected_missing))}')
+        if self.unused_stage_norms:
+            lines.append('not used, as expected (this model has no norm after those stages): '
+                         f'{", ".join(sorted(self.unused_stage_norms))}')
         if self.missing:
             lines.append(f'MISSING from the checkpoint: {", ".join(sorted(self.missing))}')
         if self.unexpected:
@@ -226,15 +252,18 @@ def load_twins_checkpoint(model: nn.Module,
     """Load Twins weights of any supported layout into an mmtwins backbone.
 
     Nothing is written into ``model`` unless every tensor that matches a parameter by name also
-    matches it in shape, so a checkpoint of another variant never leaves half-loaded weights.
+    matches it in shape and every stage the two share has the same number of blocks, so a
+    checkpoint of another variant never leaves half-loaded weights. A model built with fewer
+    stages (``out_indices``) takes the checkpoint's first stages.
 
     Args:
         model: a :class:`mmtwins.models.Twins` backbone.
         checkpoint: a file path (or URL mmengine can read) or an already loaded dict.
         prefix: strip this prefix and ignore other keys (e.g. ``'backbone.'`` for a detector's
             checkpoint). By default a whole-model prefix is found automatically.
-        strict: raise if any parameter is missing or any checkpoint key is unused (the head and
-            a dense model's stage-end norms excepted).
+        strict: raise if any parameter is missing or any checkpoint key is unused (the
+            classifier's head and stage-end norms that one of checkpoint and model has and the
+            other has not excepted).
         logger: where the report goes (default: the current mmengine logger).
 
     Raises:
@@ -250,21 +279,30 @@ def load_twins_checkpoint(model: nn.Module,
     own = model.state_dict()
     wrong = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
              for k, v in backbone.items() if k in own and v.shape != own[k].shape]
+    ckpt_depths = _stage_depths(backbone)
+    wrong += [f'stage {i}: {ckpt_depths[i]} blocks in the checkpoint, {d} in the model'
+              for i, d in sorted(_stage_depths(own).items())
+              if i in ckpt_depths and ckpt_depths[i] != d]
     if wrong:
         raise CheckpointError(
             f'{source} holds a {variant} checkpoint that does not fit this '
             f'{type(model).__name__} (arch {getattr(model, "arch_settings", "?")}); nothing was '
-            f'loaded. Mismatched shapes:\n  ' + '\n  '.join(wrong[:10]))
+            f'loaded. Mismatches:\n  ' + '\n  '.join(wrong[:10]))
     to_load = {k: v for k, v in backbone.items() if k in own}
     model.load_state_dict(to_load, strict=False)
 
     absent = [k for k in own if k not in backbone]
-    stage_norm = re.compile(r'^stage_norms\.\d+\.')
+    unused = sorted(k for k in backbone if k not in own)
+    stage_norm = re.compile(r'^stage_norms\.(\d+)\.')
+    built = {int(k.split('.')[1]) for k in own if k.startswith('patch_embeds.')}
+    # a stage norm after a stage the model has but does not normalise (not: a stage not built)
+    no_norm = [k for k in unused if stage_norm.match(k) and int(k.split('.')[1]) in built]
     report = LoadReport(
         layout=layout, variant=variant, loaded=sorted(to_load),
         missing=[k for k in absent if not stage_norm.match(k)],
         expected_missing=[k for k in absent if stage_norm.match(k)],
-        unexpected=sorted(k for k in backbone if k not in own), head=sorted(head))
+        unused_stage_norms=no_norm, unexpected=[k for k in unused if k not in no_norm],
+        head=sorted(head))
     print_log(f'{source}: {report.summary()}', logger=logger or 'current')
     if strict and (report.missing or report.unexpected):
         raise CheckpointError(f'strict loading of {source} failed:\n{report.summary()}')

@@ -80,6 +80,10 @@ def test_frozen_stages():
             assert all(sub.training != frozen for sub in m.modules())
     with pytest.raises(ValueError, match='frozen_stages'):
         PCPVT(arch=TINY_PCPVT, frozen_stages=4)
+    # Only the stages out_indices builds can be frozen.
+    with pytest.raises(ValueError,
+                       match=r'\[-1, 1\] \(the stages built for out_indices \(1,\)\), got 2'):
+        PCPVT(arch=TINY_PCPVT, out_indices=(1, ), frozen_stages=2)
 
 
 def test_drop_path_once_per_residual_branch():

@@ -1,11 +1,14 @@
 """One loader for every Twins checkpoint layout, proven numerically against the peers."""
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
+from mmtwins.analysis.peers import randomize_parameters_
 from mmtwins.checkpoint import (CheckpointError, convert_state_dict, detect_layout,
                                 load_twins_checkpoint)
 from mmtwins.models import PCPVT, SVT
@@ -13,7 +16,6 @@ from mmtwins.models import PCPVT, SVT
 from conftest import TINY_SVT
 
 ROOT = Path(__file__).resolve().parents[1]
-timm = pytest.importorskip('timm', reason='timm (a test dependency) is needed as the peer')
 
 VARIANTS = [(PCPVT, 'small'), (PCPVT, 'base'), (PCPVT, 'large'),
             (SVT, 'small'), (SVT, 'base'), (SVT, 'large')]
@@ -24,7 +26,9 @@ def _classifier_backbone(cls, arch, **kw):
 
 
 def _timm(cls, arch):
-    return timm.create_model(f'twins_{cls.__name__.lower()}_{arch}', pretrained=False).eval()
+    """The timm model with every parameter distinct (no constant biases or norm weights)."""
+    model = timm.create_model(f'twins_{cls.__name__.lower()}_{arch}', pretrained=False)
+    return randomize_parameters_(model).eval()
 
 
 @pytest.mark.parametrize('cls,arch', VARIANTS, ids=[f'{c.__name__}-{a}' for c, a in VARIANTS])
@@ -40,6 +44,7 @@ def test_timm_weights_give_timm_stage_outputs(cls, arch):
         outs = model(x)
         ref = peer.forward_intermediates(x, intermediates_only=True)[:3]
         ref.append(peer.forward_features(x).transpose(1, 2).reshape(outs[3].shape))
+    assert len(outs) == len(ref) == 4
     for i, (o, r) in enumerate(zip(outs, ref)):
         assert o.shape == r.shape
         assert (o - r).abs().max().item() <= 1e-4, f'stage {i}'
@@ -73,7 +78,7 @@ def _peer(peer_name, cls, arch='small'):
 def test_mmseg_and_mmpretrain_weights_give_their_stage_outputs(peer_name, cls):
     peer = _peer(peer_name, cls).eval()
     peer.init_weights()
-    sd = peer.state_dict()
+    sd = randomize_parameters_(peer).state_dict()
     assert detect_layout(sd) == peer_name
     model = cls(arch='small').eval()
     report = load_twins_checkpoint(model, sd)
@@ -81,8 +86,10 @@ def test_mmseg_and_mmpretrain_weights_give_their_stage_outputs(peer_name, cls):
     assert not report.missing and not report.unexpected and not report.expected_missing
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        for i, (o, r) in enumerate(zip(model(x), peer(x))):
-            assert (o - r).abs().max().item() <= 1e-4, f'stage {i}'
+        outs, refs = model(x), peer(x)
+    assert len(outs) == len(refs) == 4
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        assert (o - r).abs().max().item() <= 1e-4, f'stage {i}'
 
 
 def test_imagenet_checkpoint_into_dense_svt_reports_stage_norms_as_expected_missing():
@@ -166,3 +173,48 @@ def test_strict_reports_by_name():
     del sd['blocks.1.0.mlp.fc1.bias']
     with pytest.raises(CheckpointError, match=r'MISSING from the checkpoint: blocks\.1\.0\.mlp\.fc1\.bias'):
         load_twins_checkpoint(SVT(arch=TINY_SVT), sd, strict=True)
+
+
+def test_authors_dense_svt_loads_its_per_stage_norms_not_the_classifier_norm():
+    # The authors' detection/segmentation SVT keeps trained norms in norm_list.{i} and the
+    # ImageNet classifier's unused norm beside them (whole-model checkpoint, backbone. prefix).
+    src = SVT(arch=TINY_SVT)
+    randomize_parameters_(src)
+    sd = {re.sub(r'^stage_norms\.', 'norm_list.', k): v for k, v in src.state_dict().items()}
+    sd.update({'norm.weight': torch.full((64, ), 7.), 'norm.bias': torch.zeros(64)})
+    model = SVT(arch=TINY_SVT)
+    report = load_twins_checkpoint(model, {'state_dict': {f'backbone.{k}': v
+                                                          for k, v in sd.items()}}, strict=True)
+    assert report.layout == 'authors' and report.head == ['norm.bias', 'norm.weight']
+    assert not report.missing and not report.unexpected and not report.expected_missing
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in src.state_dict().items())
+
+
+def test_imagenet_checkpoint_into_plain_pcpvt_loads_strictly():
+    # A default PCPVT has no stage-end norms: the classifier's final norm is not used.
+    model = PCPVT(arch='small')
+    report = load_twins_checkpoint(model, _timm(PCPVT, 'small').state_dict(), strict=True)
+    assert report.unused_stage_norms == ['stage_norms.3.bias', 'stage_norms.3.weight']
+    assert not report.missing and not report.unexpected
+    assert 'no norm after those stages): stage_norms.3.bias' in report.summary()
+
+
+def test_truncated_model_takes_the_first_stages():
+    src = SVT(arch=TINY_SVT)
+    model = SVT(arch=TINY_SVT, out_indices=(0, 1))
+    report = load_twins_checkpoint(model, src.state_dict())
+    assert not report.missing and report.unexpected
+    assert {k.split('.')[0] + '.' + k.split('.')[1] for k in report.unexpected} == {
+        f'{name}.{i}' for name in ('blocks', 'patch_embeds', 'pos_block', 'stage_norms')
+        for i in (2, 3)}
+
+
+@pytest.mark.parametrize('src_arch,dst_arch', [('base', 'small'), ('small', 'base')])
+def test_same_widths_other_depths_is_refused_and_nothing_is_loaded(src_arch, dst_arch):
+    # PCPVT-S and -B share their widths (only stage 3's depth differs): every shape matches.
+    model = PCPVT(arch=dst_arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError,
+                       match=rf'PCPVT-{src_arch} checkpoint that does not fit(.|\n)*stage 2: '):
+        load_twins_checkpoint(model, PCPVT(arch=src_arch).state_dict())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -55,6 +55,7 @@ def test_config_is_the_papers_recipe(family, size):
     assert opt.optimizer.type == 'AdamW' and opt.optimizer.lr == 1e-3
     assert opt.optimizer.weight_decay == 0.05 and opt.clip_grad == dict(max_norm=5.0)
     assert cfg.train_cfg.max_epochs == 300
+    assert cfg.default_hooks.checkpoint.max_keep_ckpts == 3  # not 300 checkpoints on disk
     assert cfg.train_dataloader.batch_size * 8 == cfg.auto_scale_lr.base_batch_size == 1024
     warmup, cosine = cfg.param_scheduler
     assert (warmup.type, warmup.end, cosine.type, cosine.begin, cosine.end,

@@ -161,6 +161,8 @@ def test_detector_raw_head_outputs(tmp_path):
             assert res['outputs'][f'bbox_preds_{i}']['shape'] == (b, per_loc * 4, *hw)
 
 
-def test_export_rejects_a_too_small_example():
+def test_export_rejects_a_too_small_example(tmp_path):
     with pytest.raises(ValueError, match='at least 29 pixels'):
-        export_onnx(build_export_module(SVT(arch=TINY_SVT)), 'unused.onnx', (16, 64))
+        export_onnx(build_export_module(SVT(arch=TINY_SVT)), str(tmp_path / 'unused.onnx'),
+                    (16, 64))
+    assert not list(tmp_path.iterdir())

@@ -22,7 +22,9 @@ from mmtwins.engine import ConfigError, preflight_check
 from mmtwins.models import SVT
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = SVT(arch=TINY_SVT).eval()
+with torch.random.fork_rng():  # the same weights whichever module imports first
+    torch.manual_seed(0)
+    MODEL = SVT(arch=TINY_SVT).eval()
 STRIDES = (4, 8, 16, 32)
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.uint8,
           torch.bool]

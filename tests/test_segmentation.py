@@ -149,7 +149,10 @@ def _dataset(cfg: Config, data_root: Path, pipeline, annotated: bool = True):
     ds_cfg.update(data_root=str(data_root), pipeline=pipeline)
     if not annotated:
         ds_cfg.data_prefix = dict(img_path=ds_cfg.data_prefix.img_path)
-    return DATASETS.build(ds_cfg)
+    ds = DATASETS.build(ds_cfg)
+    images = list((data_root / ds_cfg.data_prefix.img_path).glob('*.jpg'))
+    assert len(ds) == len(images) > 0  # the tests below loop over every sample
+    return ds
 
 
 def test_train_pipeline_crops_512_and_reduces_zero_label(ade_root):

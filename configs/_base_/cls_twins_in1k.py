@@ -50,7 +50,8 @@ param_scheduler = [
 
 # Crash-safe checkpoints (written to a temporary file, then renamed; a damaged latest checkpoint
 # is skipped on --resume), test metrics written once by rank 0 (all ranks share the log dir)
-# and a stop, naming the iteration, when the loss turns NaN/inf.
-default_hooks = dict(checkpoint=dict(type='mmtwins.AtomicCheckpointHook'),
+# and a stop, naming the iteration, when the loss turns NaN/inf. Of the 300 epochs' checkpoints
+# (with optimizer state, 0.3-1.2 GB each) the newest 3 are kept.
+default_hooks = dict(checkpoint=dict(type='mmtwins.AtomicCheckpointHook', max_keep_ckpts=3),
                      logger=dict(type='mmtwins.AtomicLoggerHook'))
 custom_hooks = [dict(type='mmtwins.NonFiniteLossHook')]

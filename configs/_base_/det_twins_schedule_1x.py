@@ -4,8 +4,9 @@ _base_ = 'mmdet::_base_/schedules/schedule_1x.py'
 
 optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, weight_decay=1e-4),
-    # No weight decay on the PEG position encodings and on LayerNorms: these are mmtwins' real
-    # module names ('norm' matches norm1/norm2, attn.norm, patch_embeds.*.norm, stage_norms).
+    # No weight decay on the PEG position encodings and on LayerNorms (not in the paper's text,
+    # which names no exemptions; as its Swin-style 3x recipe): these are mmtwins' real module
+    # names ('norm' matches norm1/norm2, attn.norm, patch_embeds.*.norm, stage_norms).
     paramwise_cfg=dict(custom_keys={
         'pos_block': dict(decay_mult=0.),
         'norm': dict(decay_mult=0.)

@@ -2,8 +2,8 @@
 
 Peers: timm (``twins_*``), mmsegmentation 1.x and mmpretrain 1.x (``PCPVT``/``SVT``). Every
 implementation is built for the same variant without stage-end norms, so all four compute the
-same function on maps of whole LSA windows; mmtwins is loaded with each peer's weights (through
-its own checkpoint loader) and must reproduce that peer's four stage maps at 224x224 before
+same function on maps of whole LSA windows; mmtwins is loaded with each peer's weights, every
+parameter randomised (through its own checkpoint loader), and must reproduce that peer's four stage maps at 224x224 before
 anything is timed. Timings are interleaved (implementations take turns in rotating order) and the
 median of the repeats is reported.
 
@@ -99,13 +99,33 @@ def available_peers() -> List[str]:
     return [p for p in PEERS if importlib.util.find_spec(names[p]) is not None]
 
 
+def randomize_parameters_(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Add N(0, ``std``) noise to every parameter of ``model``, in place; returns ``model``.
+
+    After ``init_weights`` every bias and LayerNorm weight is a constant (0 or 1), so a
+    checkpoint mapping that swapped two of them (``norm1`` for ``norm2``, the halves of a
+    split ``kv`` bias) would still reproduce the peer's outputs. With every tensor distinct, a
+    wrong mapping shows as a difference.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).to(p) * std)
+    return model
+
+
 def max_abs_diff_with_peer(peer: nn.Module, family: str, arch: str, x: torch.Tensor) -> float:
-    """Load ``peer``'s weights into a fresh mmtwins model; max |difference| of the stage maps."""
+    """Load ``peer``'s weights, made distinct by :func:`randomize_parameters_`, into a fresh
+    mmtwins model; max |difference| of the stage maps."""
     ours = build_impl('mmtwins', family, arch).eval()
+    randomize_parameters_(peer)
     sd = peer.model.state_dict() if isinstance(peer, _TimmStages) else peer.state_dict()
     load_twins_checkpoint(ours, sd, logger='silent')
     with torch.inference_mode():
-        return max((a - b).abs().max().item() for a, b in zip(ours(x), peer.eval()(x)))
+        outs, refs = ours(x), peer.eval()(x)
+    if len(outs) != len(refs):
+        raise AssertionError(f'mmtwins gives {len(outs)} stage maps, the peer {len(refs)}')
+    return max((a - b).abs().max().item() for a, b in zip(outs, refs))
 
 
 # --------------------------------------------------------------------------- one step
@@ -223,8 +243,8 @@ def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device
         torch.set_num_threads(threads)
         dev = torch.device(device)
         torch.manual_seed(0)
+        x = torch.randn(*shape).to(dev)  # before the model: the same input in every worker
         model = build_impl(entry.impl, family, arch, **entry.kwargs).to(dev)
-        x = torch.randn(*shape).to(dev)
         step = make_step(model, x, mode, amp=entry.amp)
         conn.send(('ok', None))
         while True:

@@ -1,7 +1,7 @@
 """Inference throughput (images/s) and peak memory of a config's model or backbone.
 
-    python tools/analysis_tools/benchmark.py CONFIG [--part backbone|model] [--batch-size 64]
-        [--shape H W] [--warmup 5] [--repeats 20] [--amp] [--device cpu|cuda]
+    python tools/analysis_tools/benchmark.py CONFIG [--part backbone|model] [--batch-size 8]
+        [--shape H W] [--warmup 3] [--repeats 10] [--amp] [--device cpu|cuda]
 
 The paper's Table 1 throughput is the classifier at 224x224, batch 192 on one V100, fp32.
 Throughput is the median over the timed passes; on CPU the memory is the process's peak RSS.

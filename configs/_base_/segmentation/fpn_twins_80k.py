@@ -18,7 +18,8 @@ model = dict(
     decode_head=dict(num_classes=150))
 
 # The paper: weight decay 0.0005 "for the whole network". The authors' released configs (and
-# mmseg's ports of them) use 0.0001. Position encodings (PEG) and LayerNorms have none.
+# mmseg's ports of them) use 0.0001. A deviation from the paper's text, as in the UperNet recipe:
+# position encodings (PEG) and LayerNorms have none.
 optimizer = dict(
     _delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=5e-4)
 optim_wrapper = dict(

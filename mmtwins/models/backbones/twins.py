@@ -79,9 +79,9 @@ class Twins(BaseModule):
         if len(norm_after_stage) != num_stages:
             raise ValueError(f'norm_after_stage has {len(norm_after_stage)} entries, '
                              f'expected {num_stages} (one per stage)')
-        if not -1 <= frozen_stages < num_stages:
-            raise ValueError(f'frozen_stages must be in [-1, {num_stages - 1}], '
-                             f'got {frozen_stages}')
+        if not -1 <= frozen_stages < built:
+            raise ValueError(f'frozen_stages must be in [-1, {built - 1}] (the stages built '
+                             f'for out_indices {self.out_indices}), got {frozen_stages}')
         self.in_channels = in_channels
         self.frozen_stages = frozen_stages
         self.with_cp = with_cp

@@ -70,7 +70,7 @@ def _mlp_forward(x: torch.Tensor, params, rows: Optional[int],
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``acc += a @ b`` with ``acc`` in fp32 (weight gradients summed over chunks)."""
+    """``acc += a @ b`` with ``acc`` in fp32 or wider (weight gradients summed over chunks)."""
     if acc.dtype == a.dtype:
         return acc.addmm_(a, b)
     return acc.add_(a.mm(b))
@@ -96,8 +96,10 @@ class _ChunkedMlpFunction(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         w1c, w2c = w1.to(dtype), w2.to(dtype)
 
+        acc_dtype = torch.promote_types(dtype, torch.float32)  # fp32 sums, fp64 stays fp64
+
         def zeros(shape, needed):
-            return torch.zeros(shape, dtype=torch.float32, device=g.device) if needed else None
+            return torch.zeros(shape, dtype=acc_dtype, device=g.device) if needed else None
 
         gw1, gb1 = zeros(w1.shape, need_w1), zeros(w1.shape[:1], need_b1)
         gw2, gb2 = zeros(w2.shape, need_w2), zeros(w2.shape[:1], need_b2)
