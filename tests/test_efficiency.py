@@ -10,75 +10,121 @@ from mmtwins.models.layers import Mlp
 CHUNKINGS = [7 * 64, None]
 
 
-def _grads(mlp, x, plain: bool, autocast: bool = False):
-    mlp.zero_grad()
+def _mlp(chunk_elems, norm: bool):
+    """An MLP of 16 -> 64 -> 16 channels and, if ``norm``, a pre-norm with non-trivial affine
+    parameters (a block's ``norm2``), or None."""
+    mlp = Mlp(16, 64, chunk_elems=chunk_elems)
+    if not norm:
+        return mlp, None
+    ln = torch.nn.LayerNorm(16, eps=1e-6)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+    return mlp, ln
+
+
+def _grads(mlp, x, plain: bool, autocast: bool = False, norm=None):
+    """Output, input gradient and the parameter gradients (the norm's last) of
+    ``mlp(norm(x))``, through the chunked path or, if ``plain``, the plain composition."""
+    params = list(mlp.parameters()) + ([] if norm is None else list(norm.parameters()))
+    for p in params:
+        p.grad = None
     x = x.clone().requires_grad_(True)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
-        y = mlp.fc2(mlp.act(mlp.fc1(x))) if plain else mlp(x)
+        if plain:
+            y = mlp.fc2(mlp.act(mlp.fc1(x if norm is None else norm(x))))
+        else:
+            y = mlp(x, norm=norm)
     (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
-    return [y.detach()] + [x.grad] + [p.grad.clone() for p in mlp.parameters()]
+    return [y.detach()] + [x.grad] + [p.grad.clone() for p in params]
 
 
+NORMS = [False, True]
+NORM_IDS = ['no-norm', 'pre-norm']
+
+
+@pytest.mark.parametrize('norm', NORMS, ids=NORM_IDS)
 @pytest.mark.parametrize('chunk_elems', CHUNKINGS)
-def test_chunked_mlp_matches_the_plain_composition_in_fp32(chunk_elems):
+def test_chunked_mlp_matches_the_plain_composition_in_fp32(chunk_elems, norm):
     torch.manual_seed(0)
-    mlp, x = Mlp(16, 64, chunk_elems=chunk_elems), torch.randn(2, 10, 16)
-    for ours, plain in zip(_grads(mlp, x, plain=False), _grads(mlp, x, plain=True)):
-        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+    (mlp, ln), x = _mlp(chunk_elems, norm), torch.randn(2, 10, 16)
+    ours, plain = _grads(mlp, x, False, norm=ln), _grads(mlp, x, True, norm=ln)
+    assert len(ours) == len(plain) == 6 + 2 * norm
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(mlp(x), mlp.fc2(mlp.act(mlp.fc1(x))), rtol=1e-5, atol=1e-6)
+        xn = x if ln is None else ln(x)
+        torch.testing.assert_close(mlp(x, norm=ln), mlp.fc2(mlp.act(mlp.fc1(xn))),
+                                   rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('norm', NORMS, ids=NORM_IDS)
 @pytest.mark.parametrize('chunk_elems', CHUNKINGS)
-def test_chunked_mlp_in_fp64_sums_its_gradients_in_fp64(chunk_elems):
+def test_chunked_mlp_in_fp64_sums_its_gradients_in_fp64(chunk_elems, norm):
     torch.manual_seed(0)
-    mlp = Mlp(16, 64, chunk_elems=chunk_elems).double()
+    mlp, ln = _mlp(chunk_elems, norm)
+    mlp, ln = mlp.double(), ln if ln is None else ln.double()
     x = torch.randn(2, 10, 16, dtype=torch.float64)
-    for ours, plain in zip(_grads(mlp, x, plain=False), _grads(mlp, x, plain=True)):
+    for ours, plain in zip(_grads(mlp, x, False, norm=ln), _grads(mlp, x, True, norm=ln)):
         assert ours.dtype == torch.float64
         torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('norm', NORMS, ids=NORM_IDS)
 @pytest.mark.parametrize('chunk_elems', CHUNKINGS)
-def test_chunked_mlp_under_bf16_autocast_keeps_dtypes_and_fp32_accuracy(chunk_elems):
-    """Autocast dtypes as F.linear's; weight gradients summed over chunks in fp32, so they are
-    no further from the fp32 gradients than autocast's own ones."""
+def test_chunked_mlp_under_bf16_autocast_keeps_dtypes_and_fp32_accuracy(chunk_elems, norm):
+    """Autocast dtypes as F.linear's (and F.layer_norm's); weight gradients summed over chunks
+    in fp32, so they are no further from the fp32 gradients than autocast's own ones."""
     torch.manual_seed(0)
-    mlp, x = Mlp(16, 64, chunk_elems=chunk_elems), torch.randn(2, 10, 16)
-    ours = _grads(mlp, x, plain=False, autocast=True)
-    plain = _grads(mlp, x, plain=True, autocast=True)
-    ref = _grads(mlp, x, plain=True)
+    (mlp, ln), x = _mlp(chunk_elems, norm), torch.randn(2, 10, 16)
+    ours = _grads(mlp, x, plain=False, autocast=True, norm=ln)
+    plain = _grads(mlp, x, plain=True, autocast=True, norm=ln)
+    ref = _grads(mlp, x, plain=True, norm=ln)
+    assert len(ours) == len(plain) == len(ref) == 6 + 2 * norm
     for a, b, r in zip(ours, plain, ref):
         assert a.dtype == b.dtype
         scale = r.abs().max().item()
         assert (a.float() - r).abs().max().item() <= max(
             (b.float() - r).abs().max().item(), 0.01 * scale)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        y, y_plain = mlp(x), mlp.fc2(mlp.act(mlp.fc1(x)))
+        y = mlp(x, norm=ln)
+        y_plain = mlp.fc2(mlp.act(mlp.fc1(x if ln is None else ln(x))))
     assert y.dtype == y_plain.dtype == torch.bfloat16
     torch.testing.assert_close(y, y_plain)
 
 
 def test_chunked_mlp_computes_only_the_gradients_needed():
-    mlp, x = Mlp(16, 64, chunk_elems=7 * 64), torch.randn(2, 10, 16, requires_grad=True)
+    (mlp, ln), x = _mlp(7 * 64, True), torch.randn(2, 10, 16, requires_grad=True)
     mlp.requires_grad_(False)  # a frozen stage under a trainable one
-    mlp(x).sum().backward()
+    ln.requires_grad_(False)
+    mlp(x, norm=ln).sum().backward()
     assert x.grad is not None and all(p.grad is None for p in mlp.parameters())
     x = torch.randn(2, 10, 16)  # input without gradient, trainable weights
     mlp.requires_grad_(True)
-    mlp(x).sum().backward()
-    assert all(p.grad is not None for p in mlp.parameters())
+    ln.requires_grad_(True)
+    mlp(x, norm=ln).sum().backward()
+    assert all(p.grad is not None for p in [*mlp.parameters(), *ln.parameters()])
+    mlp.zero_grad()  # only the norm trainable: its gradients need the input's path
+    mlp.requires_grad_(False)
+    ln.weight.grad = None
+    mlp(x, norm=ln).sum().backward()
+    assert ln.weight.grad is not None and ln.weight.grad.abs().sum() > 0
 
 
-def test_chunked_mlp_keeps_only_its_input_and_the_pre_activation_for_backward():
-    mlp, x = Mlp(16, 64, chunk_elems=7 * 64), torch.randn(2, 10, 16, requires_grad=True)
+@pytest.mark.parametrize('norm', NORMS, ids=NORM_IDS)
+def test_chunked_mlp_keeps_only_its_input_and_the_pre_activation_for_backward(norm):
+    (mlp, ln), x = _mlp(7 * 64, norm), torch.randn(2, 10, 16, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        mlp(x)
+        mlp(x, norm=ln)
     params = {p.data_ptr() for p in mlp.parameters()}
+    params |= set() if ln is None else {p.data_ptr() for p in ln.parameters()}
     acts = [t for t in saved if t.data_ptr() not in params]
-    # x (20 x 16) and the three hidden chunks (7 + 7 + 6 rows of 64): never gelu(h)
+    # x (20 x 16) and the three hidden chunks (7 + 7 + 6 rows of 64): never gelu(h), and with
+    # the pre-norm never the normalised tokens
     assert sorted(tuple(t.shape) for t in acts) == [(6, 64), (7, 64), (7, 64), (20, 16)]
+    if norm:  # what is kept of the input is x itself, not a copy
+        assert [t.data_ptr() for t in acts if t.shape == (20, 16)] == [x.data_ptr()]
 
 
 @pytest.mark.parametrize('hw', [(14, 14), (9, 12)], ids=['whole-windows', 'padded'])

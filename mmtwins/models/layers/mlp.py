@@ -1,17 +1,19 @@
-"""The feed-forward branch of a Twins block, computed in token chunks.
+"""The feed-forward branch of a Twins block, with its pre-norm, computed in token chunks.
 
 The MLP's hidden tensor is ``mlp_ratio`` (4 or 8) times wider than its input: at 512x512 the first
 stage's hidden tensor of one image is 64 MB. Materialised whole, it costs memory and, on a CPU,
 time: the C library hands allocations that large straight to the kernel and takes them back when
 freed, so every forward and backward pass page-faults through fresh zeroed memory again. The
-token rows of an MLP are independent, so :class:`Mlp` runs them in chunks whose hidden slice is
-at most ``chunk_elems`` elements (4 MB in fp32 by default), allocated from the reused heap and
-still in cache when the next operation reads it.
+token rows of an MLP (and of the LayerNorm before it) are independent, so :class:`Mlp` runs them
+in chunks whose hidden slice is at most ``chunk_elems`` elements (4 MB in fp32 by default),
+allocated from the reused heap and still in cache when the next operation reads it.
 
-In training, :class:`_ChunkedMlpFunction` keeps only the pre-activation hidden chunks ``h`` for
-backward and recomputes ``gelu(h)`` there: autograd would keep ``h`` (for the GELU) and
-``gelu(h)`` (for ``fc2``), the widest tensor twice. Values and gradients are those of
-``fc2(gelu(fc1(x)))`` up to the order of floating-point summation.
+In training, :class:`_ChunkedMlpFunction` keeps only its input and the pre-activation hidden
+chunks ``h`` for backward, and recomputes there what it needs of the rest: ``gelu(h)`` (autograd
+would keep ``h`` for the GELU and ``gelu(h)`` for ``fc2``, the widest tensor twice) and, when the
+block's pre-norm is passed in, the normalised tokens (autograd would keep them for ``fc1`` next to
+the norm's own input). Values and gradients are those of ``fc2(gelu(fc1(norm(x))))`` up to the
+order of floating-point summation.
 """
 from typing import List, Optional
 
@@ -38,12 +40,30 @@ def _spans(total: int, rows: Optional[int]):
     return [(s, min(s + rows, total)) for s in range(0, total, rows)]
 
 
-def _mlp_chunks(x: torch.Tensor, w1, b1, w2, b2, rows: Optional[int],
+class _Norm:
+    """The pre-norm's parameters, applied row-wise to 2-D chunks in the input's dtype; its
+    output is cast to the compute dtype of the linears."""
+
+    def __init__(self, weight, bias, eps: float, dtype: torch.dtype):
+        self.weight, self.bias, self.eps, self.dtype = weight, bias, eps, dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps).to(self.dtype)
+
+    def with_stats(self, x: torch.Tensor):
+        """(normalised ``x`` in the compute dtype, mean, rstd), for the norm's backward."""
+        y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return y.to(self.dtype), mean, rstd
+
+
+def _mlp_chunks(x: torch.Tensor, norm: Optional[_Norm], w1, b1, w2, b2, rows: Optional[int],
                 keep: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
-    """``fc2(gelu(fc1(x)))`` on 2-D ``x`` (M, C) chunk by chunk; appends each ``h`` to ``keep``."""
-    out = x.new_empty(x.shape[0], w2.shape[0])
+    """``fc2(gelu(fc1(norm(x))))`` on 2-D ``x`` (M, C) chunk by chunk; appends each ``h`` to
+    ``keep``."""
+    out = x.new_empty(x.shape[0], w2.shape[0], dtype=w2.dtype)
     for s, e in _spans(x.shape[0], rows):
-        h = F.linear(x[s:e], w1, b1)
+        xc = x[s:e] if norm is None else norm(x[s:e])
+        h = F.linear(xc, w1, b1)
         if keep is not None:
             keep.append(h)
         torch.addmm(b2, F.gelu(h), w2.t(), out=out[s:e])
@@ -56,17 +76,25 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def _mlp_forward(x: torch.Tensor, params, rows: Optional[int],
+def _mlp_forward(x: torch.Tensor, norm_params, params, rows: Optional[int],
                  keep: Optional[List[torch.Tensor]] = None):
     """(B, N, C) ``x`` through :func:`_mlp_chunks` in the dtype ``F.linear`` would use.
 
-    Returns ``x`` as 2-D (M, C) in that dtype and the output (B, N, C_out).
+    ``norm_params`` is ``(weight, bias, eps)`` of the pre-norm, or None for none. Returns the
+    2-D (M, C) tensor that backward needs (``x`` itself with a norm, which then runs in ``x``'s
+    dtype as ``F.layer_norm`` would; else ``x`` in the compute dtype), the norm and the output
+    (B, N, C_out).
     """
     dtype = _compute_dtype(x)
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    norm = None
+    if norm_params is None:
+        x2 = x2.to(dtype)
+    else:
+        norm = _Norm(*norm_params, dtype=dtype)
     with torch.autocast(x.device.type, enabled=False):
-        out = _mlp_chunks(x2, *(p.to(dtype) for p in params), rows, keep=keep)
-    return x2, out.view(*x.shape[:-1], out.shape[-1])
+        out = _mlp_chunks(x2, norm, *(p.to(dtype) for p in params), rows, keep=keep)
+    return x2, norm, out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -77,32 +105,40 @@ def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
 
 
 class _ChunkedMlpFunction(torch.autograd.Function):
-    """Differentiable chunked MLP; see the module docstring. Under autocast it computes in the
-    autocast dtype, as ``F.linear`` would, and returns gradients in the inputs' dtypes."""
+    """Differentiable chunked MLP with an optional pre-norm; see the module docstring. Under
+    autocast it computes in the autocast dtype, as ``F.linear`` would, and returns gradients in
+    the inputs' dtypes."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, rows):
+    def forward(ctx, x, norm_w, norm_b, norm_eps, w1, b1, w2, b2, rows):
         hidden: List[torch.Tensor] = []
-        x2, out = _mlp_forward(x, (w1, b1, w2, b2), rows, keep=hidden)
-        ctx.rows, ctx.dtype, ctx.x_dtype, ctx.x_shape = rows, x2.dtype, x.dtype, x.shape
-        ctx.save_for_backward(x2, w1, w2, *hidden)
+        norm_params = None if norm_eps is None else (norm_w, norm_b, norm_eps)
+        x2, norm, out = _mlp_forward(x, norm_params, (w1, b1, w2, b2), rows, keep=hidden)
+        ctx.rows, ctx.dtype, ctx.x_dtype, ctx.x_shape = rows, out.dtype, x.dtype, x.shape
+        ctx.norm_eps = norm_eps
+        ctx.save_for_backward(x2, norm_w, norm_b, w1, w2, *hidden)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x2, w1, w2, *hidden = ctx.saved_tensors
+        x2, norm_w, norm_b, w1, w2, *hidden = ctx.saved_tensors
         dtype = ctx.dtype
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        need_x, need_nw, need_nb, _, need_w1, need_b1, need_w2, need_b2 = \
+            ctx.needs_input_grad[:8]
+        norm = None if ctx.norm_eps is None else _Norm(norm_w, norm_b, ctx.norm_eps, dtype)
+        need_y = need_x or (norm is not None and (need_nw or need_nb))
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         w1c, w2c = w1.to(dtype), w2.to(dtype)
 
         acc_dtype = torch.promote_types(dtype, torch.float32)  # fp32 sums, fp64 stays fp64
 
-        def zeros(shape, needed):
-            return torch.zeros(shape, dtype=acc_dtype, device=g.device) if needed else None
+        def zeros(like, needed):
+            return torch.zeros(like.shape, dtype=acc_dtype, device=g.device) if needed else None
 
-        gw1, gb1 = zeros(w1.shape, need_w1), zeros(w1.shape[:1], need_b1)
-        gw2, gb2 = zeros(w2.shape, need_w2), zeros(w2.shape[:1], need_b2)
+        gw1, gb1, gw2, gb2 = (zeros(w1, need_w1), zeros(w1[:, 0], need_b1),
+                              zeros(w2, need_w2), zeros(w2[:, 0], need_b2))
+        gnw = zeros(norm_w, need_nw) if norm is not None else None
+        gnb = zeros(norm_b, need_nb) if norm is not None else None
         gx = torch.empty_like(x2) if need_x else None
         for (s, e), h in zip(_spans(x2.shape[0], ctx.rows), hidden):
             gc = g[s:e]
@@ -111,19 +147,36 @@ class _ChunkedMlpFunction(torch.autograd.Function):
             if need_b2:
                 gb2.add_(gc.sum(0))
             gh = torch.ops.aten.gelu_backward(gc.mm(w2c), h)
+            if norm is None:
+                xc = x2[s:e]
+            else:
+                xc, mean, rstd = norm.with_stats(x2[s:e])
             if need_w1:
-                _accumulate(gw1, gh.t(), x2[s:e])
+                _accumulate(gw1, gh.t(), xc)
             if need_b1:
                 gb1.add_(gh.sum(0))
-            if need_x:
+            if not need_y:
+                continue
+            if norm is None:
                 torch.mm(gh, w1c, out=gx[s:e])
+                continue
+            gxc, gnwc, gnbc = torch.ops.aten.native_layer_norm_backward(
+                gh.mm(w1c).to(x2.dtype), x2[s:e], x2.shape[-1:], mean, rstd, norm_w, norm_b,
+                [need_x, need_nw, need_nb])
+            if need_x:
+                gx[s:e] = gxc
+            if need_nw:
+                gnw.add_(gnwc)
+            if need_nb:
+                gnb.add_(gnbc)
         if gx is not None:
             gx = gx.to(ctx.x_dtype).view(ctx.x_shape)
 
         def cast(t, like):
             return None if t is None else t.to(like.dtype)
 
-        return (gx, cast(gw1, w1), cast(gb1, w1), cast(gw2, w2), cast(gb2, w2), None)
+        return (gx, cast(gnw, norm_w), cast(gnb, norm_b), None, cast(gw1, w1), cast(gb1, w1),
+                cast(gw2, w2), cast(gb2, w2), None)
 
 
 class Mlp(nn.Module):
@@ -137,7 +190,7 @@ class Mlp(nn.Module):
             computes the hidden tensor whole. On CPU only (see the module docstring).
 
     The chunked path is used unless hidden dropout is active in training or a graph is being
-    recorded for export (which gets the plain composition).
+    recorded for export (which get the plain composition).
 
     Shapes:
         (B, N, C) -> (B, N, C).
@@ -154,11 +207,19 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
         self.chunk_elems = chunk_elems
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
+        """``mlp(norm(x))``: a block's pre-norm passed as ``norm`` runs inside the chunks, so the
+        normalised tokens are never materialised whole nor kept for backward."""
         if is_exporting() or (self.training and self.drop1.p > 0):
+            x = x if norm is None else norm(x)
             return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
         rows = _chunk_rows(self.fc1.out_features, self.chunk_elems, x.device)
         params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            return self.drop2(_ChunkedMlpFunction.apply(x, *params, rows))
-        return self.drop2(_mlp_forward(x, params, rows)[1])
+        norm_params = (None, None, None)
+        if norm is not None:
+            norm_params = (norm.weight, norm.bias, norm.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                p is not None and p.requires_grad for p in params + norm_params[:2])):
+            return self.drop2(_ChunkedMlpFunction.apply(x, *norm_params, *params, rows))
+        norm_params = None if norm is None else norm_params
+        return self.drop2(_mlp_forward(x, norm_params, params, rows)[2])
