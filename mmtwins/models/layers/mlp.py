@@ -48,7 +48,7 @@ class _Norm:
         self.weight, self.bias, self.eps, self.dtype = weight, bias, eps, dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps).to(self.dtype)
+        return self.with_stats(x)[0]
 
     def with_stats(self, x: torch.Tensor):
         """(normalised ``x`` in the compute dtype, mean, rstd), for the norm's backward."""
@@ -80,21 +80,19 @@ def _mlp_forward(x: torch.Tensor, norm_params, params, rows: Optional[int],
                  keep: Optional[List[torch.Tensor]] = None):
     """(B, N, C) ``x`` through :func:`_mlp_chunks` in the dtype ``F.linear`` would use.
 
-    ``norm_params`` is ``(weight, bias, eps)`` of the pre-norm, or None for none. Returns the
-    2-D (M, C) tensor that backward needs (``x`` itself with a norm, which then runs in ``x``'s
-    dtype as ``F.layer_norm`` would; else ``x`` in the compute dtype), the norm and the output
+    ``norm_params`` is ``(weight, bias, eps)`` of the pre-norm; eps None means no norm. Returns
+    the 2-D (M, C) tensor that backward needs (``x`` itself with a norm, which then runs in
+    ``x``'s dtype as ``F.layer_norm`` would; else ``x`` in the compute dtype) and the output
     (B, N, C_out).
     """
     dtype = _compute_dtype(x)
     x2 = x.reshape(-1, x.shape[-1])
-    norm = None
-    if norm_params is None:
+    norm = None if norm_params[2] is None else _Norm(*norm_params, dtype=dtype)
+    if norm is None:
         x2 = x2.to(dtype)
-    else:
-        norm = _Norm(*norm_params, dtype=dtype)
     with torch.autocast(x.device.type, enabled=False):
         out = _mlp_chunks(x2, norm, *(p.to(dtype) for p in params), rows, keep=keep)
-    return x2, norm, out.view(*x.shape[:-1], out.shape[-1])
+    return x2, out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -112,8 +110,8 @@ class _ChunkedMlpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_w, norm_b, norm_eps, w1, b1, w2, b2, rows):
         hidden: List[torch.Tensor] = []
-        norm_params = None if norm_eps is None else (norm_w, norm_b, norm_eps)
-        x2, norm, out = _mlp_forward(x, norm_params, (w1, b1, w2, b2), rows, keep=hidden)
+        x2, out = _mlp_forward(x, (norm_w, norm_b, norm_eps), (w1, b1, w2, b2), rows,
+                               keep=hidden)
         ctx.rows, ctx.dtype, ctx.x_dtype, ctx.x_shape = rows, out.dtype, x.dtype, x.shape
         ctx.norm_eps = norm_eps
         ctx.save_for_backward(x2, norm_w, norm_b, w1, w2, *hidden)
@@ -221,5 +219,4 @@ class Mlp(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 p is not None and p.requires_grad for p in params + norm_params[:2])):
             return self.drop2(_ChunkedMlpFunction.apply(x, *norm_params, *params, rows))
-        norm_params = None if norm is None else norm_params
-        return self.drop2(_mlp_forward(x, norm_params, params, rows)[2])
+        return self.drop2(_mlp_forward(x, norm_params, params, rows)[1])
