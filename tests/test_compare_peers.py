@@ -38,6 +38,19 @@ def test_compare_peers_short_mode_asserts_agreement(tmp_path):
         assert all(t > 0 for t in case['seconds'].values())
 
 
+@pytest.mark.parametrize('flags, amx', [('fpu avx512f avx512_bf16 amx_bf16 amx_tile', True),
+                                         ('fpu avx2 avx512f', False), (None, None)])
+def test_machine_info_tells_amx_cpus_apart(tmp_path, monkeypatch, flags, amx):
+    cpuinfo = tmp_path / 'cpuinfo'
+    if flags is not None:
+        cpuinfo.write_text(f'processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\n'
+                           'processor\t: 1\nmodel name\t: Some CPU\nflags\t\t: fpu\n')
+    monkeypatch.setattr(peers, '_CPUINFO', str(cpuinfo))
+    info = peers.machine_info()
+    assert info['cpu_amx'] is amx
+    assert (info['cpu'] == 'Some CPU') is (flags is not None)
+
+
 def test_training_case_with_cp_one_process_at_a_time():
     """The COCO case's mode, on a small input: with_cp entry, workers one after another, memory
     measured; gradient checkpointing keeps well under half the activations (a count)."""
