@@ -517,8 +517,9 @@ def machine_info(device: str = 'cpu') -> dict:
     """What the timings depend on: CPU model and vector ISA, AMX, threads, torch, native bf16, GPU.
 
     ``cpu_amx`` (the ``amx_bf16`` flag of ``/proc/cpuinfo``; None where that file is missing)
-    tells apart CPUs that ``cpu_capability`` reports alike: AMX tiles run bf16 matmuls several
-    times faster than AVX512-BF16 alone.
+    tells apart CPUs that ``cpu_capability`` reports alike, whose bf16 speed differs (measured in
+    docs/benchmarks.md: autocast inference 2.1-2.4x fp32 with AMX, 1.45-1.57x with AVX512-BF16
+    alone).
     """
     cpu, flags = platform.processor() or platform.machine(), None
     try:
