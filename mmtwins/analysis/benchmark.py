@@ -107,12 +107,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: Autocast dtypes by the names the tools take (``--amp-dtype``) and report (``amp-fp16``).
+AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+def autocast_dtype(device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """``dtype``, or the default autocast dtype of ``device``: fp16 on GPU, bf16 on CPU."""
+    return dtype or (torch.float16 if device.type == 'cuda' else torch.bfloat16)
+
+
 def autocast_context(device: torch.device, amp: bool, dtype: Optional[torch.dtype] = None):
-    """Autocast for ``amp`` (fp16 on GPU, bf16 on CPU unless ``dtype`` says otherwise)."""
+    """(autocast context, precision name) for ``amp`` in :func:`autocast_dtype`; for fp32 a
+    null context and ``'fp32'``."""
     if not amp:
         return contextlib.nullcontext(), 'fp32'
-    dtype = dtype or (torch.float16 if device.type == 'cuda' else torch.bfloat16)
-    name = {torch.float16: 'fp16', torch.bfloat16: 'bf16'}.get(dtype, str(dtype))
+    dtype = autocast_dtype(device, dtype)
+    name = {v: k for k, v in AMP_DTYPES.items()}.get(dtype, str(dtype))
     return torch.autocast(device.type, dtype=dtype), f'amp-{name}'
 
 

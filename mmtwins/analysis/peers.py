@@ -28,6 +28,8 @@ GELU, LayerNorm, other) and the GFLOP/s its matmul operators reach inside the ne
 (:func:`kernel_breakdown`), which says how much of a step an implementation's own layout and
 element-wise work costs next to the shared kernels.
 """
+import contextlib
+import functools
 import json
 import math
 import multiprocessing
@@ -43,7 +45,7 @@ from torch import nn
 
 from mmtwins.checkpoint import load_twins_checkpoint
 from mmtwins.models import PCPVT, SVT
-from .benchmark import PeakMemory, autocast_context
+from .benchmark import PeakMemory, autocast_context, autocast_dtype
 
 FAMILIES = {'pcpvt': PCPVT, 'svt': SVT}
 PEERS = ('timm', 'mmseg', 'mmpretrain')
@@ -115,31 +117,60 @@ def randomize_parameters_(model: nn.Module, seed: int = 0, std: float = 0.02) ->
     return model
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 matmuls and convolutions on CUDA computed in fp32, not TF32, inside ``with``.
+
+    PyTorch lets cuDNN's convolutions use TF32 by default (about 1e-3 relative error), which
+    would hide a real difference between two implementations at the 1e-4 tolerance.
+    """
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def max_abs_diff_with_peer(peer: nn.Module, family: str, arch: str, x: torch.Tensor) -> float:
     """Load ``peer``'s weights, made distinct by :func:`randomize_parameters_`, into a fresh
-    mmtwins model; max |difference| of the stage maps."""
+    mmtwins model; max |difference| of the stage maps, both run on ``x``'s device in exact fp32."""
     ours = build_impl('mmtwins', family, arch).eval()
     randomize_parameters_(peer)
     sd = peer.model.state_dict() if isinstance(peer, _TimmStages) else peer.state_dict()
     load_twins_checkpoint(ours, sd, logger='silent')
-    with torch.inference_mode():
-        outs, refs = ours(x), peer.eval()(x)
+    ours, peer = ours.to(x.device), peer.to(x.device).eval()
+    with torch.inference_mode(), exact_fp32():
+        outs, refs = ours(x), peer(x)
     if len(outs) != len(refs):
         raise AssertionError(f'mmtwins gives {len(outs)} stage maps, the peer {len(refs)}')
     return max((a - b).abs().max().item() for a, b in zip(outs, refs))
 
 
+@functools.lru_cache(maxsize=None)
+def peer_agreement(peer: str, family: str, arch: str, device: str = 'cpu') -> float:
+    """:func:`max_abs_diff_with_peer` on one 224x224 image (seed 0), where every stage map is
+    whole LSA windows: on padded maps the peers differ from mmtwins by design (timm does not mask
+    padded keys; mmseg's and mmpretrain's mask switches off when only one side is padded).
+    Cached: every case of a variant shares the check."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 224, 224).to(device)
+    return max_abs_diff_with_peer(build_impl(peer, family, arch), family, arch, x)
+
+
 # --------------------------------------------------------------------------- one step
-def make_step(model: nn.Module, x: torch.Tensor, mode: str, amp: bool = False) -> Callable:
-    """A closure running one inference pass (``mode='infer'``) or training step (``'train'``)."""
+def make_step(model: nn.Module, x: torch.Tensor, mode: str, amp: bool = False,
+              amp_dtype: Optional[torch.dtype] = None) -> Callable:
+    """A closure running one inference pass (``mode='infer'``) or training step (``'train'``),
+    under autocast if ``amp`` (``amp_dtype``; default fp16 on GPU, bf16 on CPU)."""
     device = x.device
 
     def infer():
-        with torch.inference_mode(), autocast_context(device, amp)[0]:
+        with torch.inference_mode(), autocast_context(device, amp, amp_dtype)[0]:
             model(x)
 
     def train():
-        with autocast_context(device, amp)[0]:
+        with autocast_context(device, amp, amp_dtype)[0]:
             loss = sum(o.float().mean() for o in model(x))
         loss.backward()
         for p in model.parameters():
@@ -169,11 +200,13 @@ def saved_tensor_mb(model: nn.Module, x: torch.Tensor) -> float:
 
 #: Operator categories of :func:`kernel_breakdown`: (category, operator names, name substrings),
 #: matched in this order; everything else is ``other`` (element-wise ops, reductions such as the
-#: bias gradients, softmax of unfused attention, autograd and Python overhead).
+#: bias gradients, softmax of unfused attention, autograd and Python overhead). On CUDA the
+#: fused attention's kernels are launched by ``aten::_efficient_attention_forward`` and
+#: ``aten::_flash_attention_backward`` and the like, below ``scaled_dot_product_*``.
 KERNEL_CATEGORIES = (
     ('matmul', ('aten::mm', 'aten::addmm', 'aten::addmm_', 'aten::bmm', 'aten::baddbmm',
                 'aten::baddbmm_'), ()),
-    ('fused attention', (), ('scaled_dot_product',)),
+    ('fused attention', (), ('scaled_dot_product', '_attention_forward', '_attention_backward')),
     ('convolution', (), ('conv',)),
     ('copies', ('aten::copy_', 'aten::cat', 'aten::stack', 'aten::fill_', 'aten::zero_'), ()),
     ('GELU', (), ('gelu',)),
@@ -195,29 +228,42 @@ def _gemm_flops(name: str, shapes) -> int:
     return 2 * math.prod(a) * b[-1]
 
 
-def kernel_breakdown(step: Callable) -> dict:
-    """Where one call of ``step`` spends its time on the CPU, by operator category.
+def kernel_breakdown(step: Callable, device: Optional[torch.device] = None) -> dict:
+    """Where one call of ``step`` spends its time, by operator category: CPU time on a CPU,
+    GPU kernel time on a CUDA ``device``.
 
     ``step`` runs once under ``torch.profiler``; each operator's self time (its own, not its
-    children's) goes to its category of :data:`KERNEL_CATEGORIES`, so the categories add up to
-    the profiled step. The matmul operators' FLOPs come from their input shapes.
+    children's; on CUDA, the time of the kernels it launched itself) goes to its category of
+    :data:`KERNEL_CATEGORIES`, so the categories add up to the time the processor was busy with
+    the step. The matmul operators' FLOPs come from their input shapes.
 
     Returns:
-        dict: ``ms`` (category -> milliseconds, plus ``total``) and ``matmul_gflops``, the
-        GFLOP/s the matmul operators achieve inside the network.
+        dict: ``ms`` (category -> milliseconds, plus ``total``), ``matmul_gflops``, the GFLOP/s
+        the matmul operators achieve inside the network, and ``wall_ms``, the profiled step's
+        wall time (on a GPU, ``total`` below it is time the GPU waited for kernel launches).
     """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    cuda = device is not None and device.type == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        start = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
     ms = dict.fromkeys(CATEGORY_NAMES, 0.)
     gemm_flops = 0
     for event in prof.events():
+        if event.device_type != DeviceType.CPU:  # a kernel: counted through the op launching it
+            continue
         category = _category(event.name)
-        ms[category] += event.self_cpu_time_total / 1e3
+        ms[category] += (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
         if category == 'matmul':
             gemm_flops += _gemm_flops(event.name, event.input_shapes)
     ms['total'] = sum(ms.values())
-    return dict(ms=ms, matmul_gflops=gemm_flops / ms['matmul'] / 1e6 if ms['matmul'] else None)
+    return dict(ms=ms, matmul_gflops=gemm_flops / ms['matmul'] / 1e6 if ms['matmul'] else None,
+                wall_ms=wall * 1e3)
 
 
 def _sync(device):
@@ -235,6 +281,7 @@ class Entry:
     impl: str
     kwargs: dict = field(default_factory=dict)
     amp: bool = False
+    amp_dtype: Optional[torch.dtype] = None
 
 
 def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device: str,
@@ -246,7 +293,7 @@ def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device
         torch.manual_seed(0)
         x = torch.randn(*shape).to(dev)  # before the model: the same input in every worker
         model = build_impl(entry.impl, family, arch, **entry.kwargs).to(dev)
-        step = make_step(model, x, mode, amp=entry.amp)
+        step = make_step(model, x, mode, amp=entry.amp, amp_dtype=entry.amp_dtype)
         conn.send(('ok', None))
         while True:
             cmd = conn.recv()
@@ -266,7 +313,7 @@ def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device
                 _sync(dev)
                 conn.send(('ok', time.perf_counter() - start))
             elif cmd == 'kernels':
-                conn.send(('ok', kernel_breakdown(step)))
+                conn.send(('ok', kernel_breakdown(step, dev)))
             elif cmd == 'saved':
                 conn.send(('ok', saved_tensor_mb(model, x)))
                 model.train(mode == 'train')
@@ -375,6 +422,7 @@ class CaseResult:
     saved_mb: Dict[str, float] = field(default_factory=dict)
     peak_mb: Dict[str, Optional[float]] = field(default_factory=dict)
     max_abs_diff: Dict[str, float] = field(default_factory=dict)
+    device_max_abs_diff: Dict[str, float] = field(default_factory=dict)  # on a GPU, exact fp32
     cosine: Optional[float] = None  # autocast cases: output cosine similarity with fp32
     gflops: Optional[float] = None
     matmul_gflops: Optional[float] = None
@@ -408,56 +456,61 @@ class CaseResult:
 
 
 def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers: Sequence[str],
-                 device: str = 'cpu', amp: bool = False, warmup: int = 2, repeats: int = 5,
+                 device: str = 'cpu', amp: bool = False,
+                 amp_dtype: Optional[torch.dtype] = None, warmup: int = 2, repeats: int = 5,
                  memory: bool = True, with_cp: bool = False, interleave: bool = True,
                  kernels: bool = False, tol: float = 1e-4, log=print) -> CaseResult:
     """Check agreement with every peer, then time (and measure the memory of) one case.
+
+    Agreement (:func:`peer_agreement`) is checked on the CPU and, when ``device`` is a GPU, on
+    it too (in exact fp32, :func:`exact_fp32`); the timed steps use the device's default
+    settings, as a user's run would.
 
     Every entry runs in its own worker process (:class:`_Workers`); its first step is untimed
     and gives its peak memory, then ``warmup - 1`` more untimed steps, then ``repeats`` timed
     ones (in rotating order with the other entries if ``interleave``).
 
     Args:
-        amp: time mmtwins under autocast against its own fp32 (no peers).
+        amp: run under autocast in ``amp_dtype`` (default fp16 on GPU, bf16 on CPU): mmtwins
+            and every peer if ``peers`` are given, else mmtwins against its own fp32.
         memory: report the first step's peak memory; for training steps also count the bytes
             saved for backward.
         with_cp: also run mmtwins with gradient checkpointing (training cases).
         kernels: after the timed steps, profile one more step of every entry
-            (:func:`kernel_breakdown`, CPU only).
+            (:func:`kernel_breakdown`).
         interleave: keep every entry's worker alive and take turns (default); False runs the
             entries one after another, one process at a time (large inputs: the processes'
             memory side by side would not fit), so slow drifts of the machine are not averaged
             out.
     """
     dev = torch.device(device)
-    if kernels and dev.type != 'cpu':
-        raise ValueError(f'the kernel breakdown profiles CPU operators only, not {device}')
-    res = CaseResult(f'{family}-{arch}', mode, list(shape), autocast_context(dev, amp)[1],
-                     interleaved=interleave)
-    # Agreement at 224x224, where every stage map is whole LSA windows: on padded maps the peers
-    # differ from mmtwins by design (timm does not mask padded keys; mmseg's and mmpretrain's
-    # mask switches off when only one side is padded).
-    torch.manual_seed(0)
-    check = torch.randn(1, 3, 224, 224)
+    res = CaseResult(f'{family}-{arch}', mode, list(shape),
+                     autocast_context(dev, amp, amp_dtype)[1], interleaved=interleave)
     for p in peers:
-        res.max_abs_diff[p] = diff = max_abs_diff_with_peer(
-            build_impl(p, family, arch), family, arch, check)
-        if diff > tol:
+        res.max_abs_diff[p] = peer_agreement(p, family, arch)
+        if dev.type != 'cpu':
+            res.device_max_abs_diff[p] = peer_agreement(p, family, arch, device)
+        worst = max(res.max_abs_diff[p], res.device_max_abs_diff.get(p, 0.))
+        if worst > tol:
             raise AssertionError(f'mmtwins disagrees with {p} on {family}-{arch}: max abs '
-                                 f'difference {diff:.3g} > {tol}')
+                                 f'difference {worst:.3g} > {tol}')
+    amp_kw = dict(amp=amp, amp_dtype=amp_dtype)
+    entries = [Entry('mmtwins', 'mmtwins', **amp_kw)]
     if amp:
-        entries = [Entry('mmtwins', 'mmtwins', amp=True), Entry('mmtwins-fp32', 'mmtwins')]
         res.cosine = autocast_cosine(build_impl('mmtwins', family, arch).to(dev),
-                                     torch.randn(*shape, device=dev))
+                                     torch.randn(*shape, device=dev), amp_dtype)
+    if amp and not peers:
+        entries.append(Entry('mmtwins-fp32', 'mmtwins'))
     else:
-        entries = [Entry('mmtwins', 'mmtwins')] + [Entry(p, p) for p in peers]
+        entries += [Entry(p, p, **amp_kw) for p in peers]
         if with_cp and mode == 'train':
-            entries.append(Entry('mmtwins-with_cp', 'mmtwins', dict(with_cp=True)))
+            entries.append(Entry('mmtwins-with_cp', 'mmtwins', dict(with_cp=True), **amp_kw))
     if mode == 'infer':
         from .flops import count_complexity
         macs = count_complexity(build_impl('mmtwins', family, arch), torch.randn(*shape)).flops
         res.gflops = 2 * macs / 1e9
-    res.matmul_gflops = matmul_gflops(device)
+    ceiling_dtype = autocast_dtype(dev, amp_dtype) if amp else torch.float32
+    res.matmul_gflops = matmul_gflops(device, ceiling_dtype)
     # Interleaved: every worker alive at once. One at a time: each entry's steps in a block, for
     # cases where several processes' memory would not fit side by side.
     groups = [entries] if interleave else [[e] for e in entries]
@@ -476,27 +529,33 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
                 for e in group:
                     res.kernels[e.name] = workers.ask(e.name, 'kernels')
     # The ceiling: the better of two measurements, before and after the timed steps.
-    res.matmul_gflops = max(res.matmul_gflops, matmul_gflops(device))
+    res.matmul_gflops = max(res.matmul_gflops, matmul_gflops(device, ceiling_dtype))
     res.seconds = {n: statistics.median(t) for n, t in times.items()}
     for line in [format_case(res)] + format_kernels(res):
         log(line)
     return res
 
 
-def autocast_cosine(model: nn.Module, x: torch.Tensor) -> float:
-    """Cosine similarity of the concatenated stage maps under autocast and in fp32."""
+def autocast_cosine(model: nn.Module, x: torch.Tensor,
+                    amp_dtype: Optional[torch.dtype] = None) -> float:
+    """Cosine similarity of the concatenated stage maps under autocast and in exact fp32."""
     model.eval()
     with torch.inference_mode():
-        ref = torch.cat([o.flatten() for o in model(x)])
-        with autocast_context(x.device, True)[0]:
+        with exact_fp32():
+            ref = torch.cat([o.flatten() for o in model(x)])
+        with autocast_context(x.device, True, amp_dtype)[0]:
             low = torch.cat([o.float().flatten() for o in model(x)])
     return torch.nn.functional.cosine_similarity(ref, low, dim=0).item()
 
 
-def matmul_gflops(device: str = 'cpu', n: int = 2048, repeats: int = 10) -> float:
-    """Dense fp32 matmul GFLOP/s of this machine (the ceiling for the GFLOP/s fractions)."""
+def matmul_gflops(device: str = 'cpu', dtype: torch.dtype = torch.float32,
+                  n: Optional[int] = None, repeats: int = 10) -> float:
+    """Dense matmul GFLOP/s of this machine in ``dtype`` (the ceiling for the GFLOP/s
+    fractions), n x n by n x n: n = 2048 on a CPU, 8192 on a GPU (which a smaller product does
+    not fill). fp32 runs as the device runs it by default (on CUDA: no TF32)."""
     dev = torch.device(device)
-    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    n = n or (2048 if dev.type == 'cpu' else 8192)
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
     a @ b
     _sync(dev)
     best = math.inf
@@ -506,6 +565,12 @@ def matmul_gflops(device: str = 'cpu', n: int = 2048, repeats: int = 10) -> floa
         _sync(dev)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
+
+
+def _ms(seconds: float) -> str:
+    """Milliseconds with three significant digits or more: 1609, 41.3, 4.27."""
+    ms = seconds * 1e3
+    return f'{ms:.{0 if ms >= 100 else 1 if ms >= 10 else 2}f}'
 
 
 def _mem(r: CaseResult, kind: str) -> str:
@@ -519,7 +584,8 @@ def machine_info(device: str = 'cpu') -> dict:
     ``cpu_amx`` (the ``amx_bf16`` flag of ``/proc/cpuinfo``; None where that file is missing)
     tells apart CPUs that ``cpu_capability`` reports alike, whose bf16 speed differs (measured in
     docs/benchmarks.md: autocast inference 2.1-2.4x fp32 with AMX, 1.45-1.57x with AVX512-BF16
-    alone).
+    alone). On a GPU also its name, the CUDA and cuDNN versions and whether fp32 matmuls and
+    convolutions may use TF32 (PyTorch's defaults: matmuls no, cuDNN convolutions yes).
     """
     cpu, flags = platform.processor() or platform.machine(), None
     try:
@@ -540,16 +606,19 @@ def machine_info(device: str = 'cpu') -> dict:
                                      and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                 device=device)
     if device.startswith('cuda'):
-        info['gpu'] = torch.cuda.get_device_name(torch.device(device))
+        info.update(gpu=torch.cuda.get_device_name(torch.device(device)),
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                    tf32_cudnn=torch.backends.cudnn.allow_tf32)
     return info
 
 
 def format_case(r: CaseResult) -> str:
     """One line per case: times, ratios, memory, GFLOP/s fraction."""
-    cols = ', '.join(f'{n} {t * 1e3:.0f} ms' for n, t in r.seconds.items())
+    cols = ', '.join(f'{n} {_ms(t)} ms' for n, t in r.seconds.items())
     if r.cosine is not None:
         cols += f' (cosine similarity with fp32 {r.cosine:.5f})'
-    against = 'own fp32' if r.cosine is not None else 'fastest peer'
+    against = 'own fp32' if 'mmtwins-fp32' in r.seconds else 'fastest peer'
     line = (f'{r.variant:>11} {r.mode:<5} {"x".join(map(str, r.shape)):<14} {r.precision:<8} '
             f'{cols}; speed-up vs {against} {r.speedup() or float("nan"):.2f}x')
     if r.flops_fraction() is not None:
@@ -572,10 +641,11 @@ def format_kernels(r: CaseResult) -> List[str]:
     lines = []
     for name, k in r.kernels.items():
         ms = k['ms']
-        parts = ', '.join(f'{c} {t:.0f} ({t / ms["total"]:.0%})' for c, t in ms.items()
+        parts = ', '.join(f'{c} {t:.1f} ({t / ms["total"]:.0%})' for c, t in ms.items()
                           if c != 'total')
         gemm = f'; matmuls at {k["matmul_gflops"]:.0f} GFLOP/s' if k['matmul_gflops'] else ''
-        lines.append(f'    {name}: profiled step {ms["total"]:.0f} ms = {parts}{gemm}')
+        lines.append(f'    {name}: profiled step {ms["total"]:.1f} ms busy '
+                     f'({k["wall_ms"]:.1f} ms wall) = {parts}{gemm}')
     return lines
 
 
@@ -593,10 +663,9 @@ def format_markdown(results: List[CaseResult]) -> str:
         ['peak ratio', 'saved-for-backward ratio']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in results:
-        ms = {n: t * 1e3 for n, t in r.seconds.items()}
         case = f'{r.mode} {"x".join(map(str, r.shape))}' + ('' if r.interleaved else ' (*)')
         row = [r.variant, case, r.precision]
-        row += [cell(ms, n, '{:.0f}') for n in names]
+        row += [_ms(r.seconds[n]) if n in r.seconds else '' for n in names]
         row += [f'{r.speedup():.2f}x' if r.speedup() else '',
                 f'{r.flops_fraction():.2f}' if r.flops_fraction() else '']
         row += [cell(r.peak_mb, n, '{:.0f}') for n in names]
@@ -612,14 +681,15 @@ def format_markdown(results: List[CaseResult]) -> str:
 
 def _kernels_markdown(results: List[CaseResult]) -> str:
     """The kernel breakdowns: one row per profiled entry, each category's share of its step."""
-    head = ['variant', 'case', 'implementation', 'profiled ms',
+    head = ['variant', 'case', 'implementation', 'profiled ms (wall)',
             *(f'{c} %' for c in CATEGORY_NAMES), 'matmul GFLOP/s']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in results:
         for name, k in r.kernels.items():
             ms = k['ms']
             row = [r.variant, f'{r.mode} {"x".join(map(str, r.shape))}', name,
-                   f'{ms["total"]:.0f}', *(f'{100 * ms[c] / ms["total"]:.0f}'
+                   f'{ms["total"]:.1f} ({k["wall_ms"]:.1f})',
+                   *(f'{100 * ms[c] / ms["total"]:.0f}'
                                            for c in CATEGORY_NAMES)]
             row.append(f'{k["matmul_gflops"]:.0f}' if k['matmul_gflops'] else '')
             lines.append('| ' + ' | '.join(row) + ' |')

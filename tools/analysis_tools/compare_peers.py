@@ -6,12 +6,15 @@ memory side by side in one run.
     python tools/analysis_tools/compare_peers.py --cases coco          # 800x1344 training, with_cp too
     python tools/analysis_tools/compare_peers.py --short               # agreement + one quick timing (CI)
     python tools/analysis_tools/compare_peers.py --cases train512 --kernels   # + time by kernel category
+    python tools/analysis_tools/compare_peers.py --device cuda --cases amp-infer512 amp-train512
 
 Cases: inference at 224x224 batch 8 and 512x512 batch 2, one training step at 512x512 batch 2
-(fp32), bf16-autocast inference (mmtwins against its own fp32) and, on request (--cases coco), a
-training step at 800x1344 batch 1 with mmtwins also run with ``with_cp=True`` (one process at a
-time: five side by side would not fit in 24 GiB). Every implementation runs in its own worker
-process; see mmtwins/analysis/peers.py.
+(fp32), autocast inference (mmtwins against its own fp32) and, on request, autocast inference
+and training at 512x512 against the peers under autocast too (amp-infer512, amp-train512) and a
+training step at 800x1344 batch 1 (coco) with mmtwins also run with ``with_cp=True`` (one process
+at a time: five side by side would not fit in 24 GiB). Autocast is fp16 on a GPU and bf16 on a
+CPU unless --amp-dtype says otherwise. Every implementation runs in its own worker process; see
+mmtwins/analysis/peers.py.
 """
 import argparse
 import json
@@ -19,16 +22,22 @@ import json
 import torch
 
 from mmtwins.analysis import peers as P
+from mmtwins.analysis.benchmark import AMP_DTYPES
+from mmtwins.engine.fileio import atomic_write
 
 SMALL = ['pcpvt-small', 'svt-small']
-# name: (mode, input shape, bf16 autocast); autocast cases compare mmtwins with its own fp32.
+# name: (mode, input shape, autocast): None (fp32), 'own' (mmtwins against its own fp32) or
+# 'peers' (every implementation under autocast).
 CASES = {
-    'infer224': ('infer', (8, 3, 224, 224), False),
-    'infer512': ('infer', (2, 3, 512, 512), False),
-    'train512': ('train', (2, 3, 512, 512), False),
-    'amp512': ('infer', (2, 3, 512, 512), True),
-    'coco': ('train', (1, 3, 800, 1344), False),
+    'infer224': ('infer', (8, 3, 224, 224), None),
+    'infer512': ('infer', (2, 3, 512, 512), None),
+    'train512': ('train', (2, 3, 512, 512), None),
+    'amp512': ('infer', (2, 3, 512, 512), 'own'),
+    'coco': ('train', (1, 3, 800, 1344), None),
+    'amp-infer512': ('infer', (2, 3, 512, 512), 'peers'),
+    'amp-train512': ('train', (2, 3, 512, 512), 'peers'),
 }
+DEFAULT_CASES = ['infer224', 'infer512', 'train512', 'amp512']
 ALL = [f'{f}-{a}' for f in ('pcpvt', 'svt') for a in ('small', 'base', 'large')]
 
 
@@ -43,17 +52,21 @@ def parse_args(argv=None):
                    'the heap of a training process takes a few steps to settle (measured: the '
                    "peers' first 3-4 training steps at 512x512 are slower than the later ones)")
     p.add_argument('--repeats', type=int, default=7, help='timed steps per implementation')
-    p.add_argument('--cases', nargs='+', choices=list(CASES), default=list(CASES)[:4],
-                   help='cases to run (default: all but coco, the 800x1344 training step)')
+    p.add_argument('--cases', nargs='+', choices=list(CASES), default=DEFAULT_CASES,
+                   help=f'cases to run (default: {" ".join(DEFAULT_CASES)})')
+    p.add_argument('--amp-dtype', choices=list(AMP_DTYPES),
+                   help='autocast dtype of the amp cases (default: fp16 on GPU, bf16 on CPU)')
     p.add_argument('--no-memory', action='store_true', help='do not report memory')
     p.add_argument('--kernels', action='store_true',
                    help='after the timings, profile one more step of every implementation: '
                    'its time by operator category (matmul, fused attention, convolution, '
-                   'copies, GELU, LayerNorm, other) and the GFLOP/s of its matmuls (CPU only)')
+                   'copies, GELU, LayerNorm, other) and the GFLOP/s of its matmuls (on a GPU: '
+                   'kernel time)')
     p.add_argument('--short', action='store_true',
                    help='agreement with every peer and one small timed case only (for CI)')
-    p.add_argument('--out', help='write the results as JSON here')
-    p.add_argument('--markdown', help='write the results as a Markdown table here')
+    p.add_argument('--out', help='write the results as JSON here (rewritten after every case, '
+                   'so an interrupted run keeps the cases it finished)')
+    p.add_argument('--markdown', help='write the results as a Markdown table here (likewise)')
     return p.parse_args(argv)
 
 
@@ -62,29 +75,33 @@ def main(argv=None):
     variants = ALL if args.variants == ['all'] else args.variants
     peers = args.peers or P.available_peers()
     kw = dict(peers=peers, device=args.device, warmup=args.warmup, repeats=args.repeats,
-              memory=not args.no_memory, kernels=args.kernels)
+              memory=not args.no_memory, kernels=args.kernels,
+              amp_dtype=AMP_DTYPES.get(args.amp_dtype))
     machine = P.machine_info(args.device)
     print(', '.join(f'{k} {v}' for k, v in machine.items()) + f'; peers: {", ".join(peers)}')
-    results = []
+    jobs = []  # (variant, mode, shape, compare_case keyword arguments)
     for v in variants:
-        family, arch = v.split('-')
         if args.short:
-            results.append(P.compare_case(family, arch, 'infer', (1, 3, 224, 224),
-                                          **dict(kw, warmup=1, repeats=1, memory=False)))
+            jobs.append((v, 'infer', (1, 3, 224, 224), dict(kw, warmup=1, repeats=1,
+                                                             memory=False)))
             continue
         for case in args.cases:
             mode, shape, amp = CASES[case]
-            results.append(P.compare_case(family, arch, mode, shape, amp=amp,
-                                          with_cp=case == 'coco', interleave=case != 'coco',
-                                          **dict(kw, peers=[]) if amp else kw))
-    if args.out:
-        with open(args.out, 'w') as f:
-            f.write(P.to_json(results, dict(machine=machine, peers=peers, args=vars(args))))
-        print(f'wrote {args.out}')
-    if args.markdown:
-        with open(args.markdown, 'w') as f:
-            f.write(P.format_markdown(results) + '\n')
-        print(f'wrote {args.markdown}')
+            jobs.append((v, mode, shape, dict(kw, peers=[] if amp == 'own' else peers,
+                                              amp=amp is not None, with_cp=case == 'coco',
+                                              interleave=case != 'coco')))
+    results = []
+    for v, mode, shape, case_kw in jobs:
+        family, arch = v.split('-')
+        results.append(P.compare_case(family, arch, mode, shape, **case_kw))
+        # after every case: an interrupted run keeps what it measured
+        if args.out:
+            atomic_write(args.out, P.to_json(results, dict(machine=machine, peers=peers,
+                                                           args=vars(args))))
+        if args.markdown:
+            atomic_write(args.markdown, P.format_markdown(results) + '\n')
+    for path in filter(None, [args.out, args.markdown]):
+        print(f'wrote {path}')
 
 
 if __name__ == '__main__':

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU checks behind docs/benchmarks.md in one bounded run: the CUDA tests, then the peer
+# comparison on the GPU (fp32 and fp16 autocast against the peers, kernel time by category,
+# the COCO-size training step, bf16 autocast). Steps run in that order, each capped so the whole
+# run ends within SECONDS; a step that would get under 20 s is skipped. After every step the
+# logs, JSON and Markdown written so far are packed into OUTDIR/gpu_checks.tar.gz, so a run cut
+# short keeps what it measured (compare_peers.py also rewrites its JSON after every case).
+#
+#   bash tools/misc/gpu_checks.sh OUTDIR [SECONDS]          # default 480 s
+#
+# The stack must import (a project venv, or tools/misc/offline_stack.sh's PYTHONPATH).
+# DEVICE=cpu runs the same steps on the CPU (a dry run of this script; slow).
+set -uo pipefail
+
+out=${1:?usage: $0 OUTDIR [SECONDS]}
+budget=${2:-480}
+py=${PYTHON:-python3}
+work=$(mktemp -d)
+mkdir -p "$out"
+peers=(tools/analysis_tools/compare_peers.py --device "${DEVICE:-cuda}")
+
+step() {  # NAME CAP COMMAND...: run COMMAND for at most CAP seconds (less if the budget ends)
+    local name=$1 cap=$2 start=$SECONDS rc
+    shift 2
+    local left=$((budget - SECONDS - 10))
+    ((cap > left)) && cap=$left
+    if ((cap < 20)); then
+        echo "[gpu_checks] $name: skipped, ${left} s left"
+        return
+    fi
+    echo "[gpu_checks] $name: up to ${cap} s: $*"
+    timeout -k 5 "$cap" "$@" >"$work/$name.log" 2>&1
+    rc=$?
+    echo "[gpu_checks] $name: exit $rc after $((SECONDS - start)) s"
+    grep -E '^ *(pcpvt|svt)-|passed|failed|skipped|error|Error' "$work/$name.log" | tail -n 25
+    tar -czf "$out/gpu_checks.tar.gz" -C "$work" .
+}
+
+step env 60 bash -c "nvidia-smi; $py -c 'import torch, mmseg, mmpretrain, timm, mmtwins;
+print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), timm.__version__)'"
+step test_cuda 240 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step peers 300 "$py" "${peers[@]}" --cases infer224 infer512 train512 amp-infer512 amp-train512 \
+    --warmup 10 --repeats 30 --out "$work/peers_cuda.json" --markdown "$work/peers_cuda.md"
+step kernels 150 "$py" "${peers[@]}" --cases infer512 train512 amp-train512 --warmup 5 \
+    --repeats 5 --no-memory --kernels --out "$work/kernels_cuda.json" \
+    --markdown "$work/kernels_cuda.md"
+step coco 180 "$py" "${peers[@]}" --cases coco --warmup 3 --repeats 10 \
+    --out "$work/coco_cuda.json" --markdown "$work/coco_cuda.md"
+step bf16 120 "$py" "${peers[@]}" --cases amp-infer512 amp-train512 --amp-dtype bf16 \
+    --warmup 10 --repeats 30 --out "$work/bf16_cuda.json" --markdown "$work/bf16_cuda.md"
+echo "[gpu_checks] done in ${SECONDS} s; results in $out/gpu_checks.tar.gz"
