@@ -1,6 +1,9 @@
 """The speed and memory levers change nothing but speed and memory: same values, same gradients."""
+from collections import Counter
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmtwins.analysis.peers import build_impl, saved_tensor_mb
 from mmtwins.models.layers import Mlp
@@ -125,6 +128,39 @@ def test_chunked_mlp_keeps_only_its_input_and_the_pre_activation_for_backward(no
     assert sorted(tuple(t.shape) for t in acts) == [(6, 64), (7, 64), (7, 64), (20, 16)]
     if norm:  # what is kept of the input is x itself, not a copy
         assert [t.data_ptr() for t in acts if t.shape == (20, 16)] == [x.data_ptr()]
+
+
+class _CountOps(TorchDispatchMode):
+    """The aten operators run inside ``with``, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+#: Operators that launch no kernel: views, and the dtype promotion rule.
+_NO_KERNEL = {'view', 'slice', 't', 'detach', 'reshape', '_unsafe_view', 'promote_types'}
+
+
+@pytest.mark.parametrize('norm', NORMS, ids=NORM_IDS)
+def test_one_chunk_backward_runs_only_the_needed_kernels(norm):
+    """On a GPU (one chunk) a training step is launch-bound: each operator's host time counts.
+    The backward of one chunk runs autograd's own gradient kernels plus the two recomputations
+    (GELU, and the pre-norm if given), with no zero-filled accumulators, copies or additions."""
+    (mlp, ln), x = _mlp(None, norm), torch.randn(2, 10, 16, requires_grad=True)
+    y = mlp(x, norm=ln)
+    grad = torch.randn_like(y)
+    with _CountOps() as count:
+        y.backward(grad)
+    kernels = {op: n for op, n in count.ops.items() if op not in _NO_KERNEL}
+    expected = {'gelu': 1, 'mm': 4, 'sum': 2, 'gelu_backward': 1}
+    if norm:
+        expected.update(native_layer_norm=1, native_layer_norm_backward=1)
+    assert kernels == expected
 
 
 @pytest.mark.parametrize('hw', [(14, 14), (9, 12)], ids=['whole-windows', 'padded'])

@@ -53,27 +53,30 @@ class _Norm:
     def with_stats(self, x: torch.Tensor):
         """(normalised ``x`` in the compute dtype, mean, rstd), for the norm's backward."""
         y, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        return y.to(self.dtype), mean, rstd
+        return _to(y, self.dtype), mean, rstd
 
 
 def _mlp_chunks(x: torch.Tensor, norm: Optional[_Norm], w1, b1, w2, b2, rows: Optional[int],
                 keep: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
     """``fc2(gelu(fc1(norm(x))))`` on 2-D ``x`` (M, C) chunk by chunk; appends each ``h`` to
-    ``keep``."""
-    out = x.new_empty(x.shape[0], w2.shape[0], dtype=w2.dtype)
-    for s, e in _spans(x.shape[0], rows):
+    ``keep``. Several chunks write into one output tensor; one chunk returns its own."""
+    spans = _spans(x.shape[0], rows)
+    out = x.new_empty(x.shape[0], w2.shape[0], dtype=w2.dtype) if len(spans) > 1 else None
+    for s, e in spans:
         xc = x[s:e] if norm is None else norm(x[s:e])
         h = F.linear(xc, w1, b1)
         if keep is not None:
             keep.append(h)
+        if out is None:
+            return F.linear(F.gelu(h), w2, b2)
         torch.addmm(b2, F.gelu(h), w2.t(), out=out[s:e])
     return out
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype ``F.linear`` would compute ``x`` in: autocast's, if enabled."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call where it would return ``t`` (each call costs host time,
+    which a launch-bound GPU step waits for)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _mlp_forward(x: torch.Tensor, norm_params, params, rows: Optional[int],
@@ -85,27 +88,44 @@ def _mlp_forward(x: torch.Tensor, norm_params, params, rows: Optional[int],
     ``x``'s dtype as ``F.layer_norm`` would; else ``x`` in the compute dtype) and the output
     (B, N, C_out).
     """
-    dtype = _compute_dtype(x)
+    dev = x.device.type
+    autocast = torch.is_autocast_enabled(dev)
+    dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
     x2 = x.reshape(-1, x.shape[-1])
     norm = None if norm_params[2] is None else _Norm(*norm_params, dtype=dtype)
     if norm is None:
-        x2 = x2.to(dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        out = _mlp_chunks(x2, norm, *(p.to(dtype) for p in params), rows, keep=keep)
+        x2 = _to(x2, dtype)
+    params = [_to(p, dtype) for p in params]
+    if autocast:  # the linears compute in ``dtype`` already
+        with torch.autocast(dev, enabled=False):
+            out = _mlp_chunks(x2, norm, *params, rows, keep=keep)
+    else:
+        out = _mlp_chunks(x2, norm, *params, rows, keep=keep)
     return x2, out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``acc += a @ b`` with ``acc`` in fp32 or wider (weight gradients summed over chunks)."""
+def _add_product(acc: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``acc + a @ b`` in ``dtype`` (fp32 or wider: weight gradients summed over chunks); ``acc``
+    None (the first chunk) gives the product itself, so one chunk costs one matmul."""
+    if acc is None:
+        return _to(a.mm(b), dtype)
     if acc.dtype == a.dtype:
         return acc.addmm_(a, b)
     return acc.add_(a.mm(b))
 
 
+def _add(acc: Optional[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    """``acc + t``, or ``t`` for the first chunk (``acc`` None)."""
+    return t if acc is None else acc.add_(t)
+
+
 class _ChunkedMlpFunction(torch.autograd.Function):
     """Differentiable chunked MLP with an optional pre-norm; see the module docstring. Under
     autocast it computes in the autocast dtype, as ``F.linear`` would, and returns gradients in
-    the inputs' dtypes."""
+    the inputs' dtypes. Each gradient is built from the first chunk's result and accumulated
+    over the others, so a single chunk (always, on a GPU) launches no more operations than
+    autograd's own backward plus the two recomputations."""
 
     @staticmethod
     def forward(ctx, x, norm_w, norm_b, norm_eps, w1, b1, w2, b2, rows):
@@ -124,54 +144,49 @@ class _ChunkedMlpFunction(torch.autograd.Function):
         need_x, need_nw, need_nb, _, need_w1, need_b1, need_w2, need_b2 = \
             ctx.needs_input_grad[:8]
         norm = None if ctx.norm_eps is None else _Norm(norm_w, norm_b, ctx.norm_eps, dtype)
-        need_y = need_x or (norm is not None and (need_nw or need_nb))
-        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        w1c, w2c = w1.to(dtype), w2.to(dtype)
-
+        need_nw, need_nb = norm is not None and need_nw, norm is not None and need_nb
+        need_y = need_x or need_nw or need_nb
+        g = _to(grad.reshape(-1, grad.shape[-1]), dtype)
+        w1c, w2c = _to(w1, dtype), _to(w2, dtype)
         acc_dtype = torch.promote_types(dtype, torch.float32)  # fp32 sums, fp64 stays fp64
-
-        def zeros(like, needed):
-            return torch.zeros(like.shape, dtype=acc_dtype, device=g.device) if needed else None
-
-        gw1, gb1, gw2, gb2 = (zeros(w1, need_w1), zeros(w1[:, 0], need_b1),
-                              zeros(w2, need_w2), zeros(w2[:, 0], need_b2))
-        gnw = zeros(norm_w, need_nw) if norm is not None else None
-        gnb = zeros(norm_b, need_nb) if norm is not None else None
-        gx = torch.empty_like(x2) if need_x else None
-        for (s, e), h in zip(_spans(x2.shape[0], ctx.rows), hidden):
+        spans = _spans(x2.shape[0], ctx.rows)
+        # several chunks write their input gradients into one tensor; one chunk returns its own
+        gx = torch.empty_like(x2) if need_x and len(spans) > 1 else None
+        gw1 = gb1 = gw2 = gb2 = gnw = gnb = None
+        for (s, e), h in zip(spans, hidden):
             gc = g[s:e]
             if need_w2:
-                _accumulate(gw2, gc.t(), F.gelu(h))
+                gw2 = _add_product(gw2, gc.t(), F.gelu(h), acc_dtype)
             if need_b2:
-                gb2.add_(gc.sum(0))
+                gb2 = _add(gb2, gc.sum(0, dtype=acc_dtype))
             gh = torch.ops.aten.gelu_backward(gc.mm(w2c), h)
             if norm is None:
                 xc = x2[s:e]
             else:
                 xc, mean, rstd = norm.with_stats(x2[s:e])
             if need_w1:
-                _accumulate(gw1, gh.t(), xc)
+                gw1 = _add_product(gw1, gh.t(), xc, acc_dtype)
             if need_b1:
-                gb1.add_(gh.sum(0))
+                gb1 = _add(gb1, gh.sum(0, dtype=acc_dtype))
             if not need_y:
                 continue
             if norm is None:
-                torch.mm(gh, w1c, out=gx[s:e])
-                continue
-            gxc, gnwc, gnbc = torch.ops.aten.native_layer_norm_backward(
-                gh.mm(w1c).to(x2.dtype), x2[s:e], x2.shape[-1:], mean, rstd, norm_w, norm_b,
-                [need_x, need_nw, need_nb])
-            if need_x:
+                gxc = gh.mm(w1c)
+            else:
+                gxc, gnwc, gnbc = torch.ops.aten.native_layer_norm_backward(
+                    _to(gh.mm(w1c), x2.dtype), x2[s:e], x2.shape[-1:], mean, rstd, norm_w,
+                    norm_b, [need_x, need_nw, need_nb])
+                gnw = _add(gnw, gnwc) if need_nw else None
+                gnb = _add(gnb, gnbc) if need_nb else None
+            if gx is not None:
                 gx[s:e] = gxc
-            if need_nw:
-                gnw.add_(gnwc)
-            if need_nb:
-                gnb.add_(gnbc)
+            elif need_x:
+                gx = gxc
         if gx is not None:
-            gx = gx.to(ctx.x_dtype).view(ctx.x_shape)
+            gx = _to(gx, ctx.x_dtype).view(ctx.x_shape)
 
         def cast(t, like):
-            return None if t is None else t.to(like.dtype)
+            return None if t is None else _to(t, like.dtype)
 
         return (gx, cast(gnw, norm_w), cast(gnb, norm_b), None, cast(gw1, w1), cast(gb1, w1),
                 cast(gw2, w2), cast(gb2, w2), None)
