@@ -1,5 +1,8 @@
 """The speed and memory levers change nothing but speed and memory: same values, same gradients."""
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,3 +192,15 @@ def test_training_keeps_at_most_0_8x_the_activations_of_timm(family):
     ours = saved_tensor_mb(build_impl('mmtwins', family, 'small'), x)
     timm = saved_tensor_mb(build_impl('timm', family, 'small'), x)
     assert ours <= 0.8 * timm
+
+
+@pytest.mark.parametrize('against', ['plain', 'HEAD'])
+def test_mlp_ab_tool_times_mmtwins_against_the_other_path(against):
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / 'tools/analysis_tools/mlp_ab.py'),
+                          '--against', against, '--size', '64', '--steps', '6',
+                          '--variants', 'svt'], capture_output=True, text=True, cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line, = res.stdout.splitlines()
+    assert line.startswith('svt-small train 2x3x64x64 fp32 cpu: mmtwins ')
+    assert f', {against} ' in line

@@ -3,8 +3,9 @@
 Peers: timm (``twins_*``), mmsegmentation 1.x and mmpretrain 1.x (``PCPVT``/``SVT``). Every
 implementation is built for the same variant without stage-end norms, so all four compute the
 same function on maps of whole LSA windows; mmtwins is loaded with each peer's weights, every
-parameter randomised (through its own checkpoint loader), and must reproduce that peer's four stage maps at 224x224 before
-anything is timed. Timings are interleaved (implementations take turns in rotating order) and the
+parameter randomised (through its own checkpoint loader), and must reproduce that peer's four
+stage maps at 224x224 (on the CPU and, for a GPU run, on the GPU in exact fp32) before anything
+is timed. Timings are interleaved (implementations take turns in rotating order) and the
 median of the repeats is reported.
 
 Every implementation runs in its own worker process, driven in turn from the parent (see
@@ -20,13 +21,14 @@ Memory, two measures:
 
 For inference cases the achieved GFLOP/s (the forward pass's FLOPs, counted by
 :func:`mmtwins.analysis.flops.count_complexity`, over the median time) is also reported as a
-fraction of the machine's dense fp32 matmul GFLOP/s (2048x2048, measured around each case).
+fraction of the machine's dense matmul GFLOP/s in the case's precision (measured around each
+case, :func:`matmul_gflops`).
 
 With ``kernels=True`` (``--kernels``) one more step of every implementation runs under
 ``torch.profiler``: its time by operator category (matmul, fused attention, convolution, copies,
-GELU, LayerNorm, other) and the GFLOP/s its matmul operators reach inside the network
-(:func:`kernel_breakdown`), which says how much of a step an implementation's own layout and
-element-wise work costs next to the shared kernels.
+GELU, LayerNorm, other; on a GPU the kernels' time, next to the step's wall time) and the GFLOP/s
+its matmul operators reach inside the network (:func:`kernel_breakdown`), which says how much of
+a step an implementation's own layout and element-wise work costs next to the shared kernels.
 """
 import contextlib
 import functools
