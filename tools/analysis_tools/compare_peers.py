@@ -17,7 +17,6 @@ CPU unless --amp-dtype says otherwise. Every implementation runs in its own work
 mmtwins/analysis/peers.py.
 """
 import argparse
-import json
 
 import torch
 
