@@ -10,7 +10,8 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from mmtwins.apis import allow_mmengine_checkpoints, apply_tta, setup_cpu_distributed
+from mmtwins.apis import (allow_mmengine_checkpoints, apply_tta, owned_process_group,
+                          setup_cpu_distributed)
 from mmtwins.apis import test as test_api
 from mmtwins.apis import train as train_api
 
@@ -91,6 +92,31 @@ def _run(cmd, timeout=300, **env):
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+def _init_gloo():
+    torch.distributed.init_process_group(
+        'gloo', init_method=f'tcp://127.0.0.1:{_free_port()}', rank=0, world_size=1)
+
+
+def test_entry_points_destroy_the_process_group_their_run_created():
+    """A gloo group left alive at exit can abort the process (SIGABRT seen in a 2-process run):
+    train/test destroy the group created inside their run, also on an error, and leave one
+    that existed before alone."""
+    with owned_process_group():
+        _init_gloo()
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(RuntimeError, match='boom'), owned_process_group():
+        _init_gloo()
+        raise RuntimeError('boom')
+    assert not torch.distributed.is_initialized()
+    _init_gloo()
+    try:
+        with owned_process_group():
+            pass
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_dist_train_and_dist_test_two_cpu_processes(tmp_path):

@@ -11,7 +11,10 @@ point (``tools/train.py``, ``tools/test.py``, tests):
   the model in DDP with ``device_ids=[LOCAL_RANK]``. :func:`setup_cpu_distributed` initialises a
   gloo process group first (mmengine then skips its own), wraps with ``device_ids=None`` and
   turns the heads' SyncBN (GPU-only) into BN.
+
+And the entry points destroy the process group their run created (:func:`owned_process_group`).
 """
+import contextlib
 import copyreg
 import logging
 import os
@@ -98,6 +101,23 @@ def _sync_bn_to_bn(cfg) -> bool:
         for value in cfg:
             found |= _sync_bn_to_bn(value)
     return found
+
+
+@contextlib.contextmanager
+def owned_process_group():
+    """Destroy the default process group at the end of the block if it was created inside it
+    (by :func:`setup_cpu_distributed` or by mmengine's launcher set-up), also on an error.
+
+    A process that exits with a gloo group alive can abort ("terminate called without an active
+    exception", SIGABRT): gloo's threads still hold work when the interpreter shuts down. One
+    rank of a 2-process CPU run did so after training had finished (torch 2.13).
+    """
+    existed = dist.is_available() and dist.is_initialized()
+    try:
+        yield
+    finally:
+        if not existed and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def build_runner(cfg: Config) -> Runner:

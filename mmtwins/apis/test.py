@@ -13,7 +13,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 
 from .config import add_common_args, load_config, warn_if_cpu_amp_is_emulated
-from .runner import build_runner
+from .runner import build_runner, owned_process_group
 
 PICKLE_SUFFIXES = ('.pkl', '.pickle')
 
@@ -100,7 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     cfg = build_test_cfg(args)
     scope = cfg.get('default_scope')
-    runner = build_runner(cfg)
-    if args.out and scope != 'mmseg':
-        add_dump_metric(runner, scope, args.out)
-    return runner.test()
+    with owned_process_group():
+        runner = build_runner(cfg)
+        if args.out and scope != 'mmseg':
+            add_dump_metric(runner, scope, args.out)
+        return runner.test()

@@ -12,7 +12,7 @@ from mmengine.logging import print_log
 
 from mmtwins.engine import preflight_check
 from .config import add_common_args, load_config
-from .runner import build_runner
+from .runner import build_runner, owned_process_group
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -61,4 +61,5 @@ def build_train_cfg(args: argparse.Namespace) -> Config:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = build_train_cfg(parse_args(argv))
     preflight_check(cfg)  # unknown types, misspelled arguments, missing data: before any build
-    build_runner(cfg).train()
+    with owned_process_group():
+        build_runner(cfg).train()
