@@ -176,8 +176,8 @@ class _ChunkedMlpFunction(torch.autograd.Function):
                 gxc, gnwc, gnbc = torch.ops.aten.native_layer_norm_backward(
                     _to(gh.mm(w1c), x2.dtype), x2[s:e], x2.shape[-1:], mean, rstd, norm_w,
                     norm_b, [need_x, need_nw, need_nb])
-                gnw = _add(gnw, gnwc) if need_nw else None
-                gnb = _add(gnb, gnbc) if need_nb else None
+                gnw = _add(gnw, _to(gnwc, acc_dtype)) if need_nw else None
+                gnb = _add(gnb, _to(gnbc, acc_dtype)) if need_nb else None
             if gx is not None:
                 gx[s:e] = gxc
             elif need_x:
