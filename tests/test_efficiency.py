@@ -182,6 +182,21 @@ def test_one_chunk_backward_runs_only_the_needed_kernels(norm):
     assert kernels == expected
 
 
+@pytest.mark.parametrize('attn', ['gsa', 'lsa'])
+def test_packed_projection_gradients_are_stacked_once_in_place(attn):
+    """The q/k/v (LSA) and k/v (GSA) gradients are stacked straight into the layout of the
+    packed linear's output: one ``stack``, no ``clone`` to make them contiguous again. LSA's
+    one clone is the un-windowing of the output's gradient."""
+    from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention
+    layer = (GlobalSubsampledAttention(32, 2, sr_ratio=2) if attn == 'gsa' else
+             LocallyGroupedAttention(32, 2, window_size=7))
+    y = layer(torch.randn(2, 196, 32, requires_grad=True), (14, 14))
+    with _CountOps() as count:
+        y.sum().backward()
+    assert count.ops['stack'] == 1
+    assert count.ops['clone'] == (1 if attn == 'lsa' else 0)
+
+
 @pytest.mark.parametrize('hw', [(14, 14), (9, 12)], ids=['whole-windows', 'padded'])
 def test_lsa_projection_keeps_no_copy_of_the_attention_output(hw):
     from mmtwins.models.layers import LocallyGroupedAttention

@@ -18,6 +18,16 @@ def _check_heads(dim: int, num_heads: int) -> int:
     return dim // num_heads
 
 
+def _heads(packed: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """(B, N, n, heads, d) packed projections -> n views of shape (B, heads, N, d).
+
+    Unbound along the packing dim (not permuted to (n, B, heads, N, d) first): autograd then
+    stacks the n gradients straight into the (B, N, n * heads * d) layout of the linear's
+    output, one copy, where the permuted form needs a second to make them contiguous again.
+    """
+    return tuple(t.transpose(1, 2) for t in packed.unbind(2))
+
+
 class GlobalSubsampledAttention(nn.Module):
     """Global sub-sampled attention (GSA).
 
@@ -55,8 +65,7 @@ class GlobalSubsampledAttention(nn.Module):
         if self.sr_ratio > 1:
             x = x.transpose(1, 2).reshape(B, C, hw[0], hw[1])
             x = self.norm(self.sr(x).flatten(2).transpose(1, 2))
-        kv = self.kv(x).view(B, -1, 2, self.num_heads, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = _heads(self.kv(x).view(B, -1, 2, self.num_heads, self.head_dim))
         x = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         x = x.transpose(1, 2).reshape(B, N, C)
@@ -113,8 +122,7 @@ class LocallyGroupedAttention(nn.Module):
         nh, nw = Hp // ws, Wp // ws
         # (B, nh, ws, nw, ws, C) -> (B * nh * nw, ws * ws, C): one row of tokens per window
         x = x.view(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(B * nh * nw, ws * ws, C)
-        q, k, v = self.qkv(x).view(-1, ws * ws, 3, self.num_heads, self.head_dim).permute(
-            2, 0, 3, 1, 4).unbind(0)
+        q, k, v = _heads(self.qkv(x).view(-1, ws * ws, 3, self.num_heads, self.head_dim))
         mask = None
         if padded:
             mask = self._key_mask(H, W, Hp, Wp, x.device).repeat(B, 1, 1, 1)
