@@ -195,3 +195,18 @@ def test_plot_logs_tool(tmp_path, capsys):
     assert [os.path.basename(p) for p in out] == ['mIoU.png', 'loss.png']
     assert load_json_log(str(log)).curves['mIoU'] == ([50, 100], [30.5, 35.5])
     assert all(os.path.getsize(p) > 1000 for p in out)
+
+
+def test_peak_live_mb_counts_live_tensor_bytes_not_the_heap():
+    from mmtwins.analysis.benchmark import peak_live_mb
+    keep = []
+
+    def fn():
+        a = torch.empty(2**20)  # 4 MiB
+        b = torch.empty(2**21)  # 8 MiB: 12 live
+        del a
+        keep.append(torch.empty(2**19))  # 2 MiB kept: 10 live
+        del b
+
+    assert 12 <= peak_live_mb(fn) < 12.1
+    assert peak_live_mb(lambda: None) == 0

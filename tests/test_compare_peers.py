@@ -1,5 +1,6 @@
 """The peer comparison tool's short mode (run in CI): mmtwins agrees with every installed peer."""
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -62,6 +63,12 @@ def test_training_case_with_cp_one_process_at_a_time():
     assert res.saved_mb['mmtwins-with_cp'] < 0.6 * res.saved_mb['mmtwins']
     assert res.saved_mb['mmtwins'] <= 0.8 * res.saved_mb['timm']
     assert set(res.peak_mb) == set(res.seconds)
+    # peak live tensor bytes (CPU): with_cp's cut is in the line and the JSON
+    assert set(res.live_mb) == set(res.seconds) and all(m > 0 for m in res.live_mb.values())
+    assert res.live_mb['mmtwins-with_cp'] < res.live_mb['mmtwins'] < res.live_mb['timm']
+    assert 0 < res.with_cp_saving('live_mb') < 1
+    assert f'{res.with_cp_saving("live_mb"):.0%} of the peak live' in lines[0]
+    assert 'mmtwins-with_cp peak live MB' in format_markdown([res])
     assert '(*) implementations run one after another' in format_markdown([res])
     # --kernels: one profiled step per entry, in the log and in a second table
     assert set(res.kernels) == set(res.seconds)
@@ -129,3 +136,21 @@ def test_a_worker_killed_between_steps_is_an_error():
         with _fails_within(60), pytest.raises(RuntimeError,
                                               match='the worker process of mmtwins died'):
             workers.ask('mmtwins', 'step')
+
+
+def test_batch_option_sets_every_cases_batch():
+    spec = importlib.util.spec_from_file_location(
+        'compare_peers', ROOT / 'tools/analysis_tools/compare_peers.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    kw = dict(peers=['timm'])
+    args = tool.parse_args(['--cases', 'infer224', 'train512', 'amp512'])
+    assert [j[2] for j in tool.plan(args, kw)][:3] == [(8, 3, 224, 224), (2, 3, 512, 512),
+                                                       (2, 3, 512, 512)]
+    args = tool.parse_args(['--cases', 'infer224', 'train512', 'amp512', '--batch', '16',
+                            '--variants', 'svt-small'])
+    jobs = tool.plan(args, kw)
+    assert [(j[0], j[1], j[2]) for j in jobs] == [('svt-small', 'infer', (16, 3, 224, 224)),
+                                                  ('svt-small', 'train', (16, 3, 512, 512)),
+                                                  ('svt-small', 'infer', (16, 3, 512, 512))]
+    assert [j[3]['peers'] for j in jobs] == [['timm'], ['timm'], []]  # amp512: own fp32 only

@@ -10,7 +10,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -99,6 +99,27 @@ class PeakMemory:
         else:
             self.mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return False
+
+
+def peak_live_mb(fn: Callable[[], None]) -> float:
+    """Peak of the bytes held by live CPU tensors while ``fn()`` runs, above their level at its
+    start: the CPU counterpart of ``torch.cuda.max_memory_allocated``.
+
+    Unlike the peak RSS it leaves out heap the C library keeps after frees, so it does not depend
+    on the allocator's state. Every allocation and free of CPU memory is taken from one run under
+    ``torch.profiler`` with ``profile_memory=True`` and summed in time order.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == '[memory]' and e.device_type() == DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in deltas:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 # --------------------------------------------------------------------------- timing

@@ -12,12 +12,16 @@ Every implementation runs in its own worker process, driven in turn from the par
 :class:`_Workers`): one allocator state per implementation, as in a user's own process, and no
 two computing at once.
 
-Memory, two measures:
+Memory, three measures:
 
 * ``saved_mb``: bytes of the tensors autograd keeps for the backward pass of one training step
   (unique storages, counted with ``torch.autograd.graph.saved_tensors_hooks``): deterministic.
 * ``peak_mb``: the increase of the peak resident set size during the first step over the worker
   process's size before it (on a GPU: peak allocated memory); what a user sees, though noisier.
+* ``live_mb`` (training steps on a CPU): the peak of the bytes held by live tensors during a
+  step, above their level at its start (:func:`~mmtwins.analysis.benchmark.peak_live_mb`), the
+  CPU counterpart of the GPU's peak allocated memory: the RSS also counts heap the C library
+  keeps after frees, which depends on the allocator's history more than on the network.
 
 For inference cases the achieved GFLOP/s (the forward pass's FLOPs, counted by
 :func:`mmtwins.analysis.flops.count_complexity`, over the median time) is also reported as a
@@ -47,7 +51,7 @@ from torch import nn
 
 from mmtwins.checkpoint import load_twins_checkpoint
 from mmtwins.models import PCPVT, SVT
-from .benchmark import PeakMemory, autocast_context, autocast_dtype
+from .benchmark import PeakMemory, autocast_context, autocast_dtype, peak_live_mb
 
 FAMILIES = {'pcpvt': PCPVT, 'svt': SVT}
 PEERS = ('timm', 'mmseg', 'mmpretrain')
@@ -314,6 +318,8 @@ def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device
                 step()
                 _sync(dev)
                 conn.send(('ok', time.perf_counter() - start))
+            elif cmd == 'live':
+                conn.send(('ok', peak_live_mb(step)))
             elif cmd == 'kernels':
                 conn.send(('ok', kernel_breakdown(step, dev)))
             elif cmd == 'saved':
@@ -423,6 +429,7 @@ class CaseResult:
     seconds: Dict[str, float] = field(default_factory=dict)
     saved_mb: Dict[str, float] = field(default_factory=dict)
     peak_mb: Dict[str, Optional[float]] = field(default_factory=dict)
+    live_mb: Dict[str, float] = field(default_factory=dict)  # CPU training: peak live tensors
     max_abs_diff: Dict[str, float] = field(default_factory=dict)
     device_max_abs_diff: Dict[str, float] = field(default_factory=dict)  # on a GPU, exact fp32
     cosine: Optional[float] = None  # autocast cases: output cosine similarity with fp32
@@ -445,9 +452,11 @@ class CaseResult:
         peers = [m for n, m in mem.items() if n in PEERS and m]
         return mem['mmtwins'] / min(peers) if peers and mem.get('mmtwins') else None
 
-    def with_cp_saving(self) -> Optional[float]:
-        """Fraction of mmtwins' peak memory that ``with_cp=True`` removes (if measured)."""
-        full, cp = self.peak_mb.get('mmtwins'), self.peak_mb.get('mmtwins-with_cp')
+    def with_cp_saving(self, kind: str = 'peak_mb') -> Optional[float]:
+        """Fraction of mmtwins' peak memory (``kind``: ``'peak_mb'`` or ``'live_mb'``) that
+        ``with_cp=True`` removes (if measured)."""
+        mem = getattr(self, kind)
+        full, cp = mem.get('mmtwins'), mem.get('mmtwins-with_cp')
         return 1 - cp / full if full and cp else None
 
     def flops_fraction(self, name: str = 'mmtwins') -> Optional[float]:
@@ -476,7 +485,7 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
         amp: run under autocast in ``amp_dtype`` (default fp16 on GPU, bf16 on CPU): mmtwins
             and every peer if ``peers`` are given, else mmtwins against its own fp32.
         memory: report the first step's peak memory; for training steps also count the bytes
-            saved for backward.
+            saved for backward and, on a CPU, the peak of live tensor bytes.
         with_cp: also run mmtwins with gradient checkpointing (training cases).
         kernels: after the timed steps, profile one more step of every entry
             (:func:`kernel_breakdown`).
@@ -525,6 +534,8 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
                     res.peak_mb[e.name] = peak
                 if memory and mode == 'train' and not amp:
                     res.saved_mb[e.name] = workers.ask(e.name, 'saved')
+                if memory and mode == 'train' and dev.type == 'cpu':
+                    res.live_mb[e.name] = workers.ask(e.name, 'live')
             times.update(interleaved_times(workers, [e.name for e in group],
                                            max(warmup - 1, 0), repeats))
             if kernels:
@@ -633,8 +644,14 @@ def format_case(r: CaseResult) -> str:
         line += f'; peak MB {_mem(r, "peak_mb")}'
         if r.memory_ratio('peak_mb') is not None:
             line += f' (ratio {r.memory_ratio("peak_mb"):.2f})'
-    if r.with_cp_saving() is not None:
-        line += f'; with_cp saves {r.with_cp_saving():.0%} of the peak'
+    if r.live_mb:
+        line += (f'; peak live MB {_mem(r, "live_mb")} '
+                 f'(ratio {r.memory_ratio("live_mb") or float("nan"):.2f})')
+    saving = [f'{r.with_cp_saving(k):.0%} of the {what}'
+              for k, what in (('peak_mb', 'peak'), ('live_mb', 'peak live'))
+              if r.with_cp_saving(k) is not None]
+    if saving:
+        line += f'; with_cp saves {" and ".join(saving)}'
     return line
 
 
@@ -663,6 +680,9 @@ def format_markdown(results: List[CaseResult]) -> str:
     head = ['variant', 'case', 'precision'] + [f'{n} ms' for n in names] + \
         ['speed-up', 'GFLOP/s fraction'] + [f'{n} peak MB' for n in names] + \
         ['peak ratio', 'saved-for-backward ratio']
+    live = any(r.live_mb for r in results)
+    if live:
+        head += [f'{n} peak live MB' for n in names] + ['peak live ratio']
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in results:
         case = f'{r.mode} {"x".join(map(str, r.shape))}' + ('' if r.interleaved else ' (*)')
@@ -673,6 +693,9 @@ def format_markdown(results: List[CaseResult]) -> str:
         row += [cell(r.peak_mb, n, '{:.0f}') for n in names]
         row += [f'{r.memory_ratio("peak_mb"):.2f}' if r.memory_ratio('peak_mb') else '',
                 f'{r.memory_ratio():.2f}' if r.memory_ratio() else '']
+        if live:
+            row += [cell(r.live_mb, n, '{:.0f}') for n in names]
+            row.append(f'{r.memory_ratio("live_mb"):.2f}' if r.memory_ratio('live_mb') else '')
         lines.append('| ' + ' | '.join(row) + ' |')
     if not all(r.interleaved for r in results):
         lines.append('\n(*) implementations run one after another, not interleaved')
@@ -702,6 +725,8 @@ def to_json(results: List[CaseResult], extra: dict) -> str:
     return json.dumps(dict(extra, cases=[dict(asdict(r), speedup=r.speedup(),
                                               saved_ratio=r.memory_ratio(),
                                               peak_ratio=r.memory_ratio('peak_mb'),
+                                              live_ratio=r.memory_ratio('live_mb'),
                                               with_cp_saving=r.with_cp_saving(),
+                                              with_cp_live_saving=r.with_cp_saving('live_mb'),
                                               flops_fraction=r.flops_fraction())
                                          for r in results]), indent=2)

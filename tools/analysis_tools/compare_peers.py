@@ -7,6 +7,7 @@ memory side by side in one run.
     python tools/analysis_tools/compare_peers.py --short               # agreement + one quick timing (CI)
     python tools/analysis_tools/compare_peers.py --cases train512 --kernels   # + time by kernel category
     python tools/analysis_tools/compare_peers.py --device cuda --cases amp-infer512 amp-train512
+    python tools/analysis_tools/compare_peers.py --device cuda --cases train512 --batch 16
 
 Cases: inference at 224x224 batch 8 and 512x512 batch 2, one training step at 512x512 batch 2
 (fp32), autocast inference (mmtwins against its own fp32) and, on request, autocast inference
@@ -53,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument('--repeats', type=int, default=7, help='timed steps per implementation')
     p.add_argument('--cases', nargs='+', choices=list(CASES), default=DEFAULT_CASES,
                    help=f'cases to run (default: {" ".join(DEFAULT_CASES)})')
+    p.add_argument('--batch', type=int,
+                   help="every case's batch size instead of its own (e.g. 16 to load a GPU)")
     p.add_argument('--amp-dtype', choices=list(AMP_DTYPES),
                    help='autocast dtype of the amp cases (default: fp16 on GPU, bf16 on CPU)')
     p.add_argument('--no-memory', action='store_true', help='do not report memory')
@@ -69,16 +72,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def plan(args, kw):
+    """The runs: (variant, mode, input shape, :func:`compare_case` keyword arguments)."""
+    jobs = []
     variants = ALL if args.variants == ['all'] else args.variants
-    peers = args.peers or P.available_peers()
-    kw = dict(peers=peers, device=args.device, warmup=args.warmup, repeats=args.repeats,
-              memory=not args.no_memory, kernels=args.kernels,
-              amp_dtype=AMP_DTYPES.get(args.amp_dtype))
-    machine = P.machine_info(args.device)
-    print(', '.join(f'{k} {v}' for k, v in machine.items()) + f'; peers: {", ".join(peers)}')
-    jobs = []  # (variant, mode, shape, compare_case keyword arguments)
     for v in variants:
         if args.short:
             jobs.append((v, 'infer', (1, 3, 224, 224), dict(kw, warmup=1, repeats=1,
@@ -86,11 +83,24 @@ def main(argv=None):
             continue
         for case in args.cases:
             mode, shape, amp = CASES[case]
-            jobs.append((v, mode, shape, dict(kw, peers=[] if amp == 'own' else peers,
+            if args.batch:
+                shape = (args.batch, *shape[1:])
+            jobs.append((v, mode, shape, dict(kw, peers=[] if amp == 'own' else kw['peers'],
                                               amp=amp is not None, with_cp=case == 'coco',
                                               interleave=case != 'coco')))
+    return jobs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    peers = args.peers or P.available_peers()
+    kw = dict(peers=peers, device=args.device, warmup=args.warmup, repeats=args.repeats,
+              memory=not args.no_memory, kernels=args.kernels,
+              amp_dtype=AMP_DTYPES.get(args.amp_dtype))
+    machine = P.machine_info(args.device)
+    print(', '.join(f'{k} {v}' for k, v in machine.items()) + f'; peers: {", ".join(peers)}')
     results = []
-    for v, mode, shape, case_kw in jobs:
+    for v, mode, shape, case_kw in plan(args, kw):
         family, arch = v.split('-')
         results.append(P.compare_case(family, arch, mode, shape, **case_kw))
         # after every case: an interrupted run keeps what it measured

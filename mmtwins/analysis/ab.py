@@ -1,0 +1,96 @@
+"""A/B timing of one model's step under alternative code paths, in one process.
+
+Each arm is a context manager factory that switches the model to one path (patching a forward,
+restricting a kernel backend). The arms take turns step by step, in alternating order, so drift
+in the machine's speed (shared hosts, clocks, heap state) falls on every arm alike, which
+separate runs cannot promise. Used by ``tools/analysis_tools/mlp_ab.py`` and ``sdpa_ab.py``.
+"""
+import argparse
+import contextlib
+import statistics
+import time
+from typing import Callable, ContextManager, Dict, List
+
+import torch
+
+from .peers import build_impl, make_step
+
+Arms = Dict[str, Callable[[], ContextManager]]
+
+
+def patched(owner, name: str, value) -> Callable[[], ContextManager]:
+    """An arm that sets ``owner.name`` to ``value`` inside its context and restores it after."""
+
+    @contextlib.contextmanager
+    def arm():
+        old = getattr(owner, name)
+        setattr(owner, name, value)
+        try:
+            yield
+        finally:
+            setattr(owner, name, old)
+
+    return arm
+
+
+def alternate(step: Callable[[], None], arms: Arms, steps: int, device: torch.device,
+              warmup: int = 5) -> Dict[str, dict]:
+    """Run ``step`` ``steps`` times under each arm, alternating; the first ``warmup`` untimed.
+
+    Returns ``{arm: {'median_ms', 'min_ms', 'peak_mb'}}``; ``peak_mb`` is the peak allocated
+    memory of the arm's first step on a GPU (None on a CPU, whose peak RSS one process cannot
+    attribute to an arm).
+    """
+    if steps <= warmup:
+        raise ValueError(f'steps ({steps}) must exceed warmup ({warmup})')
+    cuda = device.type == 'cuda'
+    times: Dict[str, List[float]] = {name: [] for name in arms}
+    peak: Dict[str, float] = {}
+    for i in range(steps):
+        for name in list(arms)[::1 if i % 2 else -1]:
+            with arms[name]():
+                if cuda:
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+                step()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                    peak.setdefault(name, torch.cuda.max_memory_allocated(device) / 2**20)
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: dict(median_ms=statistics.median(t), min_ms=min(t), peak_mb=peak.get(name))
+            for name, t in times.items()}
+
+
+def format_arms(results: Dict[str, dict]) -> str:
+    """``name 12.3 ms (min 11.9, first-step peak 980 MB), ...``"""
+    return ', '.join(
+        f'{n} {r["median_ms"]:.1f} ms (min {r["min_ms"]:.1f}'
+        + (f', first-step peak {r["peak_mb"]:.0f} MB)' if r['peak_mb'] is not None else ')')
+        for n, r in results.items())
+
+
+def add_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of :func:`run_variants`: which step, where, how many times."""
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--size', type=int, default=512, help='input side')
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--mode', choices=['train', 'infer'], default='train')
+    parser.add_argument('--amp', action='store_true', help='autocast (fp16 on GPU, bf16 on CPU)')
+    parser.add_argument('--steps', type=int, default=25, help='steps of each, the first 5 untimed')
+    parser.add_argument('--variants', nargs='+', default=['pcpvt', 'svt'])
+    return parser
+
+
+def run_variants(args: argparse.Namespace, arms: Arms, log=print) -> None:
+    """:func:`alternate` the ``arms`` on the step of each of ``args.variants`` (the small arch of
+    that family, mmtwins' own model) and log one line per variant."""
+    dev = torch.device(args.device)
+    for family in args.variants:
+        torch.manual_seed(0)
+        model = build_impl('mmtwins', family, 'small').to(dev)
+        x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
+        res = alternate(make_step(model, x, args.mode, amp=args.amp), arms, args.steps, dev)
+        log(f'{family}-small {args.mode} {"x".join(map(str, x.shape))} '
+            f'{"amp" if args.amp else "fp32"} {args.device}: {format_arms(res)}')

@@ -1,0 +1,77 @@
+"""The in-process A/B tools (mmtwins/analysis/ab.py, tools/analysis_tools/{mlp,sdpa}_ab.py)."""
+import collections
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmtwins.analysis.ab import alternate, format_arms, patched
+from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f'tools/analysis_tools/{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _Box:
+    value = 'a'
+
+
+def test_alternate_runs_each_arm_in_turn_and_restores_patches():
+    seen = []
+    arms = {'a': patched(_Box, 'value', 'A'), 'b': patched(_Box, 'value', 'B')}
+    res = alternate(lambda: seen.append(_Box.value), arms, steps=4, device=torch.device('cpu'),
+                    warmup=1)
+    assert seen == ['B', 'A', 'A', 'B', 'B', 'A', 'A', 'B']  # alternating order, step by step
+    assert _Box.value == 'a'
+    assert set(res) == {'a', 'b'} and all(r['peak_mb'] is None for r in res.values())
+    assert all(0 < r['min_ms'] <= r['median_ms'] for r in res.values())
+    assert format_arms(res).startswith('a ') and ', b ' in format_arms(res)
+    with pytest.raises(ValueError, match='must exceed warmup'):
+        alternate(lambda: None, arms, steps=5, device=torch.device('cpu'))
+
+
+@pytest.mark.parametrize('where, fused_in', [('gsa', {LocallyGroupedAttention}),
+                                             ('lsa', {GlobalSubsampledAttention}),
+                                             ('all', set())])
+def test_sdpa_ab_math_arm_takes_the_math_path_where_asked(where, fused_in):
+    tool = _tool('sdpa_ab')
+    x = torch.randn(2, 49, 32)
+    layers = {GlobalSubsampledAttention: GlobalSubsampledAttention(32, 2, sr_ratio=2),
+              LocallyGroupedAttention: LocallyGroupedAttention(32, 2, window_size=7)}
+    expected = {cls: layer(x, (7, 7)) for cls, layer in layers.items()}
+    with tool.math_arm(tool.WHERE[where])():
+        for cls, layer in layers.items():
+            with _Ops() as ops:
+                y = layer(x, (7, 7))
+            fused = any(n.startswith('_scaled_dot_product_') for n in ops.names)
+            assert fused == (cls in fused_in)
+            assert torch.allclose(y, expected[cls], atol=1e-5)
+    with _Ops() as ops:  # restored
+        layers[GlobalSubsampledAttention](x, (7, 7))
+    assert any(n.startswith('_scaled_dot_product_') for n in ops.names)
+
+
+def test_sdpa_ab_tool_prints_both_arms(capsys):
+    _tool('sdpa_ab').main(['--size', '32', '--steps', '6', '--variants', 'svt', '--batch', '1',
+                           '--where', 'all'])
+    line, = capsys.readouterr().out.splitlines()
+    assert line.startswith('svt-small train 1x3x32x32 fp32 cpu: fused ')
+    assert ', math-all ' in line

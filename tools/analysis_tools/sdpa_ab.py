@@ -1,0 +1,63 @@
+"""A/B of the attention kernel in one process: mmtwins' step with ``scaled_dot_product_attention``
+dispatching as usual (a fused kernel) against the math path (``softmax(q k^T / sqrt(d)) v`` as
+separate operators) in GSA, LSA or both, switched step by step in alternating order.
+
+    python tools/analysis_tools/sdpa_ab.py --device cuda --batch 16 --where gsa   # GSA only
+    python tools/analysis_tools/sdpa_ab.py --device cuda --batch 16 --amp --where all
+
+The kernel is chosen when the forward runs, and the backward follows it. Prints the median step
+time (ms) of each arm after 5 untimed steps, and on a GPU each arm's peak memory in its first
+step (the math path keeps the attention weights for backward).
+"""
+import argparse
+import contextlib
+import sys
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mmtwins.analysis.ab import add_step_args, patched, run_variants
+from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention
+
+WHERE = {'gsa': (GlobalSubsampledAttention, ), 'lsa': (LocallyGroupedAttention, ),
+         'all': (GlobalSubsampledAttention, LocallyGroupedAttention)}
+
+
+def math_forward(forward):
+    """``forward`` with ``scaled_dot_product_attention`` restricted to the math path."""
+
+    def wrapped(self, *args, **kwargs):
+        with sdpa_kernel(SDPBackend.MATH):
+            return forward(self, *args, **kwargs)
+
+    return wrapped
+
+
+def math_arm(classes):
+    """An arm running the attention of ``classes`` through the math path."""
+    arms = [patched(cls, 'forward', math_forward(cls.forward)) for cls in classes]
+
+    @contextlib.contextmanager
+    def arm():
+        with contextlib.ExitStack() as stack:
+            for a in arms:
+                stack.enter_context(a())
+            yield
+
+    return arm
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--where', choices=list(WHERE), default='gsa',
+                   help='the attention that takes the math path in the second arm')
+    return add_step_args(p).parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run_variants(args, {'fused': contextlib.nullcontext,
+                        f'math-{args.where}': math_arm(WHERE[args.where])})
+
+
+if __name__ == '__main__':
+    sys.exit(main())
