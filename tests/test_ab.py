@@ -1,33 +1,10 @@
 """The in-process A/B tools (mmtwins/analysis/ab.py, tools/analysis_tools/{mlp,sdpa}_ab.py)."""
-import collections
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from probes import CountOps, analysis_tool
 
 from mmtwins.analysis.ab import alternate, format_arms, patched
 from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f'tools/analysis_tools/{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class _Box:
@@ -52,25 +29,25 @@ def test_alternate_runs_each_arm_in_turn_and_restores_patches():
                                              ('lsa', {GlobalSubsampledAttention}),
                                              ('all', set())])
 def test_sdpa_ab_math_arm_takes_the_math_path_where_asked(where, fused_in):
-    tool = _tool('sdpa_ab')
+    tool = analysis_tool('sdpa_ab')
     x = torch.randn(2, 49, 32)
     layers = {GlobalSubsampledAttention: GlobalSubsampledAttention(32, 2, sr_ratio=2),
               LocallyGroupedAttention: LocallyGroupedAttention(32, 2, window_size=7)}
     expected = {cls: layer(x, (7, 7)) for cls, layer in layers.items()}
     with tool.math_arm(tool.WHERE[where])():
         for cls, layer in layers.items():
-            with _Ops() as ops:
+            with CountOps() as ops:
                 y = layer(x, (7, 7))
-            fused = any(n.startswith('_scaled_dot_product_') for n in ops.names)
+            fused = any(n.startswith('_scaled_dot_product_') for n in ops.ops)
             assert fused == (cls in fused_in)
             assert torch.allclose(y, expected[cls], atol=1e-5)
-    with _Ops() as ops:  # restored
+    with CountOps() as ops:  # restored
         layers[GlobalSubsampledAttention](x, (7, 7))
-    assert any(n.startswith('_scaled_dot_product_') for n in ops.names)
+    assert any(n.startswith('_scaled_dot_product_') for n in ops.ops)
 
 
 def test_sdpa_ab_tool_prints_both_arms(capsys):
-    _tool('sdpa_ab').main(['--size', '32', '--steps', '6', '--variants', 'svt', '--batch', '1',
+    analysis_tool('sdpa_ab').main(['--size', '32', '--steps', '6', '--variants', 'svt', '--batch', '1',
                            '--where', 'all'])
     line, = capsys.readouterr().out.splitlines()
     assert line.startswith('svt-small train 1x3x32x32 fp32 cpu: fused ')

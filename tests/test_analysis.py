@@ -1,5 +1,4 @@
 """FLOPs/params (the paper's Table 1), the throughput benchmark and the log plots."""
-import importlib.util
 import json
 import os
 
@@ -8,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_PCPVT, TINY_SVT
 from mmengine.analysis import FlopAnalyzer
+from probes import analysis_tool
 from torch import nn
 
 from mmtwins.analysis import (benchmark, build_model, count_complexity, default_input_shape,
@@ -16,7 +16,6 @@ from mmtwins.models.layers.attention import GlobalSubsampledAttention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, 'configs')
-TOOLS = os.path.join(ROOT, 'tools', 'analysis_tools')
 
 # The paper's Table 1 (params with the ImageNet head, M; FLOPs at 224x224, G multiply-accumulates)
 # and the authors' later fvcore re-count of the FLOPs (their README).
@@ -113,16 +112,8 @@ def test_dense_models_counted_with_backbone_attention(config, arch):
     assert whole.params > backbone.params == sum(p.numel() for p in model.backbone.parameters())
 
 
-def _tool(name):
-    """A tool script as a module: its ``main(argv)`` runs in this process."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_get_flops_tool_prints_counts(capsys):
-    _tool('get_flops').main([os.path.join(CONFIGS, 'twins_svt_s_in1k.py'), '--shape', '224',
+    analysis_tool('get_flops').main([os.path.join(CONFIGS, 'twins_svt_s_in1k.py'), '--shape', '224',
                              '224'])
     out = capsys.readouterr().out
     assert 'input shape: (1, 3, 224, 224)' in out
@@ -145,7 +136,7 @@ def test_benchmark_reports_throughput_and_memory(part, amp):
 
 
 def test_benchmark_tool_runs(capsys):
-    _tool('benchmark').main([
+    analysis_tool('benchmark').main([
         os.path.join(CONFIGS, 'twins_pcpvt_s_in1k.py'), '--part', 'backbone', '--batch-size', '1',
         '--shape', '64', '64', '--warmup', '0', '--repeats', '2', '--device', 'cpu'
     ])
@@ -189,7 +180,7 @@ def test_plot_logs_tool(tmp_path, capsys):
     log = tmp_path / 'run.json'
     _write_log(log, [dict(lr=0.1, loss=1.0, step=50), dict(mIoU=30.5, aAcc=70.0, step=50),
                      dict(lr=0.1, loss=0.5, step=100), dict(mIoU=35.5, aAcc=72.0, step=100)])
-    _tool('plot_logs').main([str(log), '--out-dir', str(tmp_path / 'png'), '--keys', 'mIoU',
+    analysis_tool('plot_logs').main([str(log), '--out-dir', str(tmp_path / 'png'), '--keys', 'mIoU',
                              'loss'])
     out = capsys.readouterr().out.split()
     assert [os.path.basename(p) for p in out] == ['mIoU.png', 'loss.png']

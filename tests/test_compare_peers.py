@@ -1,6 +1,5 @@
 """The peer comparison tool's short mode (run in CI): mmtwins agrees with every installed peer."""
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from probes import analysis_tool
 
 from mmtwins.analysis import peers
 from mmtwins.analysis.peers import (CATEGORY_NAMES, PEERS, Entry, _Workers, available_peers,
@@ -139,10 +139,7 @@ def test_a_worker_killed_between_steps_is_an_error():
 
 
 def test_batch_option_sets_every_cases_batch():
-    spec = importlib.util.spec_from_file_location(
-        'compare_peers', ROOT / 'tools/analysis_tools/compare_peers.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = analysis_tool('compare_peers')
     kw = dict(peers=['timm'])
     args = tool.parse_args(['--cases', 'infer224', 'train512', 'amp512'])
     assert [j[2] for j in tool.plan(args, kw)][:3] == [(8, 3, 224, 224), (2, 3, 512, 512),

@@ -1,12 +1,11 @@
 """The speed and memory levers change nothing but speed and memory: same values, same gradients."""
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from probes import CountOps
 
 from mmtwins.analysis.peers import build_impl, saved_tensor_mb
 from mmtwins.models.layers import Mlp
@@ -149,18 +148,6 @@ def test_chunked_mlp_keeps_only_its_input_and_the_pre_activation_for_backward(no
         assert [t.data_ptr() for t in acts if t.shape == (20, 16)] == [x.data_ptr()]
 
 
-class _CountOps(TorchDispatchMode):
-    """The aten operators run inside ``with``, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 #: Operators that launch no kernel: views, and the dtype promotion rule.
 _NO_KERNEL = {'view', 'slice', 't', 'detach', 'reshape', '_unsafe_view', 'promote_types'}
 
@@ -173,7 +160,7 @@ def test_one_chunk_backward_runs_only_the_needed_kernels(norm):
     (mlp, ln), x = _mlp(None, norm), torch.randn(2, 10, 16, requires_grad=True)
     y = mlp(x, norm=ln)
     grad = torch.randn_like(y)
-    with _CountOps() as count:
+    with CountOps() as count:
         y.backward(grad)
     kernels = {op: n for op, n in count.ops.items() if op not in _NO_KERNEL}
     expected = {'gelu': 1, 'mm': 4, 'sum': 2, 'gelu_backward': 1}
@@ -191,7 +178,7 @@ def test_packed_projection_gradients_are_stacked_once_in_place(attn):
     layer = (GlobalSubsampledAttention(32, 2, sr_ratio=2) if attn == 'gsa' else
              LocallyGroupedAttention(32, 2, window_size=7))
     y = layer(torch.randn(2, 196, 32, requires_grad=True), (14, 14))
-    with _CountOps() as count:
+    with CountOps() as count:
         y.sum().backward()
     assert count.ops['stack'] == 1
     assert count.ops['clone'] == (1 if attn == 'lsa' else 0)
