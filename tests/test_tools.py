@@ -1,10 +1,12 @@
 """tools/train.py, tools/test.py and the launchers: options, scopes, 2-process CPU runs, slurm."""
+import gc
 import json
 import os
 import pickle
 import socket
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -117,6 +119,32 @@ def test_entry_points_destroy_the_process_group_their_run_created():
         assert torch.distributed.is_initialized()
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_process_group_outlives_no_run_object_that_holds_it():
+    """A DDP model kept in a reference cycle (as mmengine's runner keeps it) holds the group past
+    ``destroy_process_group``; the block frees such objects before it destroys the group, so the
+    group does not live on into interpreter shutdown (where gloo aborted a 2-process CPU run)."""
+
+    class Run:  # a reference cycle holding a DDP model, like Runner <-> its loops
+        def __init__(self):
+            self.me = self
+            self.model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+
+    enabled = gc.isenabled()
+    gc.disable()  # only the block may collect the cycle
+    try:
+        with owned_process_group():
+            _init_gloo()
+            run = Run()
+            run.model(torch.randn(2, 4)).sum().backward()
+            model = weakref.ref(run.model)
+            del run
+            assert model() is not None
+        assert model() is None and not torch.distributed.is_initialized()
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_dist_train_and_dist_test_two_cpu_processes(tmp_path):

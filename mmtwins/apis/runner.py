@@ -16,6 +16,7 @@ And the entry points destroy the process group their run created (:func:`owned_p
 """
 import contextlib
 import copyreg
+import gc
 import logging
 import os
 
@@ -110,13 +111,18 @@ def owned_process_group():
 
     A process that exits with a gloo group alive can abort ("terminate called without an active
     exception", SIGABRT): gloo's threads still hold work when the interpreter shuts down. One
-    rank of a 2-process CPU run did so after training had finished (torch 2.13).
+    rank of a 2-process CPU run did so after training had finished (torch 2.13). Destroying the
+    group only unregisters it while a DDP model's reducer still holds it, and mmengine's runner,
+    which holds the model, sits in reference cycles (its loops point back at it) that only the
+    garbage collector frees: so they are collected first, and the group ends here, not during
+    interpreter shutdown.
     """
     existed = dist.is_available() and dist.is_initialized()
     try:
         yield
     finally:
         if not existed and dist.is_available() and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
 
