@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_PCPVT, TINY_SVT
 from probes import CountOps
 
 from mmtwins.analysis.peers import build_impl, saved_tensor_mb
@@ -222,3 +223,41 @@ def test_mlp_ab_tool_times_mmtwins_against_the_other_path(against):
     line, = res.stdout.splitlines()
     assert line.startswith('svt-small train 2x3x64x64 fp32 cpu: mmtwins ')
     assert f', {against} ' in line
+
+
+@pytest.mark.parametrize('cls,arch', [('SVT', TINY_SVT), ('PCPVT', TINY_PCPVT)])
+def test_block_gradients_stay_token_major_under_nchw_head_gradients(cls, arch):
+    """A neck's gradients arrive in NCHW order, which as tokens is a transposed layout; every
+    block's and PEG's output gradient must still be contiguous tokens (else the residual
+    gradients are summed into a transposed tensor, many times slower on a CPU)."""
+    import mmtwins.models.backbones as backbones
+    from mmtwins.models.layers import PositionEncodingGenerator, TwinsBlock
+    model = getattr(backbones, cls)(arch=arch)
+    layouts = []
+
+    def watch(module, args, out):
+        out.register_hook(lambda g: layouts.append((type(module).__name__, g.is_contiguous())))
+
+    for m in model.modules():
+        if isinstance(m, (TwinsBlock, PositionEncodingGenerator)):
+            m.register_forward_hook(watch)
+    outs = model(torch.randn(2, 3, 64, 64))
+    sum((o * torch.randn(o.shape)).sum() for o in outs).backward()
+    assert len(layouts) == sum(arch['depths']) + 4
+    assert all(contiguous for _, contiguous in layouts), layouts
+
+
+def test_patch_embedding_takes_its_input_channels_last_on_a_cpu():
+    """So the tokens are a view of the conv's output, with unchanged values."""
+    import torch.nn.functional as F
+
+    from mmtwins.models.layers import PatchEmbed
+    embed = PatchEmbed(3, 16, 4)
+    layouts = []
+    embed.proj.register_forward_pre_hook(
+        lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    img = torch.randn(2, 3, 30, 30)  # padded to 32 x 32
+    tokens, hw = embed(img)
+    assert layouts == [True] and hw == (8, 8)
+    ref = embed.norm(embed.proj(F.pad(img, (0, 2, 0, 2))).flatten(2).transpose(1, 2))
+    torch.testing.assert_close(tokens, ref)

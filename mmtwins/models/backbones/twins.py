@@ -16,7 +16,7 @@ from torch import nn
 
 from mmtwins.registry import MODELS
 from ..layers import PatchEmbed, PositionEncodingGenerator, TwinsBlock
-from ..layers.embed import conv_fan_out_init_, is_exporting
+from ..layers.embed import conv_fan_out_init_, is_exporting, tokens_to_map
 
 ARCH_KEYS = ('embed_dims', 'num_heads', 'mlp_ratios', 'depths', 'sr_ratios', 'window_sizes')
 PATCH_SIZES = (4, 2, 2, 2)
@@ -224,16 +224,17 @@ class Twins(BaseModule):
         outs = []
         for i, (embed, blocks, peg) in enumerate(zip(self.patch_embeds, self.blocks,
                                                       self.pos_block)):
-            x, hw = embed(x)
+            # The stage's tokens reach the next stage and the outputs through separate map
+            # views, so their gradients are summed as tokens (see tokens_to_map).
+            x, hw = embed(x if i == 0 else tokens_to_map(x, hw))
             for j, blk in enumerate(blocks):
                 x = self._run_block(blk, x, hw)
                 if j == 0:
                     x = peg(x, hw)
             if str(i) in self.stage_norms:
                 x = self.stage_norms[str(i)](x)
-            x = x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
             if i in self.out_indices:
-                outs.append(x)
+                outs.append(tokens_to_map(x, hw))
         return tuple(outs)
 
 
