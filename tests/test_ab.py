@@ -1,14 +1,24 @@
-"""The in-process A/B tools (mmtwins/analysis/ab.py, tools/analysis_tools/{mlp,sdpa}_ab.py)."""
+"""The in-process A/B tools (mmtwins/analysis/ab.py, tools/analysis_tools/*_ab.py)."""
 import pytest
 import torch
 from probes import CountOps, analysis_tool
 
-from mmtwins.analysis.ab import alternate, format_arms, patched
-from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention
+from mmtwins.analysis.ab import alternate, format_arms, module_at, patched, revision_arm
+from mmtwins.models.backbones import SVT
+from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention, PatchEmbed
+from mmtwins.registry import MODELS
 
 
 class _Box:
     value = 'a'
+
+    @staticmethod
+    def double(x):
+        return 2 * x
+
+
+class _SubBox(_Box):
+    pass
 
 
 def test_alternate_runs_each_arm_in_turn_and_restores_patches():
@@ -52,3 +62,43 @@ def test_sdpa_ab_tool_prints_both_arms(capsys):
     line, = capsys.readouterr().out.splitlines()
     assert line.startswith('svt-small train 1x3x32x32 fp32 cpu: fused ')
     assert ', math-all ' in line
+
+
+def test_patched_restores_static_methods_and_inherited_attributes():
+    with patched(_Box, 'double', staticmethod(lambda x: 3 * x))():
+        assert _Box().double(1) == 3
+    assert _Box().double(1) == 2  # still a static method
+    with patched(_SubBox, 'value', 'sub')():
+        assert _SubBox.value == 'sub' and _Box.value == 'a'
+    assert 'value' not in vars(_SubBox) and _SubBox.value == 'a'
+
+
+def test_module_at_loads_a_revision_beside_the_working_tree():
+    old = module_at('HEAD', 'mmtwins/models/backbones/twins.py')
+    assert old.SVT is not SVT and issubclass(old.SVT, old.Twins)
+    assert MODELS.get('SVT') is SVT  # the revision registered nothing
+
+
+# The parent of d181e87, whose PatchEmbed still ran its conv on the NCHW input.
+BEFORE_CHANNELS_LAST = '2c49855'
+
+
+def test_revision_arm_runs_the_revision_methods_and_restores_the_working_tree():
+    embed = PatchEmbed(3, 16, 4)
+    layouts = []
+    embed.proj.register_forward_pre_hook(
+        lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    img = torch.randn(1, 3, 16, 16)
+    expected = embed(img)[0]
+    with revision_arm(BEFORE_CHANNELS_LAST, ['mmtwins/models/layers/embed.py'])():
+        torch.testing.assert_close(embed(img)[0], expected)
+    embed(img)
+    assert layouts == [True, False, True]
+
+
+def test_revision_ab_tool_prints_both_arms(capsys):
+    analysis_tool('revision_ab').main(['--against', 'HEAD', '--size', '32', '--steps', '6',
+                                       '--variants', 'pcpvt', '--batch', '1'])
+    line, = capsys.readouterr().out.splitlines()
+    assert line.startswith('pcpvt-small train 1x3x32x32 fp32 cpu: working tree ')
+    assert ', HEAD ' in line

@@ -3,19 +3,33 @@
 Each arm is a context manager factory that switches the model to one path (patching a forward,
 restricting a kernel backend). The arms take turns step by step, in alternating order, so drift
 in the machine's speed (shared hosts, clocks, heap state) falls on every arm alike, which
-separate runs cannot promise. Used by ``tools/analysis_tools/mlp_ab.py`` and ``sdpa_ab.py``.
+separate runs cannot promise. Used by ``tools/analysis_tools/revision_ab.py``, ``mlp_ab.py``
+and ``sdpa_ab.py``.
 """
 import argparse
 import contextlib
+import importlib
+import re
 import statistics
+import subprocess
 import time
-from typing import Callable, ContextManager, Dict, List
+import types
+from pathlib import Path
+from typing import Callable, ContextManager, Dict, List, Sequence
 
 import torch
+from torch import nn
 
 from .peers import build_impl, make_step
 
 Arms = Dict[str, Callable[[], ContextManager]]
+
+#: The checkout whose git history :func:`revision_arm` reads.
+ROOT = Path(__file__).resolve().parents[2]
+
+_RELATIVE_IMPORT = re.compile(r'^(\s*)from (\.+)([\w.]*) import', re.MULTILINE)
+_REGISTRATION = re.compile(r'^\s*@\w+\.register_module\(.*\)\s*$', re.MULTILINE)
+_MISSING = object()
 
 
 def patched(owner, name: str, value) -> Callable[[], ContextManager]:
@@ -23,12 +37,78 @@ def patched(owner, name: str, value) -> Callable[[], ContextManager]:
 
     @contextlib.contextmanager
     def arm():
-        old = getattr(owner, name)
+        # From the owner's own namespace: a static or class method stays one when restored,
+        # and an inherited attribute is removed again rather than copied onto the owner.
+        old = vars(owner).get(name, _MISSING)
         setattr(owner, name, value)
         try:
             yield
         finally:
-            setattr(owner, name, old)
+            if old is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, old)
+
+    return arm
+
+
+def module_at(rev: str, path: str) -> types.ModuleType:
+    """The module ``path`` (e.g. ``'mmtwins/models/layers/mlp.py'``) as it is at git revision
+    ``rev``, loaded apart from the package: its relative imports resolve to the working tree's
+    modules and its registry decorators are dropped (the working tree's classes stay
+    registered).
+
+    Raises:
+        subprocess.CalledProcessError: ``rev`` or ``path`` unknown to git.
+    """
+    src = subprocess.run(['git', 'show', f'{rev}:{path}'], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    package = path[:-len('.py')].replace('/', '.').split('.')[:-1]
+
+    def absolute(m):
+        base = package[:len(package) - len(m.group(2)) + 1]
+        return f"{m.group(1)}from {'.'.join(base + ([m.group(3)] if m.group(3) else []))} import"
+
+    src = _REGISTRATION.sub('', _RELATIVE_IMPORT.sub(absolute, src))
+    module = types.ModuleType(f'{".".join(package)}._at_{re.sub(r"[^0-9A-Za-z]", "_", rev)}')
+    module.__file__ = f'{rev}:{path}'
+    exec(compile(src, module.__file__, 'exec'), module.__dict__)
+    return module
+
+
+def revision_arm(rev: str, paths: Sequence[str]) -> Callable[[], ContextManager]:
+    """An arm that runs the code of ``paths`` as it is at git revision ``rev``.
+
+    Every ``nn.Module`` class of those modules that the working tree also has gets the
+    revision's methods (all but ``__init__``: the model is built once, by the working tree), and
+    they run with the revision's module globals, so the functions and autograd functions they
+    call are the revision's too.
+    """
+    swaps = []
+    for path in paths:
+        old = module_at(rev, path)
+        current = importlib.import_module(path[:-len('.py')].replace('/', '.'))
+        for name, cls in vars(old).items():
+            if not (isinstance(cls, type) and issubclass(cls, nn.Module)
+                    and cls.__module__ == old.__name__
+                    and isinstance(getattr(current, name, None), type)):
+                continue
+            swaps += [patched(getattr(current, name), attr, fn) for attr, fn in vars(cls).items()
+                      if attr != '__init__'
+                      and isinstance(fn, (types.FunctionType, staticmethod, classmethod))]
+
+    return combined(swaps)
+
+
+def combined(arms: Sequence[Callable[[], ContextManager]]) -> Callable[[], ContextManager]:
+    """One arm that enters all of ``arms`` (and leaves them in reverse order)."""
+
+    @contextlib.contextmanager
+    def arm():
+        with contextlib.ExitStack() as stack:
+            for a in arms:
+                stack.enter_context(a())
+            yield
 
     return arm
 

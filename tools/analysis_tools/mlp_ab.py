@@ -11,34 +11,15 @@ normalised tokens and ``gelu(h)`` for backward; a git revision runs that revisio
 steps, and each one's peak memory in its first step (on a GPU; peak RSS is not separable here).
 """
 import argparse
-import importlib.util
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-from mmtwins.analysis.ab import add_step_args, patched, run_variants
+from mmtwins.analysis.ab import add_step_args, patched, revision_arm, run_variants
 from mmtwins.models.layers import mlp as M
-
-ROOT = Path(__file__).resolve().parents[2]
-MLP_PATH = 'mmtwins/models/layers/mlp.py'
 
 
 def plain(self, x, norm=None):
     """The MLP as autograd would run it unchanged."""
     return self.fc2(self.act(self.fc1(x if norm is None else norm(x))))
-
-
-def forward_at(rev: str):
-    """``Mlp.forward`` of ``mlp.py`` as it is at git revision ``rev``."""
-    src = subprocess.run(['git', 'show', f'{rev}:{MLP_PATH}'], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / 'mlp_at_rev.py'
-    path.write_text(src.replace('from .embed import', 'from mmtwins.models.layers.embed import'))
-    spec = importlib.util.spec_from_file_location('mlp_at_rev', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Mlp.forward
 
 
 def parse_args(argv=None):
@@ -49,9 +30,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    other = plain if args.against == 'plain' else forward_at(args.against)
+    other = (patched(M.Mlp, 'forward', plain) if args.against == 'plain' else
+             revision_arm(args.against, ['mmtwins/models/layers/mlp.py']))
     run_variants(args, {'mmtwins': patched(M.Mlp, 'forward', M.Mlp.forward),
-                        args.against: patched(M.Mlp, 'forward', other)})
+                        args.against: other})
 
 
 if __name__ == '__main__':

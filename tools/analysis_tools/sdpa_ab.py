@@ -15,7 +15,7 @@ import sys
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mmtwins.analysis.ab import add_step_args, patched, run_variants
+from mmtwins.analysis.ab import add_step_args, combined, patched, run_variants
 from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention
 
 WHERE = {'gsa': (GlobalSubsampledAttention, ), 'lsa': (LocallyGroupedAttention, ),
@@ -34,16 +34,7 @@ def math_forward(forward):
 
 def math_arm(classes):
     """An arm running the attention of ``classes`` through the math path."""
-    arms = [patched(cls, 'forward', math_forward(cls.forward)) for cls in classes]
-
-    @contextlib.contextmanager
-    def arm():
-        with contextlib.ExitStack() as stack:
-            for a in arms:
-                stack.enter_context(a())
-            yield
-
-    return arm
+    return combined([patched(cls, 'forward', math_forward(cls.forward)) for cls in classes])
 
 
 def parse_args(argv=None):
