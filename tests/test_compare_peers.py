@@ -31,6 +31,7 @@ def test_compare_peers_short_mode_asserts_agreement(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data['peers'] == list(PEERS) and data['machine']['threads'] >= 1
+    assert data['code'] == peers.code_version()  # the commit that ran
     assert [c['variant'] for c in data['cases']] == ['pcpvt-small', 'svt-small']
     for case in data['cases']:
         assert set(case['max_abs_diff']) == set(PEERS)
@@ -50,6 +51,13 @@ def test_machine_info_tells_amx_cpus_apart(tmp_path, monkeypatch, flags, amx):
     info = peers.machine_info()
     assert info['cpu_amx'] is amx
     assert (info['cpu'] == 'Some CPU') is (flags is not None)
+
+
+def test_code_version_names_the_checkout_commit_and_nothing_elsewhere(tmp_path):
+    code = peers.code_version()
+    assert len(code['commit']) == 40 and isinstance(code['dirty'], bool)
+    assert peers.code_version(tmp_path) is None  # not a git checkout
+    assert peers.code_version(peers.CHECKOUT / 'mmtwins') is None  # not the checkout's top
 
 
 def test_training_case_with_cp_one_process_at_a_time():

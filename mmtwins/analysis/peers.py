@@ -42,8 +42,10 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -589,6 +591,27 @@ def _ms(seconds: float) -> str:
 def _mem(r: CaseResult, kind: str) -> str:
     mem = getattr(r, kind)
     return ', '.join(f'{n} {m:.0f}' if m else f'{n} ?' for n, m in mem.items())
+
+
+#: The checkout this module runs from, if it runs from one (not an installed package).
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def code_version(root: Path = CHECKOUT) -> Optional[dict]:
+    """Which code ran: ``{'commit': HEAD's hash, 'dirty': whether mmtwins/ has uncommitted
+    changes}`` when ``root`` is the top of the git checkout that holds this package; None
+    otherwise (an installed package, or no git)."""
+    def git(*cmd):
+        return subprocess.run(['git', *cmd], cwd=root, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    try:
+        if Path(git('rev-parse', '--show-toplevel')).resolve() != Path(root).resolve():
+            return None
+        return dict(commit=git('rev-parse', 'HEAD'),
+                    dirty=bool(git('status', '--porcelain', '--', 'mmtwins')))
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def machine_info(device: str = 'cpu') -> dict:

@@ -97,16 +97,19 @@ def main(argv=None):
     kw = dict(peers=peers, device=args.device, warmup=args.warmup, repeats=args.repeats,
               memory=not args.no_memory, kernels=args.kernels,
               amp_dtype=AMP_DTYPES.get(args.amp_dtype))
-    machine = P.machine_info(args.device)
+    machine, code = P.machine_info(args.device), P.code_version()
     print(', '.join(f'{k} {v}' for k, v in machine.items()) + f'; peers: {", ".join(peers)}')
+    if code:
+        print(f'mmtwins at {code["commit"][:12]}'
+              + (' with uncommitted changes to mmtwins/' if code['dirty'] else ''))
     results = []
     for v, mode, shape, case_kw in plan(args, kw):
         family, arch = v.split('-')
         results.append(P.compare_case(family, arch, mode, shape, **case_kw))
         # after every case: an interrupted run keeps what it measured
         if args.out:
-            atomic_write(args.out, P.to_json(results, dict(machine=machine, peers=peers,
-                                                           args=vars(args))))
+            atomic_write(args.out, P.to_json(results, dict(machine=machine, code=code,
+                                                           peers=peers, args=vars(args))))
         if args.markdown:
             atomic_write(args.markdown, P.format_markdown(results) + '\n')
     for path in filter(None, [args.out, args.markdown]):
