@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -38,6 +39,47 @@ def test_compare_peers_short_mode_asserts_agreement(tmp_path):
         assert all(d <= 1e-4 for d in case['max_abs_diff'].values()), case['max_abs_diff']
         assert set(case['seconds']) == {'mmtwins', *PEERS}
         assert all(t > 0 for t in case['seconds'].values())
+        assert set(case['page_faults']) == set(case['seconds'])
+        assert all(f >= 0 for f in case['page_faults'].values())
+
+
+_REUSE = '''
+import torch
+from mmtwins.analysis.peers import minor_page_faults
+faults = []
+for _ in range(10):
+    before = minor_page_faults()
+    t = torch.ones(64 * 2**20 // 4)
+    faults.append(minor_page_faults() - before)
+    del t
+print(min(faults[1:]))
+'''
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='GLIBC_TUNABLES is glibc\'s')
+def test_keep_freed_memory_spares_later_steps_the_page_faults():
+    env = {'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=7'}
+    assert peers.keep_freed_memory(env) == 'glibc.malloc.tcache_count=7:' + peers.KEEP_FREED_MEMORY
+    assert peers.keep_freed_memory(env) == env['GLIBC_TUNABLES']  # added once
+
+    def fewest_faults_of_a_later_allocation(environ):
+        out = subprocess.run([sys.executable, '-c', _REUSE], env=environ, check=True,
+                             capture_output=True, text=True).stdout
+        return int(out.split()[-1])
+
+    default = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+    # 64 MB, allocated ten times: by default each time its own mapping, handed back when freed
+    # and faulted in anew (16384 pages of 4 KB); kept, the freed heap is soon reused as it is.
+    assert fewest_faults_of_a_later_allocation(default) > 1000
+    kept = dict(default, GLIBC_TUNABLES=peers.KEEP_FREED_MEMORY)
+    assert fewest_faults_of_a_later_allocation(kept) < 100
+
+
+def test_minor_page_faults_count_memory_touched_for_the_first_time():
+    before = peers.minor_page_faults()
+    fresh = torch.ones(64 * 2**20 // 4)  # 64 MB: mapped by the kernel when first written
+    assert peers.minor_page_faults() > before
+    del fresh
 
 
 @pytest.mark.parametrize('flags, amx', [('fpu avx512f avx512_bf16 amx_bf16 amx_tile', True),
@@ -138,7 +180,8 @@ def test_a_worker_dying_at_start_is_an_error_not_a_hang(monkeypatch):
 def test_a_worker_killed_between_steps_is_an_error():
     with _Workers([Entry('mmtwins', 'mmtwins')], 'svt', 'small', 'infer', (1, 3, 64, 64),
                   'cpu') as workers:
-        assert workers.ask('mmtwins', 'step') > 0
+        seconds, faults = workers.ask('mmtwins', 'step')
+        assert seconds > 0 and faults >= 0
         os.kill(workers.procs[0].pid, signal.SIGKILL)
         workers.procs[0].join()
         with _fails_within(60), pytest.raises(RuntimeError,

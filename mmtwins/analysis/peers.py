@@ -23,6 +23,11 @@ Memory, three measures:
   CPU counterpart of the GPU's peak allocated memory: the RSS also counts heap the C library
   keeps after frees, which depends on the allocator's history more than on the network.
 
+Each timed step also counts the worker's minor page faults (``page_faults``, median per step):
+memory the kernel had to map and zero because the C library had handed freed heap back to it.
+On a CPU that cost falls inside the step's time and depends on the allocator's state as much
+as on the network, so it says how much of a difference in time is the allocator's.
+
 For inference cases the achieved GFLOP/s (the forward pass's FLOPs, counted by
 :func:`mmtwins.analysis.flops.count_complexity`, over the median time) is also reported as a
 fraction of the machine's dense matmul GFLOP/s in the case's precision (measured around each
@@ -46,7 +51,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -292,6 +297,30 @@ class Entry:
     amp_dtype: Optional[torch.dtype] = None
 
 
+#: glibc malloc settings under which memory freed by a step stays in the process's heap (no
+#: block is given its own mapping, the heap is never trimmed), so later steps pay no page faults
+#: for it; the peak RSS then stays at the process's high-water mark. Read at process start, so
+#: they reach the worker processes when set in the parent's environment before they spawn.
+KEEP_FREED_MEMORY = 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736'
+
+
+def keep_freed_memory(environ=os.environ) -> str:
+    """Add :data:`KEEP_FREED_MEMORY` to ``GLIBC_TUNABLES`` in ``environ``; returns the value."""
+    tunables = environ.get('GLIBC_TUNABLES')
+    if KEEP_FREED_MEMORY not in (tunables or ''):
+        environ['GLIBC_TUNABLES'] = ':'.join(filter(None, [tunables, KEEP_FREED_MEMORY]))
+    return environ['GLIBC_TUNABLES']
+
+
+def minor_page_faults() -> Optional[int]:
+    """This process's minor page faults so far (None where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device: str,
             threads: int) -> None:
     """Serve one implementation's steps to :class:`_Workers` until told to stop."""
@@ -316,10 +345,13 @@ def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device
                 base = before.mb if dev.type == 'cpu' else 0.
                 conn.send(('ok', peak.mb - base if exact and peak.mb is not None else None))
             elif cmd == 'step':
+                faults = minor_page_faults()
                 start = time.perf_counter()
                 step()
                 _sync(dev)
-                conn.send(('ok', time.perf_counter() - start))
+                elapsed = time.perf_counter() - start
+                after = minor_page_faults()
+                conn.send(('ok', (elapsed, None if faults is None else after - faults)))
             elif cmd == 'live':
                 conn.send(('ok', peak_live_mb(step)))
             elif cmd == 'kernels':
@@ -402,8 +434,9 @@ class _Workers:
 
 
 def interleaved_times(workers: _Workers, names: Sequence[str], warmup: int, repeats: int
-                      ) -> Dict[str, List[float]]:
-    """Seconds per step of each entry, taking turns in rotating order after the warm-up."""
+                      ) -> Dict[str, List[Tuple[float, Optional[int]]]]:
+    """(seconds, minor page faults) of each step of each entry, taking turns in rotating order
+    after the warm-up."""
     names = list(names)
     for name in names:
         for _ in range(warmup):
@@ -432,6 +465,7 @@ class CaseResult:
     saved_mb: Dict[str, float] = field(default_factory=dict)
     peak_mb: Dict[str, Optional[float]] = field(default_factory=dict)
     live_mb: Dict[str, float] = field(default_factory=dict)  # CPU training: peak live tensors
+    page_faults: Dict[str, float] = field(default_factory=dict)  # median minor faults per step
     max_abs_diff: Dict[str, float] = field(default_factory=dict)
     device_max_abs_diff: Dict[str, float] = field(default_factory=dict)  # on a GPU, exact fp32
     cosine: Optional[float] = None  # autocast cases: output cosine similarity with fp32
@@ -545,7 +579,9 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
                     res.kernels[e.name] = workers.ask(e.name, 'kernels')
     # The ceiling: the better of two measurements, before and after the timed steps.
     res.matmul_gflops = max(res.matmul_gflops, matmul_gflops(device, ceiling_dtype))
-    res.seconds = {n: statistics.median(t) for n, t in times.items()}
+    res.seconds = {n: statistics.median(t for t, _ in steps) for n, steps in times.items()}
+    res.page_faults = {n: statistics.median(f for _, f in steps) for n, steps in times.items()
+                       if all(f is not None for _, f in steps)}
     for line in [format_case(res)] + format_kernels(res):
         log(line)
     return res
@@ -615,7 +651,9 @@ def code_version(root: Path = CHECKOUT) -> Optional[dict]:
 
 
 def machine_info(device: str = 'cpu') -> dict:
-    """What the timings depend on: CPU model and vector ISA, AMX, threads, torch, native bf16, GPU.
+    """What the timings depend on: CPU model and vector ISA, AMX, threads, torch, the C
+    library's malloc settings (``GLIBC_TUNABLES``, see :data:`KEEP_FREED_MEMORY`), native bf16,
+    GPU.
 
     ``cpu_amx`` (the ``amx_bf16`` flag of ``/proc/cpuinfo``; None where that file is missing)
     tells apart CPUs that ``cpu_capability`` reports alike, whose bf16 speed differs (measured in
@@ -638,6 +676,7 @@ def machine_info(device: str = 'cpu') -> dict:
     info = dict(cpu=cpu, cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 cpu_amx=None if flags is None else 'amx_bf16' in flags,
                 cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                glibc_tunables=os.environ.get('GLIBC_TUNABLES'),
                 cpu_native_bf16=bool(torch.backends.mkldnn.is_available()
                                      and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                 device=device)
@@ -670,6 +709,9 @@ def format_case(r: CaseResult) -> str:
     if r.live_mb:
         line += (f'; peak live MB {_mem(r, "live_mb")} '
                  f'(ratio {r.memory_ratio("live_mb") or float("nan"):.2f})')
+    if r.page_faults:
+        line += '; page faults per step ' + ', '.join(
+            f'{n} {f:.0f}' for n, f in r.page_faults.items())
     saving = [f'{r.with_cp_saving(k):.0%} of the {what}'
               for k, what in (('peak_mb', 'peak'), ('live_mb', 'peak live'))
               if r.with_cp_saving(k) is not None]

@@ -6,6 +6,7 @@ memory side by side in one run.
     python tools/analysis_tools/compare_peers.py --cases coco          # 800x1344 training, with_cp too
     python tools/analysis_tools/compare_peers.py --short               # agreement + one quick timing (CI)
     python tools/analysis_tools/compare_peers.py --cases train512 --kernels   # + time by kernel category
+    python tools/analysis_tools/compare_peers.py --cases train512 --keep-freed-memory  # no page faults
     python tools/analysis_tools/compare_peers.py --device cuda --cases amp-infer512 amp-train512
     python tools/analysis_tools/compare_peers.py --device cuda --cases train512 --batch 16
 
@@ -59,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument('--amp-dtype', choices=list(AMP_DTYPES),
                    help='autocast dtype of the amp cases (default: fp16 on GPU, bf16 on CPU)')
     p.add_argument('--no-memory', action='store_true', help='do not report memory')
+    p.add_argument('--keep-freed-memory', action='store_true',
+                   help="run every implementation's worker with glibc's malloc keeping freed "
+                   'memory in the heap (GLIBC_TUNABLES, see peers.KEEP_FREED_MEMORY): no step '
+                   'pays page faults for memory an earlier one freed')
     p.add_argument('--kernels', action='store_true',
                    help='after the timings, profile one more step of every implementation: '
                    'its time by operator category (matmul, fused attention, convolution, '
@@ -93,6 +98,8 @@ def plan(args, kw):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.keep_freed_memory:
+        P.keep_freed_memory()  # before the workers spawn: glibc reads it at process start
     peers = args.peers or P.available_peers()
     kw = dict(peers=peers, device=args.device, warmup=args.warmup, repeats=args.repeats,
               memory=not args.no_memory, kernels=args.kernels,
