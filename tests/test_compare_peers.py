@@ -57,7 +57,7 @@ print(min(faults[1:]))
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='GLIBC_TUNABLES is glibc\'s')
-def test_keep_freed_memory_spares_later_steps_the_page_faults():
+def test_page_faults_are_counted_and_keep_freed_memory_spares_later_steps_them():
     env = {'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=7'}
     assert peers.keep_freed_memory(env) == 'glibc.malloc.tcache_count=7:' + peers.KEEP_FREED_MEMORY
     assert peers.keep_freed_memory(env) == env['GLIBC_TUNABLES']  # added once
@@ -69,17 +69,11 @@ def test_keep_freed_memory_spares_later_steps_the_page_faults():
 
     default = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
     # 64 MB, allocated ten times: by default each time its own mapping, handed back when freed
-    # and faulted in anew (16384 pages of 4 KB); kept, the freed heap is soon reused as it is.
-    assert fewest_faults_of_a_later_allocation(default) > 1000
+    # and faulted in anew (16384 pages of 4 KB, or 32 huge ones); kept, the freed heap is soon
+    # reused as it is.
+    faults = fewest_faults_of_a_later_allocation(default)
     kept = dict(default, GLIBC_TUNABLES=peers.KEEP_FREED_MEMORY)
-    assert fewest_faults_of_a_later_allocation(kept) < 100
-
-
-def test_minor_page_faults_count_memory_touched_for_the_first_time():
-    before = peers.minor_page_faults()
-    fresh = torch.ones(64 * 2**20 // 4)  # 64 MB: mapped by the kernel when first written
-    assert peers.minor_page_faults() > before
-    del fresh
+    assert faults >= 32 and fewest_faults_of_a_later_allocation(kept) * 10 < faults
 
 
 @pytest.mark.parametrize('flags, amx', [('fpu avx512f avx512_bf16 amx_bf16 amx_tile', True),
