@@ -14,18 +14,14 @@ import statistics
 import subprocess
 import time
 import types
-from pathlib import Path
 from typing import Callable, ContextManager, Dict, List, Sequence
 
 import torch
 from torch import nn
 
-from .peers import build_impl, make_step
+from .peers import CHECKOUT, build_impl, make_step
 
 Arms = Dict[str, Callable[[], ContextManager]]
-
-#: The checkout whose git history :func:`revision_arm` reads.
-ROOT = Path(__file__).resolve().parents[2]
 
 _RELATIVE_IMPORT = re.compile(r'^(\s*)from (\.+)([\w.]*) import', re.MULTILINE)
 _REGISTRATION = re.compile(r'^\s*@\w+\.register_module\(.*\)\s*$', re.MULTILINE)
@@ -61,7 +57,7 @@ def module_at(rev: str, path: str) -> types.ModuleType:
     Raises:
         subprocess.CalledProcessError: ``rev`` or ``path`` unknown to git.
     """
-    src = subprocess.run(['git', 'show', f'{rev}:{path}'], cwd=ROOT, check=True,
+    src = subprocess.run(['git', 'show', f'{rev}:{path}'], cwd=CHECKOUT, check=True,
                          capture_output=True, text=True).stdout
     package = path[:-len('.py')].replace('/', '.').split('.')[:-1]
 

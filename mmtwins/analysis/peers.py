@@ -629,7 +629,8 @@ def _mem(r: CaseResult, kind: str) -> str:
     return ', '.join(f'{n} {m:.0f}' if m else f'{n} ?' for n, m in mem.items())
 
 
-#: The checkout this module runs from, if it runs from one (not an installed package).
+#: The checkout this module runs from, if it runs from one (not an installed package): its git
+#: history is what :func:`code_version` and :func:`mmtwins.analysis.ab.revision_arm` read.
 CHECKOUT = Path(__file__).resolve().parents[2]
 
 

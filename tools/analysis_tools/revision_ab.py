@@ -14,10 +14,11 @@ import argparse
 import contextlib
 import sys
 
-from mmtwins.analysis.ab import ROOT, add_step_args, revision_arm, run_variants
+from mmtwins.analysis.ab import add_step_args, revision_arm, run_variants
+from mmtwins.analysis.peers import CHECKOUT
 
-MODEL_FILES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / 'mmtwins/models').rglob('*.py')
-                     if p.name != '__init__.py')
+MODEL_FILES = sorted(str(p.relative_to(CHECKOUT))
+                     for p in (CHECKOUT / 'mmtwins/models').rglob('*.py') if p.name != '__init__.py')
 
 
 def parse_args(argv=None):
