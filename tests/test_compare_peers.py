@@ -96,17 +96,36 @@ def test_code_version_names_the_checkout_commit_and_nothing_elsewhere(tmp_path):
     assert peers.code_version(peers.CHECKOUT / 'mmtwins') is None  # not the checkout's top
 
 
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc/self/status')
+def test_first_steps_peaks_give_the_first_step_and_the_high_water_mark_over_all():
+    """Steps writing 48 MB, then 128 MB, then 48 MB (each block above glibc's largest mmap
+    threshold, so mapped afresh and handed back when freed): the first step's peak is about
+    48 MB above the size before it, the peak over the three about 128 MB (the mark is not reset
+    between them)."""
+    sizes = iter([48, 128, 48])
+
+    def step():
+        torch.ones(next(sizes) << 18)  # MB of fp32, every page written
+
+    first, run = peers._first_steps_peaks(step, torch.device('cpu'), 3)
+    assert 40 < first < 80 and 120 < run < 160
+
+
 def test_training_case_with_cp_one_process_at_a_time():
     """The COCO case's mode, on a small input: with_cp entry, workers one after another, memory
     measured; gradient checkpointing keeps well under half the activations (a count)."""
     lines = []
-    res = compare_case('svt', 'small', 'train', (1, 3, 64, 64), peers=['timm'], warmup=1,
+    res = compare_case('svt', 'small', 'train', (1, 3, 64, 64), peers=['timm'], warmup=2,
                        repeats=1, with_cp=True, interleave=False, kernels=True, log=lines.append)
     assert set(res.seconds) == {'mmtwins', 'timm', 'mmtwins-with_cp'} and not res.interleaved
     assert all(t > 0 for t in res.seconds.values())
     assert res.saved_mb['mmtwins-with_cp'] < 0.6 * res.saved_mb['mmtwins']
     assert res.saved_mb['mmtwins'] <= 0.8 * res.saved_mb['timm']
     assert set(res.peak_mb) == set(res.seconds)
+    # the peak over both warm-up steps holds the first step's (the RSS mark is not reset between)
+    assert set(res.run_peak_mb) == set(res.seconds)
+    assert all(res.run_peak_mb[n] >= res.peak_mb[n] for n in res.seconds)
+    assert 'warm-up peak ratio' in format_markdown([res]) and 'over the warm-up' in lines[0]
     # peak live tensor bytes (CPU): with_cp's cut is in the line and the JSON
     assert set(res.live_mb) == set(res.seconds) and all(m > 0 for m in res.live_mb.values())
     assert res.live_mb['mmtwins-with_cp'] < res.live_mb['mmtwins'] < res.live_mb['timm']

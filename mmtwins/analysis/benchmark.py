@@ -91,13 +91,16 @@ class PeakMemory:
             self.kind = 'process lifetime peak RSS'
         return self
 
-    def __exit__(self, *exc):
+    def read(self) -> Optional[float]:
+        """The peak so far inside ``with`` (MB), without ending the measurement."""
         if self.device.type == 'cuda':
-            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif self.kind == 'process peak RSS':
-            self.mb = _read_peak_rss_mb()
-        else:
-            self.mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self.kind == 'process peak RSS':
+            return _read_peak_rss_mb()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def __exit__(self, *exc):
+        self.mb = self.read()
         return False
 
 

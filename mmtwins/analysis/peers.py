@@ -12,12 +12,15 @@ Every implementation runs in its own worker process, driven in turn from the par
 :class:`_Workers`): one allocator state per implementation, as in a user's own process, and no
 two computing at once.
 
-Memory, three measures:
+Memory, four measures:
 
 * ``saved_mb``: bytes of the tensors autograd keeps for the backward pass of one training step
   (unique storages, counted with ``torch.autograd.graph.saved_tensors_hooks``): deterministic.
 * ``peak_mb``: the increase of the peak resident set size during the first step over the worker
   process's size before it (on a GPU: peak allocated memory); what a user sees, though noisier.
+* ``run_peak_mb``: the same over all the untimed warm-up steps: the high-water mark a training
+  run reaches. On a CPU it can exceed the first step's, as the C library's heap grows with the
+  holes that later steps' allocations do not fit; it levels off within two or three steps.
 * ``live_mb`` (training steps on a CPU): the peak of the bytes held by live tensors during a
   step, above their level at its start (:func:`~mmtwins.analysis.benchmark.peak_live_mb`), the
   CPU counterpart of the GPU's peak allocated memory: the RSS also counts heap the C library
@@ -321,6 +324,24 @@ def minor_page_faults() -> Optional[int]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def _first_steps_peaks(step: Callable[[], None], dev: torch.device, steps: int
+                       ) -> Tuple[Optional[float], Optional[float]]:
+    """Run a fresh worker's first ``steps`` steps (>= 1); return the peak memory of the first
+    and of all of them, above the process's size before them (None where the peak RSS mark
+    cannot be reset)."""
+    with PeakMemory(dev) as before:
+        pass
+    base = before.mb if dev.type == 'cpu' else 0.
+    with PeakMemory(dev) as peak:
+        step()
+        first = peak.read()
+        for _ in range(steps - 1):
+            step()
+    if peak.kind not in ('process peak RSS', 'CUDA max allocated'):
+        return None, None
+    return first - base, peak.mb - base
+
+
 def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device: str,
             threads: int) -> None:
     """Serve one implementation's steps to :class:`_Workers` until told to stop."""
@@ -336,14 +357,8 @@ def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device
             cmd = conn.recv()
             if cmd == 'stop':
                 return
-            if cmd == 'peak':  # one step: its peak memory above the process's size before it
-                with PeakMemory(dev) as before:
-                    pass
-                with PeakMemory(dev) as peak:
-                    step()
-                exact = peak.kind in ('process peak RSS', 'CUDA max allocated')
-                base = before.mb if dev.type == 'cpu' else 0.
-                conn.send(('ok', peak.mb - base if exact and peak.mb is not None else None))
+            if isinstance(cmd, tuple) and cmd[0] == 'peak':
+                conn.send(('ok', _first_steps_peaks(step, dev, cmd[1])))
             elif cmd == 'step':
                 faults = minor_page_faults()
                 start = time.perf_counter()
@@ -433,14 +448,11 @@ class _Workers:
         return False
 
 
-def interleaved_times(workers: _Workers, names: Sequence[str], warmup: int, repeats: int
+def interleaved_times(workers: _Workers, names: Sequence[str], repeats: int
                       ) -> Dict[str, List[Tuple[float, Optional[int]]]]:
-    """(seconds, minor page faults) of each step of each entry, taking turns in rotating order
-    after the warm-up."""
+    """(seconds, minor page faults) of each step of each entry, taking turns in rotating
+    order."""
     names = list(names)
-    for name in names:
-        for _ in range(warmup):
-            workers.ask(name, 'step')
     times = {n: [] for n in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -464,6 +476,7 @@ class CaseResult:
     seconds: Dict[str, float] = field(default_factory=dict)
     saved_mb: Dict[str, float] = field(default_factory=dict)
     peak_mb: Dict[str, Optional[float]] = field(default_factory=dict)
+    run_peak_mb: Dict[str, Optional[float]] = field(default_factory=dict)
     live_mb: Dict[str, float] = field(default_factory=dict)  # CPU training: peak live tensors
     page_faults: Dict[str, float] = field(default_factory=dict)  # median minor faults per step
     max_abs_diff: Dict[str, float] = field(default_factory=dict)
@@ -489,8 +502,8 @@ class CaseResult:
         return mem['mmtwins'] / min(peers) if peers and mem.get('mmtwins') else None
 
     def with_cp_saving(self, kind: str = 'peak_mb') -> Optional[float]:
-        """Fraction of mmtwins' peak memory (``kind``: ``'peak_mb'`` or ``'live_mb'``) that
-        ``with_cp=True`` removes (if measured)."""
+        """Fraction of mmtwins' peak memory (``kind``: ``'peak_mb'``, ``'run_peak_mb'`` or
+        ``'live_mb'``) that ``with_cp=True`` removes (if measured)."""
         mem = getattr(self, kind)
         full, cp = mem.get('mmtwins'), mem.get('mmtwins-with_cp')
         return 1 - cp / full if full and cp else None
@@ -513,15 +526,17 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
     it too (in exact fp32, :func:`exact_fp32`); the timed steps use the device's default
     settings, as a user's run would.
 
-    Every entry runs in its own worker process (:class:`_Workers`); its first step is untimed
-    and gives its peak memory, then ``warmup - 1`` more untimed steps, then ``repeats`` timed
-    ones (in rotating order with the other entries if ``interleave``).
+    Every entry runs in its own worker process (:class:`_Workers`): first ``warmup`` untimed
+    steps (at least one), which give the peak memory of the first step and of all of them, then
+    ``repeats`` timed ones (in rotating order with the other entries if ``interleave``), then
+    the memory counts that profile a step.
 
     Args:
         amp: run under autocast in ``amp_dtype`` (default fp16 on GPU, bf16 on CPU): mmtwins
             and every peer if ``peers`` are given, else mmtwins against its own fp32.
-        memory: report the first step's peak memory; for training steps also count the bytes
-            saved for backward and, on a CPU, the peak of live tensor bytes.
+        memory: report the peak memory of the first step and of the warm-up steps; for
+            training steps also count the bytes saved for backward and, on a CPU, the peak of
+            live tensor bytes.
         with_cp: also run mmtwins with gradient checkpointing (training cases).
         kernels: after the timed steps, profile one more step of every entry
             (:func:`kernel_breakdown`).
@@ -565,17 +580,16 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
     for group in groups:
         with _Workers(group, family, arch, mode, shape, device) as workers:
             for e in group:
-                peak = workers.ask(e.name, 'peak')
+                peaks = workers.ask(e.name, ('peak', max(warmup, 1)))
                 if memory:
-                    res.peak_mb[e.name] = peak
+                    res.peak_mb[e.name], res.run_peak_mb[e.name] = peaks
+            times.update(interleaved_times(workers, [e.name for e in group], repeats))
+            for e in group:
                 if memory and mode == 'train' and not amp:
                     res.saved_mb[e.name] = workers.ask(e.name, 'saved')
                 if memory and mode == 'train' and dev.type == 'cpu':
                     res.live_mb[e.name] = workers.ask(e.name, 'live')
-            times.update(interleaved_times(workers, [e.name for e in group],
-                                           max(warmup - 1, 0), repeats))
-            if kernels:
-                for e in group:
+                if kernels:
                     res.kernels[e.name] = workers.ask(e.name, 'kernels')
     # The ceiling: the better of two measurements, before and after the timed steps.
     res.matmul_gflops = max(res.matmul_gflops, matmul_gflops(device, ceiling_dtype))
@@ -703,10 +717,11 @@ def format_case(r: CaseResult) -> str:
     if r.saved_mb:
         line += (f'; saved-for-backward MB {_mem(r, "saved_mb")} '
                  f'(ratio {r.memory_ratio() or float("nan"):.2f})')
-    if r.peak_mb and any(r.peak_mb.values()):
-        line += f'; peak MB {_mem(r, "peak_mb")}'
-        if r.memory_ratio('peak_mb') is not None:
-            line += f' (ratio {r.memory_ratio("peak_mb"):.2f})'
+    for kind, what in (('peak_mb', 'peak MB'), ('run_peak_mb', 'peak MB over the warm-up')):
+        if any(getattr(r, kind).values()):
+            line += f'; {what} {_mem(r, kind)}'
+            if r.memory_ratio(kind) is not None:
+                line += f' (ratio {r.memory_ratio(kind):.2f})'
     if r.live_mb:
         line += (f'; peak live MB {_mem(r, "live_mb")} '
                  f'(ratio {r.memory_ratio("live_mb") or float("nan"):.2f})')
@@ -714,7 +729,8 @@ def format_case(r: CaseResult) -> str:
         line += '; page faults per step ' + ', '.join(
             f'{n} {f:.0f}' for n, f in r.page_faults.items())
     saving = [f'{r.with_cp_saving(k):.0%} of the {what}'
-              for k, what in (('peak_mb', 'peak'), ('live_mb', 'peak live'))
+              for k, what in (('peak_mb', 'peak'), ('run_peak_mb', 'peak over the warm-up'),
+                              ('live_mb', 'peak live'))
               if r.with_cp_saving(k) is not None]
     if saving:
         line += f'; with_cp saves {" and ".join(saving)}'
@@ -745,7 +761,8 @@ def format_markdown(results: List[CaseResult]) -> str:
 
     head = ['variant', 'case', 'precision'] + [f'{n} ms' for n in names] + \
         ['speed-up', 'GFLOP/s fraction'] + [f'{n} peak MB' for n in names] + \
-        ['peak ratio', 'saved-for-backward ratio']
+        ['peak ratio'] + [f'{n} warm-up peak MB' for n in names] + \
+        ['warm-up peak ratio', 'saved-for-backward ratio']
     live = any(r.live_mb for r in results)
     if live:
         head += [f'{n} peak live MB' for n in names] + ['peak live ratio']
@@ -756,9 +773,10 @@ def format_markdown(results: List[CaseResult]) -> str:
         row += [_ms(r.seconds[n]) if n in r.seconds else '' for n in names]
         row += [f'{r.speedup():.2f}x' if r.speedup() else '',
                 f'{r.flops_fraction():.2f}' if r.flops_fraction() else '']
-        row += [cell(r.peak_mb, n, '{:.0f}') for n in names]
-        row += [f'{r.memory_ratio("peak_mb"):.2f}' if r.memory_ratio('peak_mb') else '',
-                f'{r.memory_ratio():.2f}' if r.memory_ratio() else '']
+        for kind in ('peak_mb', 'run_peak_mb'):
+            row += [cell(getattr(r, kind), n, '{:.0f}') for n in names]
+            row.append(f'{r.memory_ratio(kind):.2f}' if r.memory_ratio(kind) else '')
+        row.append(f'{r.memory_ratio():.2f}' if r.memory_ratio() else '')
         if live:
             row += [cell(r.live_mb, n, '{:.0f}') for n in names]
             row.append(f'{r.memory_ratio("live_mb"):.2f}' if r.memory_ratio('live_mb') else '')
@@ -791,8 +809,11 @@ def to_json(results: List[CaseResult], extra: dict) -> str:
     return json.dumps(dict(extra, cases=[dict(asdict(r), speedup=r.speedup(),
                                               saved_ratio=r.memory_ratio(),
                                               peak_ratio=r.memory_ratio('peak_mb'),
+                                              run_peak_ratio=r.memory_ratio('run_peak_mb'),
                                               live_ratio=r.memory_ratio('live_mb'),
                                               with_cp_saving=r.with_cp_saving(),
+                                              with_cp_run_saving=r.with_cp_saving(
+                                                  'run_peak_mb'),
                                               with_cp_live_saving=r.with_cp_saving('live_mb'),
                                               flops_fraction=r.flops_fraction())
                                          for r in results]), indent=2)

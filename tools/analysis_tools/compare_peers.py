@@ -49,8 +49,9 @@ def parse_args(argv=None):
     p.add_argument('--peers', nargs='+', default=None, help='default: every installed peer')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--warmup', type=int, default=5,
-                   help='untimed steps per implementation (the first also measures memory); '
-                   'the heap of a training process takes a few steps to settle (measured: the '
+                   help='untimed steps per implementation, which measure the peak memory of '
+                   'the first and of all of them; the heap of a training process takes a few '
+                   'steps to settle (measured: the '
                    "peers' first 3-4 training steps at 512x512 are slower than the later ones)")
     p.add_argument('--repeats', type=int, default=7, help='timed steps per implementation')
     p.add_argument('--cases', nargs='+', choices=list(CASES), default=DEFAULT_CASES,
