@@ -111,15 +111,48 @@ def test_drop_path_rate_applies_stochastic_depth_in_training_only():
     assert not torch.equal(model(x)[-1], model(x)[-1])
 
 
-def test_with_cp_gives_same_gradients():
-    ref = SVT(arch=TINY_SVT)
-    cp = SVT(arch=TINY_SVT, with_cp=True)
+@pytest.mark.parametrize('cls,arch,frozen', [(SVT, TINY_SVT, -1), (SVT, TINY_SVT, 1),
+                                             (PCPVT, TINY_PCPVT, -1)],
+                         ids=['svt', 'svt-frozen-stages', 'pcpvt-one-block-stages'])
+def test_with_cp_gives_same_gradients(cls, arch, frozen):
+    """Checkpointed segments: the patch embeddings, and each block with the stage's PEG (at the
+    start of the second block's segment, or the end of a lone block's) and stage norm."""
+    ref = cls(arch=arch, frozen_stages=frozen)
+    cp = cls(arch=arch, frozen_stages=frozen, with_cp=True)
     cp.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 64, 64)
     for m in (ref, cp):
+        m.train()
         sum(o.square().sum() for o in m(x)).backward()
     for (n, p), (_, q) in zip(ref.named_parameters(), cp.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+        assert (p.grad is None) == (q.grad is None) == (not p.requires_grad), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize('cls,arch', [(SVT, TINY_SVT), (PCPVT, TINY_PCPVT)])
+def test_with_cp_keeps_only_the_segments_inputs_for_backward(cls, arch):
+    """What autograd keeps under ``with_cp``: the input image and each checkpointed segment's
+    input tokens, nothing of the patch embeddings, PEGs, norms or blocks inside."""
+    model = cls(arch=arch, with_cp=True).train()
+    saved = {}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t), lambda t: t):
+        model(x)
+    segments = len(model.patch_embeds) + sum(len(b) for b in model.blocks)
+    # one storage per segment's input (the image the first); the last output is no input
+    assert len(saved) == segments and x.untyped_storage().data_ptr() in saved
+
+
+def test_with_cp_makes_every_mlp_recompute_its_hidden_also_when_set_later():
+    model = SVT(arch=TINY_SVT)
+    mlps = [blk.mlp for blocks in model.blocks for blk in blocks]
+    assert not any(m.recompute_hidden for m in mlps)
+    model.with_cp = True
+    assert all(m.recompute_hidden for m in mlps)
+    assert all(blk.mlp.recompute_hidden for blocks in SVT(arch=TINY_SVT, with_cp=True).blocks
+               for blk in blocks)
 
 
 def test_norm_after_stage():

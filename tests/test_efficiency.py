@@ -149,6 +149,29 @@ def test_chunked_mlp_keeps_only_its_input_and_the_pre_activation_for_backward(no
         assert [t.data_ptr() for t in acts if t.shape == (20, 16)] == [x.data_ptr()]
 
 
+@pytest.mark.parametrize('norm', NORMS, ids=NORM_IDS)
+@pytest.mark.parametrize('chunk_elems', CHUNKINGS)
+def test_chunked_mlp_recomputing_its_hidden_keeps_only_its_input_and_changes_nothing(
+        chunk_elems, norm):
+    """``recompute_hidden`` (set by the backbones' ``with_cp``) keeps only the input for
+    backward and recomputes each chunk's ``h`` there exactly as the forward computed it: the
+    same values and gradients, bit for bit, in fp32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    (mlp, ln), x = _mlp(chunk_elems, norm), torch.randn(2, 10, 16)
+    for autocast in (False, True):  # fp32, and bf16 autocast
+        mlp.recompute_hidden = False
+        kept = _grads(mlp, x, False, autocast, norm=ln)
+        mlp.recompute_hidden = True
+        for a, b in zip(_grads(mlp, x, False, autocast, norm=ln), kept):
+            assert torch.equal(a, b)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mlp(x.requires_grad_(True), norm=ln)
+    params = {p.data_ptr() for p in mlp.parameters()}
+    params |= set() if ln is None else {p.data_ptr() for p in ln.parameters()}
+    assert [tuple(t.shape) for t in saved if t.data_ptr() not in params] == [(20, 16)]
+
+
 #: Operators that launch no kernel: views, and the dtype promotion rule.
 _NO_KERNEL = {'view', 'slice', 't', 'detach', 'reshape', '_unsafe_view', 'promote_types'}
 

@@ -5,6 +5,7 @@ arch spec (a stage's ``window_sizes`` entry turns its even-indexed blocks into l
 attention; every other block is global sub-sampled attention). :class:`PCPVT` and :class:`SVT` only
 carry their variant tables and defaults.
 """
+import functools
 import math
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -43,7 +44,9 @@ class Twins(BaseModule):
             value; applied once per residual branch.
         frozen_stages (int): Stages ``0..frozen_stages`` are frozen (eval mode, no gradient);
             -1 freezes nothing.
-        with_cp (bool): Gradient checkpointing per block (less memory, more compute).
+        with_cp (bool): Gradient checkpointing per block (less memory, more compute); the
+            blocks' MLPs then also recompute their hidden activations in backward, chunk by
+            chunk, instead of keeping them (see :class:`~mmtwins.models.layers.Mlp`).
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH[, prefix=...])``
             loads weights of any supported layout through :func:`mmtwins.load_twins_checkpoint`.
 
@@ -84,7 +87,6 @@ class Twins(BaseModule):
                              f'for out_indices {self.out_indices}), got {frozen_stages}')
         self.in_channels = in_channels
         self.frozen_stages = frozen_stages
-        self.with_cp = with_cp
         self.embed_dims = tuple(s['embed_dims'][:built])
         self.strides = tuple(math.prod(PATCH_SIZES[:i + 1]) for i in range(built))
 
@@ -107,6 +109,7 @@ class Twins(BaseModule):
             if norm_after_stage[i]:
                 self.stage_norms[str(i)] = nn.LayerNorm(dim, eps=1e-6)
             prev_dim, cur = dim, cur + s['depths'][i]
+        self.with_cp = with_cp
         self.min_input_size = self._min_input_size()
         self._freeze_stages()
 
@@ -180,6 +183,17 @@ class Twins(BaseModule):
         self._freeze_stages()
         return self
 
+    @property
+    def with_cp(self) -> bool:
+        return self._with_cp
+
+    @with_cp.setter
+    def with_cp(self, value: bool) -> None:
+        self._with_cp = value
+        for blocks in self.blocks:
+            for blk in blocks:
+                blk.mlp.recompute_hidden = value
+
     # ------------------------------------------------------------------ forward
     def _check_input(self, x) -> None:
         """Raise a ``TypeError``/``ValueError`` naming what is wrong with an input batch.
@@ -214,25 +228,40 @@ class Twins(BaseModule):
             raise ValueError(f'{name}: input of {x.shape[2]}x{x.shape[3]} is too small; height '
                              f'and width must be >= {self.min_input_size}')
 
-    def _run_block(self, blk: TwinsBlock, x: torch.Tensor, hw) -> torch.Tensor:
-        if self.with_cp and x.requires_grad:
-            return cp.checkpoint(blk, x, hw, use_reentrant=False)
-        return blk(x, hw)
+    def _stage_segment(self, i: int, j: int, x: torch.Tensor, hw) -> torch.Tensor:
+        """Block ``j`` of stage ``i`` with the stage's PEG (which follows its first block) and
+        norm (after its last block, if any): the unit of gradient checkpointing.
+
+        The PEG runs at the start of the second block's segment, so its input, the first
+        block's output, is what that segment keeps, and its backward runs after the second
+        block's has released that block's tensors; in a stage of one block it ends the first.
+        """
+        peg, blocks = self.pos_block[i], self.blocks[i]
+        if j == 1:
+            x = peg(x, hw)
+        x = blocks[j](x, hw)
+        if len(blocks) == 1:
+            x = peg(x, hw)
+        if j == len(blocks) - 1 and str(i) in self.stage_norms:
+            x = self.stage_norms[str(i)](x)
+        return x
+
+    def _checkpointed(self, fn, x: torch.Tensor):
+        """``fn(x)``; with ``with_cp`` and gradients recorded, under gradient checkpointing: only
+        ``x`` is kept for backward, and ``fn`` runs again there."""
+        if self.with_cp and torch.is_grad_enabled():
+            return cp.checkpoint(fn, x, use_reentrant=False)
+        return fn(x)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         self._check_input(x)
         outs = []
-        for i, (embed, blocks, peg) in enumerate(zip(self.patch_embeds, self.blocks,
-                                                      self.pos_block)):
+        for i, embed in enumerate(self.patch_embeds):
             # The stage's tokens reach the next stage and the outputs through separate map
             # views, so their gradients are summed as tokens (see tokens_to_map).
-            x, hw = embed(x if i == 0 else tokens_to_map(x, hw))
-            for j, blk in enumerate(blocks):
-                x = self._run_block(blk, x, hw)
-                if j == 0:
-                    x = peg(x, hw)
-            if str(i) in self.stage_norms:
-                x = self.stage_norms[str(i)](x)
+            x, hw = self._checkpointed(embed, x if i == 0 else tokens_to_map(x, hw))
+            for j in range(len(self.blocks[i])):
+                x = self._checkpointed(functools.partial(self._stage_segment, i, j, hw=hw), x)
             if i in self.out_indices:
                 outs.append(tokens_to_map(x, hw))
         return tuple(outs)

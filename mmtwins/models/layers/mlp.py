@@ -12,8 +12,9 @@ In training, :class:`_ChunkedMlpFunction` keeps only its input and the pre-activ
 chunks ``h`` for backward, and recomputes there what it needs of the rest: ``gelu(h)`` (autograd
 would keep ``h`` for the GELU and ``gelu(h)`` for ``fc2``, the widest tensor twice) and, when the
 block's pre-norm is passed in, the normalised tokens (autograd would keep them for ``fc1`` next to
-the norm's own input). Values and gradients are those of ``fc2(gelu(fc1(norm(x))))`` up to the
-order of floating-point summation.
+the norm's own input). With ``recompute_hidden`` it keeps only the input and recomputes ``h``
+chunk by chunk too. Values and gradients are those of ``fc2(gelu(fc1(norm(x))))`` up to the
+order of floating-point summation, and the same with and without ``recompute_hidden``.
 """
 from typing import List, Optional
 
@@ -128,18 +129,18 @@ class _ChunkedMlpFunction(torch.autograd.Function):
     autograd's own backward plus the two recomputations."""
 
     @staticmethod
-    def forward(ctx, x, norm_w, norm_b, norm_eps, w1, b1, w2, b2, rows):
+    def forward(ctx, x, norm_w, norm_b, norm_eps, w1, b1, w2, b2, rows, keep_hidden):
         hidden: List[torch.Tensor] = []
         x2, out = _mlp_forward(x, (norm_w, norm_b, norm_eps), (w1, b1, w2, b2), rows,
-                               keep=hidden)
+                               keep=hidden if keep_hidden else None)
         ctx.rows, ctx.dtype, ctx.x_dtype, ctx.x_shape = rows, out.dtype, x.dtype, x.shape
         ctx.norm_eps = norm_eps
-        ctx.save_for_backward(x2, norm_w, norm_b, w1, w2, *hidden)
+        ctx.save_for_backward(x2, norm_w, norm_b, w1, b1, w2, *hidden)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x2, norm_w, norm_b, w1, w2, *hidden = ctx.saved_tensors
+        x2, norm_w, norm_b, w1, b1, w2, *hidden = ctx.saved_tensors
         dtype = ctx.dtype
         need_x, need_nw, need_nb, _, need_w1, need_b1, need_w2, need_b2 = \
             ctx.needs_input_grad[:8]
@@ -148,22 +149,24 @@ class _ChunkedMlpFunction(torch.autograd.Function):
         need_y = need_x or need_nw or need_nb
         g = _to(grad.reshape(-1, grad.shape[-1]), dtype)
         w1c, w2c = _to(w1, dtype), _to(w2, dtype)
+        b1c = None if hidden or b1 is None else _to(b1, dtype)
         acc_dtype = torch.promote_types(dtype, torch.float32)  # fp32 sums, fp64 stays fp64
         spans = _spans(x2.shape[0], ctx.rows)
         # several chunks write their input gradients into one tensor; one chunk returns its own
         gx = torch.empty_like(x2) if need_x and len(spans) > 1 else None
         gw1 = gb1 = gw2 = gb2 = gnw = gnb = None
-        for (s, e), h in zip(spans, hidden):
+        for i, (s, e) in enumerate(spans):
+            if norm is None:
+                xc = x2[s:e]
+            else:
+                xc, mean, rstd = norm.with_stats(x2[s:e])
+            h = hidden[i] if hidden else F.linear(xc, w1c, b1c)
             gc = g[s:e]
             if need_w2:
                 gw2 = _add_product(gw2, gc.t(), F.gelu(h), acc_dtype)
             if need_b2:
                 gb2 = _add(gb2, gc.sum(0, dtype=acc_dtype))
             gh = torch.ops.aten.gelu_backward(gc.mm(w2c), h)
-            if norm is None:
-                xc = x2[s:e]
-            else:
-                xc, mean, rstd = norm.with_stats(x2[s:e])
             if need_w1:
                 gw1 = _add_product(gw1, gh.t(), xc, acc_dtype)
             if need_b1:
@@ -189,7 +192,7 @@ class _ChunkedMlpFunction(torch.autograd.Function):
             return None if t is None else _to(t, like.dtype)
 
         return (gx, cast(gnw, norm_w), cast(gnb, norm_b), None, cast(gw1, w1), cast(gb1, w1),
-                cast(gw2, w2), cast(gb2, w2), None)
+                cast(gw2, w2), cast(gb2, w2), None, None)
 
 
 class Mlp(nn.Module):
@@ -201,6 +204,11 @@ class Mlp(nn.Module):
         drop (float): Dropout after the GELU and after ``fc2``.
         chunk_elems (int, optional): Bound on one chunk's hidden slice, in elements; None
             computes the hidden tensor whole. On CPU only (see the module docstring).
+        recompute_hidden (bool): In training, keep only the input for backward and recompute
+            each chunk's pre-activation hidden slice there (one more ``fc1`` product per
+            chunk), so at most one chunk's hidden slice is alive in backward. Set by the
+            backbone's ``with_cp``: inside a checkpointed block the hidden tensor is otherwise
+            the largest thing the recomputed forward keeps.
 
     The chunked path is used unless hidden dropout is active in training or a graph is being
     recorded for export (which get the plain composition).
@@ -210,7 +218,7 @@ class Mlp(nn.Module):
     """
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.,
-                 chunk_elems: Optional[int] = CHUNK_ELEMS):
+                 chunk_elems: Optional[int] = CHUNK_ELEMS, recompute_hidden: bool = False):
         super().__init__()
         # Named fc1/fc2 as in the authors' release.
         self.fc1 = nn.Linear(dim, hidden_dim)
@@ -219,6 +227,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
         self.chunk_elems = chunk_elems
+        self.recompute_hidden = recompute_hidden
 
     def forward(self, x: torch.Tensor, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
         """``mlp(norm(x))``: a block's pre-norm passed as ``norm`` runs inside the chunks, so the
@@ -233,5 +242,6 @@ class Mlp(nn.Module):
             norm_params = (norm.weight, norm.bias, norm.eps)
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 p is not None and p.requires_grad for p in params + norm_params[:2])):
-            return self.drop2(_ChunkedMlpFunction.apply(x, *norm_params, *params, rows))
+            return self.drop2(_ChunkedMlpFunction.apply(x, *norm_params, *params, rows,
+                                                        not self.recompute_hidden))
         return self.drop2(_mlp_forward(x, norm_params, params, rows)[1])
