@@ -96,18 +96,27 @@ def test_code_version_names_the_checkout_commit_and_nothing_elsewhere(tmp_path):
     assert peers.code_version(peers.CHECKOUT / 'mmtwins') is None  # not the checkout's top
 
 
+_FIRST_STEPS = '''
+import torch
+from mmtwins.analysis.peers import _first_steps_peaks
+sizes = iter([48, 128, 48])
+
+def step():
+    torch.ones(next(sizes) << 18)  # MB of fp32, every page written
+
+print(*_first_steps_peaks(step, torch.device('cpu'), 3))
+'''
+
+
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc/self/status')
 def test_first_steps_peaks_give_the_first_step_and_the_high_water_mark_over_all():
-    """Steps writing 48 MB, then 128 MB, then 48 MB (each block above glibc's largest mmap
-    threshold, so mapped afresh and handed back when freed): the first step's peak is about
-    48 MB above the size before it, the peak over the three about 128 MB (the mark is not reset
-    between them)."""
-    sizes = iter([48, 128, 48])
-
-    def step():
-        torch.ones(next(sizes) << 18)  # MB of fp32, every page written
-
-    first, run = peers._first_steps_peaks(step, torch.device('cpu'), 3)
+    """Steps writing 48 MB, then 128 MB, then 48 MB, in a fresh process (whose heap has no free
+    block that large, so each is mapped afresh and handed back when freed): the first step's
+    peak is about 48 MB above the size before it, the peak over the three about 128 MB (the
+    mark is not reset between them)."""
+    out = subprocess.run([sys.executable, '-c', _FIRST_STEPS], check=True, capture_output=True,
+                         text=True).stdout
+    first, run = map(float, out.split()[-2:])
     assert 40 < first < 80 and 120 < run < 160
 
 
