@@ -44,9 +44,10 @@ class Twins(BaseModule):
             value; applied once per residual branch.
         frozen_stages (int): Stages ``0..frozen_stages`` are frozen (eval mode, no gradient);
             -1 freezes nothing.
-        with_cp (bool): Gradient checkpointing per block (less memory, more compute); the
-            blocks' MLPs then also recompute their hidden activations in backward, chunk by
-            chunk, instead of keeping them (see :class:`~mmtwins.models.layers.Mlp`).
+        with_cp (bool): Gradient checkpointing (less memory, more compute): each patch
+            embedding and each block, with its stage's PEG and norm, keeps only its input for
+            backward and runs again there; the blocks' MLPs also recompute their hidden
+            activations in backward, chunk by chunk (see :class:`~mmtwins.models.layers.Mlp`).
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH[, prefix=...])``
             loads weights of any supported layout through :func:`mmtwins.load_twins_checkpoint`.
 
