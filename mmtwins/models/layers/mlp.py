@@ -126,13 +126,13 @@ class _ChunkedMlpFunction(torch.autograd.Function):
     autocast it computes in the autocast dtype, as ``F.linear`` would, and returns gradients in
     the inputs' dtypes. Each gradient is built from the first chunk's result and accumulated
     over the others, so a single chunk (always, on a GPU) launches no more operations than
-    autograd's own backward plus the two recomputations."""
+    autograd's own backward plus the two recomputations (three with ``recompute_hidden``)."""
 
     @staticmethod
-    def forward(ctx, x, norm_w, norm_b, norm_eps, w1, b1, w2, b2, rows, keep_hidden):
+    def forward(ctx, x, norm_w, norm_b, norm_eps, w1, b1, w2, b2, rows, recompute_hidden):
         hidden: List[torch.Tensor] = []
         x2, out = _mlp_forward(x, (norm_w, norm_b, norm_eps), (w1, b1, w2, b2), rows,
-                               keep=hidden if keep_hidden else None)
+                               keep=None if recompute_hidden else hidden)
         ctx.rows, ctx.dtype, ctx.x_dtype, ctx.x_shape = rows, out.dtype, x.dtype, x.shape
         ctx.norm_eps = norm_eps
         ctx.save_for_backward(x2, norm_w, norm_b, w1, b1, w2, *hidden)
@@ -243,5 +243,5 @@ class Mlp(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 p is not None and p.requires_grad for p in params + norm_params[:2])):
             return self.drop2(_ChunkedMlpFunction.apply(x, *norm_params, *params, rows,
-                                                        not self.recompute_hidden))
+                                                        self.recompute_hidden))
         return self.drop2(_mlp_forward(x, norm_params, params, rows)[1])
