@@ -337,7 +337,8 @@ def _first_steps_peaks(step: Callable[[], None], dev: torch.device, steps: int
         first = peak.read()
         for _ in range(steps - 1):
             step()
-    if peak.kind not in ('process peak RSS', 'CUDA max allocated'):
+    if peak.kind not in ('process peak RSS', 'CUDA max allocated') or None in (
+            base, first, peak.mb):
         return None, None
     return first - base, peak.mb - base
 
@@ -422,7 +423,9 @@ class _Workers:
     def _died(name: str) -> RuntimeError:
         return RuntimeError(f'the worker process of {name} died (out of memory?)')
 
-    def ask(self, name: str, cmd: str):
+    def ask(self, name: str, cmd):
+        """Send ``cmd`` (a command name, or ``('peak', steps)``) to ``name``'s worker; its
+        answer."""
         try:
             self.conns[name].send(cmd)
         except (BrokenPipeError, ConnectionResetError):

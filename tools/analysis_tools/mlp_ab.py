@@ -11,6 +11,7 @@ normalised tokens and ``gelu(h)`` for backward; a git revision runs that revisio
 steps, and each one's peak memory in its first step (on a GPU; peak RSS is not separable here).
 """
 import argparse
+import contextlib
 import sys
 
 from mmtwins.analysis.ab import add_step_args, patched, revision_arm, run_variants
@@ -32,7 +33,7 @@ def main(argv=None):
     args = parse_args(argv)
     other = (patched(M.Mlp, 'forward', plain) if args.against == 'plain' else
              revision_arm(args.against, ['mmtwins/models/layers/mlp.py']))
-    run_variants(args, {'mmtwins': patched(M.Mlp, 'forward', M.Mlp.forward),
+    run_variants(args, {'mmtwins': contextlib.nullcontext,
                         args.against: other})
 
 
