@@ -25,6 +25,16 @@ def test_every_peer_is_installed_for_the_comparison():
     assert available_peers() == list(PEERS)
 
 
+@pytest.mark.parametrize('peer', PEERS)
+def test_every_peer_computes_mmtwins_function_in_float64(peer):
+    # float64 leaves only a real difference of function: mmseg's and mmpretrain's block norms
+    # with their own eps 1e-5 (not the authors' 1e-6) differ by ~1e-5 here, beyond 1e-9.
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    assert peers.max_abs_diff_with_peer(peers.build_impl(peer, 'svt', 'small'), 'svt', 'small',
+                                        x) < 1e-9
+
+
 def test_compare_peers_short_mode_asserts_agreement(tmp_path):
     out = tmp_path / 'peers.json'
     res = subprocess.run([sys.executable, str(ROOT / 'tools/analysis_tools/compare_peers.py'),
