@@ -35,6 +35,17 @@ def test_every_peer_computes_mmtwins_function_in_float64(peer):
                                         x) < 1e-9
 
 
+def test_autocast_cosine_is_exact_on_outputs_autocast_leaves_alone():
+    # In fp32 the cosine of these 4M values with themselves comes out 1.00015.
+    maps = torch.randn(1, 4, 1000, 1000, generator=torch.Generator().manual_seed(0)) * 5 + 3
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return (maps + 0 * x.sum(),)
+
+    assert peers.autocast_cosine(Fixed(), torch.zeros(1)) == pytest.approx(1, abs=1e-9)
+
+
 def test_compare_peers_short_mode_asserts_agreement(tmp_path):
     out = tmp_path / 'peers.json'
     res = subprocess.run([sys.executable, str(ROOT / 'tools/analysis_tools/compare_peers.py'),
