@@ -57,8 +57,8 @@ def test_sdpa_ab_math_arm_takes_the_math_path_where_asked(where, fused_in):
 
 
 def test_sdpa_ab_tool_prints_both_arms(capsys):
-    analysis_tool('sdpa_ab').main(['--size', '32', '--steps', '6', '--variants', 'svt', '--batch', '1',
-                           '--where', 'all'])
+    analysis_tool('sdpa_ab').main(['--size', '32', '--steps', '6', '--variants', 'svt', '--batch',
+                                   '1', '--where', 'all'])
     line, = capsys.readouterr().out.splitlines()
     assert line.startswith('svt-small train 1x3x32x32 fp32 cpu: fused ')
     assert ', math-all ' in line
@@ -98,7 +98,8 @@ def test_revision_arm_runs_the_revision_methods_and_restores_the_working_tree():
 
 def test_revision_ab_tool_prints_both_arms(capsys):
     analysis_tool('revision_ab').main(['--against', 'HEAD', '--size', '32', '--steps', '6',
-                                       '--variants', 'pcpvt', '--batch', '1'])
-    line, = capsys.readouterr().out.splitlines()
-    assert line.startswith('pcpvt-small train 1x3x32x32 fp32 cpu: working tree ')
-    assert ', HEAD ' in line
+                                       '--variants', 'pcpvt', 'svt-base', '--batch', '1'])
+    small, base = capsys.readouterr().out.splitlines()  # a family alone is its small arch
+    assert small.startswith('pcpvt-small train 1x3x32x32 fp32 cpu: working tree ')
+    assert base.startswith('svt-base train 1x3x32x32 fp32 cpu: working tree ')
+    assert ', HEAD ' in small and ', HEAD ' in base

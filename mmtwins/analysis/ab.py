@@ -155,18 +155,21 @@ def add_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument('--mode', choices=['train', 'infer'], default='train')
     parser.add_argument('--amp', action='store_true', help='autocast (fp16 on GPU, bf16 on CPU)')
     parser.add_argument('--steps', type=int, default=25, help='steps of each, the first 5 untimed')
-    parser.add_argument('--variants', nargs='+', default=['pcpvt', 'svt'])
+    parser.add_argument('--variants', nargs='+', default=['pcpvt', 'svt'],
+                        help='families (their small arch) or family-arch, e.g. svt-base')
     return parser
 
 
 def run_variants(args: argparse.Namespace, arms: Arms, log=print) -> None:
-    """:func:`alternate` the ``arms`` on the step of each of ``args.variants`` (the small arch of
-    that family, mmtwins' own model) and log one line per variant."""
+    """:func:`alternate` the ``arms`` on the step of each of ``args.variants`` (``family`` for its
+    small arch, or ``family-arch``; mmtwins' own model) and log one line per variant."""
     dev = torch.device(args.device)
-    for family in args.variants:
+    for variant in args.variants:
+        family, _, arch = variant.partition('-')
+        arch = arch or 'small'
         torch.manual_seed(0)
-        model = build_impl('mmtwins', family, 'small').to(dev)
+        model = build_impl('mmtwins', family, arch).to(dev)
         x = torch.randn(args.batch, 3, args.size, args.size, device=dev)
         res = alternate(make_step(model, x, args.mode, amp=args.amp), arms, args.steps, dev)
-        log(f'{family}-small {args.mode} {"x".join(map(str, x.shape))} '
+        log(f'{family}-{arch} {args.mode} {"x".join(map(str, x.shape))} '
             f'{"amp" if args.amp else "fp32"} {args.device}: {format_arms(res)}')
