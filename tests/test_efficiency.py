@@ -115,6 +115,13 @@ def test_chunked_mlp_in_bf16_sums_the_norm_gradients_in_fp32():
         assert ((low - ref).norm() / ref.norm()).item() < 0.01
 
 
+def test_chunked_mlp_on_no_tokens_gives_empty_outputs_and_gradients():
+    mlp, x = Mlp(8, 32), torch.randn(1, 0, 8, requires_grad=True)
+    out = mlp(x)
+    out.sum().backward()
+    assert out.shape == x.grad.shape == (1, 0, 8)
+
+
 def test_chunked_mlp_computes_only_the_gradients_needed():
     (mlp, ln), x = _mlp(7 * 64, True), torch.randn(2, 10, 16, requires_grad=True)
     mlp.requires_grad_(False)  # a frozen stage under a trainable one

@@ -60,9 +60,10 @@ class _Norm:
 def _mlp_chunks(x: torch.Tensor, norm: Optional[_Norm], w1, b1, w2, b2, rows: Optional[int],
                 keep: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
     """``fc2(gelu(fc1(norm(x))))`` on 2-D ``x`` (M, C) chunk by chunk; appends each ``h`` to
-    ``keep``. Several chunks write into one output tensor; one chunk returns its own."""
+    ``keep``. Several chunks (or none: no rows) write into one output tensor; one chunk returns
+    its own."""
     spans = _spans(x.shape[0], rows)
-    out = x.new_empty(x.shape[0], w2.shape[0], dtype=w2.dtype) if len(spans) > 1 else None
+    out = x.new_empty(x.shape[0], w2.shape[0], dtype=w2.dtype) if len(spans) != 1 else None
     for s, e in spans:
         xc = x[s:e] if norm is None else norm(x[s:e])
         h = F.linear(xc, w1, b1)
@@ -153,7 +154,7 @@ class _ChunkedMlpFunction(torch.autograd.Function):
         acc_dtype = torch.promote_types(dtype, torch.float32)  # fp32 sums, fp64 stays fp64
         spans = _spans(x2.shape[0], ctx.rows)
         # several chunks write their input gradients into one tensor; one chunk returns its own
-        gx = torch.empty_like(x2) if need_x and len(spans) > 1 else None
+        gx = torch.empty_like(x2) if need_x and len(spans) != 1 else None
         gw1 = gb1 = gw2 = gb2 = gnw = gnb = None
         for i, (s, e) in enumerate(spans):
             if norm is None:
