@@ -1,6 +1,8 @@
 """FLOPs/params (the paper's Table 1), the throughput benchmark and the log plots."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -201,3 +203,17 @@ def test_peak_live_mb_counts_live_tensor_bytes_not_the_heap():
 
     assert 12 <= peak_live_mb(fn) < 12.1
     assert peak_live_mb(lambda: None) == 0
+
+
+def test_cpu_profiling_logs_nothing_to_stderr():
+    # Kineto logs each profiler start and stop (and, in a CUDA build without a GPU, an ERROR):
+    # in a benchmark run's output they were dozens of lines among the results.
+    code = ('import torch; from mmtwins.analysis.benchmark import peak_live_mb; '
+            'from mmtwins.analysis.peers import kernel_breakdown; '
+            'peak_live_mb(lambda: torch.ones(8).sum()); '
+            'kernel_breakdown(lambda: torch.ones(8).sum())')
+    env = {k: v for k, v in os.environ.items() if k != 'KINETO_LOG_LEVEL'}
+    res = subprocess.run([sys.executable, '-W', 'ignore', '-c', code], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert 'profiler_start' not in res.stderr and 'ERROR' not in res.stderr, res.stderr

@@ -5,6 +5,7 @@ passes first, then the throughput of timed forward passes. Here every timed pass
 images/s figure and the median over ``repeats`` is reported (robust to a noisy shared machine).
 """
 import contextlib
+import os
 import re
 import resource
 import statistics
@@ -104,6 +105,14 @@ class PeakMemory:
         return False
 
 
+def quiet_cpu_profiler() -> None:
+    """Keep ``torch.profiler``'s backend (Kineto) from logging to stderr in this process: on
+    every start and stop, and, in a CUDA build on a machine without a GPU, an ``ERROR`` that it
+    found none. For CPU profiling, before the process's first profiler starts; a
+    ``KINETO_LOG_LEVEL`` of the user's own is kept."""
+    os.environ.setdefault('KINETO_LOG_LEVEL', '99')
+
+
 def peak_live_mb(fn: Callable[[], None]) -> float:
     """Peak of the bytes held by live CPU tensors while ``fn()`` runs, above their level at its
     start: the CPU counterpart of ``torch.cuda.max_memory_allocated``.
@@ -114,6 +123,7 @@ def peak_live_mb(fn: Callable[[], None]) -> float:
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+    quiet_cpu_profiler()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()

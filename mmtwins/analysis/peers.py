@@ -62,7 +62,8 @@ from torch import nn
 
 from mmtwins.checkpoint import load_twins_checkpoint
 from mmtwins.models import PCPVT, SVT
-from .benchmark import PeakMemory, autocast_context, autocast_dtype, peak_live_mb
+from .benchmark import (PeakMemory, autocast_context, autocast_dtype, peak_live_mb,
+                        quiet_cpu_profiler)
 
 FAMILIES = {'pcpvt': PCPVT, 'svt': SVT}
 PEERS = ('timm', 'mmseg', 'mmpretrain')
@@ -283,6 +284,8 @@ def kernel_breakdown(step: Callable, device: Optional[torch.device] = None) -> d
     from torch.profiler import ProfilerActivity, profile
     cuda = device is not None and device.type == 'cuda'
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if not cuda:
+        quiet_cpu_profiler()
     with profile(activities=activities, record_shapes=True) as prof:
         start = time.perf_counter()
         step()
