@@ -1,5 +1,6 @@
 """tools/train.py, tools/test.py and the launchers: options, scopes, 2-process CPU runs, slurm."""
 import gc
+import importlib.util
 import json
 import os
 import pickle
@@ -7,10 +8,14 @@ import socket
 import subprocess
 import sys
 import weakref
+from importlib.metadata import version
 
 import pytest
 import torch
 from mmengine.config import Config
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from timm.models.twins import Twins
 
 from mmtwins.apis import (allow_mmengine_checkpoints, apply_tta, owned_process_group,
                           setup_cpu_distributed)
@@ -202,3 +207,66 @@ def test_cpu_distributed_runs_turn_syncbn_into_bn():
     assert _sync_bn_to_bn(cfg.model)
     assert 'SyncBN' not in str(cfg.model) and cfg.model.decode_head.norm_cfg.type == 'BN'
     assert cfg.model.auxiliary_head.norm_cfg.type == 'BN'
+
+
+def test_amp_training_without_a_gpu_fails_before_anything_is_built(monkeypatch):
+    """mmengine's AmpOptimWrapper asserts a GPU when the Runner builds it, after the model and
+    the data; ``main`` refuses at once, for ``--amp`` and for a config's own wrapper."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError('reached after the AMP check')
+
+    monkeypatch.setattr(train_api, 'preflight_check', must_not_run)
+    monkeypatch.setattr(train_api, 'build_runner', must_not_run)
+    with pytest.raises(RuntimeError, match='AMP training .* needs a GPU, NPU, MLU or MUSA'):
+        train_api.main([RETINANET, '--amp'])
+    amp = Config(dict(optim_wrapper=dict(type='mmengine.AmpOptimWrapper')))
+    with pytest.raises(RuntimeError, match='AMP training'):
+        train_api.check_amp_device(amp)
+    train_api.check_amp_device(Config(dict(optim_wrapper=dict(type='OptimWrapper'))))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    train_api.check_amp_device(amp)
+
+
+def test_runtime_requirements_hold_for_the_pinned_and_installed_stack():
+    """setup.py's install_requires (requirements/runtime.txt) admit the versions that
+    requirements/constraints.txt pins and the ones installed here."""
+    spec = importlib.util.spec_from_file_location('mmtwins_setup', REPO / 'setup.py')
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    pins = {}
+    for req in map(Requirement, setup.read_requirements('requirements/constraints.txt')):
+        exact = [s.version for s in req.specifier if s.operator in ('==', '===')]
+        if exact:
+            pins[canonicalize_name(req.name)] = exact[0]
+    requirements = list(map(Requirement, setup.read_requirements('requirements/runtime.txt')))
+    assert {'mmcv', 'mmdet', 'numpy'} <= {r.name for r in requirements if r.specifier}
+    for req in requirements:
+        for source, found in (('pinned', pins.get(canonicalize_name(req.name))),
+                              ('installed', version(req.name))):
+            assert found is None or req.specifier.contains(found, prereleases=True), \
+                f'{req} does not admit the {source} {req.name} {found}'
+
+
+def test_classifier_converter_runs_once_as_a_tool_and_as_a_module(tmp_path):
+    """tools/model_converters/twins2mmpretrain.py and the metafiles' ``python -m
+    mmtwins.classification.convert`` convert a classifier without runpy's RuntimeWarning about a
+    module imported before it runs as ``__main__``."""
+    peer = Twins(embed_dims=(16, 32, 32, 64), num_heads=(1, 2, 2, 4), mlp_ratios=(2, 2, 2, 2),
+                 depths=(1, 1, 1, 1), num_classes=10)  # a tiny PCPVT in the authors' layout
+    src = tmp_path / 'authors.pth'
+    torch.save({'model': peer.state_dict()}, src)
+    outputs = []
+    for entry in (['tools/model_converters/twins2mmpretrain.py'],
+                  ['-m', 'mmtwins.classification.convert']):
+        dst = tmp_path / f'{len(outputs)}' / 'cls.pth'
+        proc = _run([sys.executable, *entry, str(src), str(dst)])
+        assert 'found in sys.modules' not in proc.stderr, proc.stderr
+        assert 'classifier with 10 classes' in proc.stdout
+        outputs.append(torch.load(dst, weights_only=True))
+    assert outputs[0]['meta'] == outputs[1]['meta']
+    assert outputs[0]['meta']['num_classes'] == 10
+    sd = outputs[0]['state_dict']
+    assert sd.keys() == outputs[1]['state_dict'].keys()
+    assert torch.equal(sd['head.fc.weight'], peer.state_dict()['head.weight'])

@@ -34,6 +34,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # indexes prints for every package
 pip() { "$venv/bin/python" -m pip "$@" 2> >(grep -v '^WARNING: Location .* is ignored' >&2); }
 
+# pip itself first: constraints.txt keeps it below 25.3, whose editable install mim cannot find
+pip install -q -c "$constraints" pip
 log "installing build tools and torch (first time: a ~5 GB download)"
 pip install -q -c "$constraints" 'setuptools' wheel ninja 'numpy' packaging
 pip install -q -c "$constraints" torch torchvision

@@ -8,6 +8,8 @@ import logging
 from typing import Optional, Sequence
 
 from mmengine.config import Config
+from mmengine.device import (is_cuda_available, is_mlu_available, is_musa_available,
+                             is_npu_available)
 from mmengine.logging import print_log
 
 from mmtwins.engine import preflight_check
@@ -58,8 +60,32 @@ def build_train_cfg(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def check_amp_device(cfg: Config) -> None:
+    """Refuse AMP training on a machine where mmengine cannot build its ``AmpOptimWrapper``.
+
+    MMEngine 0.10.7's ``AmpOptimWrapper`` asserts a GPU, NPU, MLU or MUSA device when it is
+    constructed, and the Runner constructs it only in ``train()``, after building the model and
+    the training data. This check fails at once instead, for ``--amp`` and for a config that
+    sets the wrapper itself.
+
+    Raises:
+        RuntimeError: ``optim_wrapper.type`` is ``AmpOptimWrapper`` and no such device exists.
+    """
+    wrapper_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if not isinstance(wrapper_type, str):
+        wrapper_type = wrapper_type.__name__
+    if wrapper_type.split('.')[-1] != 'AmpOptimWrapper':
+        return
+    if not (is_cuda_available() or is_npu_available() or is_mlu_available()
+            or is_musa_available()):
+        raise RuntimeError('AMP training (--amp, or optim_wrapper.type AmpOptimWrapper) needs a '
+                           "GPU, NPU, MLU or MUSA device: mmengine's AmpOptimWrapper has no CPU "
+                           'mode, and this machine has none of them. Train without --amp here.')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = build_train_cfg(parse_args(argv))
+    check_amp_device(cfg)
     preflight_check(cfg)  # unknown types, misspelled arguments, missing data: before any build
     with owned_process_group():
         build_runner(cfg).train()

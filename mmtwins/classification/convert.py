@@ -1,6 +1,7 @@
 """Convert an ImageNet Twins checkpoint WITH its head into an mmpretrain ``ImageClassifier``'s.
 
-    python -m mmtwins.classification.convert SRC DST
+    python tools/model_converters/twins2mmpretrain.py SRC DST
+    python -m mmtwins.classification.convert SRC DST      # the same
 
 SRC: the authors' release or timm (``patch_embeds...``, ``norm``, ``head``), or an mmpretrain 1.x
 or mmtwins classifier (``backbone.*``, ``head.fc.*``). DST holds ``{'state_dict', 'meta'}`` for
@@ -17,6 +18,7 @@ import torch
 
 from mmtwins.checkpoint import (CheckpointError, convert_state_dict, describe_variant,
                                 detect_layout, read_checkpoint, unwrap_state_dict)
+from mmtwins.engine.fileio import atomic_torch_save
 
 StateDict = Dict[str, torch.Tensor]
 # The authors'/timm head -> mmpretrain's LinearClsHead
@@ -49,6 +51,27 @@ def classifier_state_dict(ckpt: dict) -> StateDict:
     return {**{f'backbone.{k}': v for k, v in backbone.items()}, **head}
 
 
+def convert_classifier_checkpoint(src: str, dst: str) -> dict:
+    """Convert the ImageNet classifier checkpoint ``src`` and write it to ``dst``.
+
+    ``dst`` holds ``{'state_dict': classifier_state_dict(...), 'meta': meta}``. It is written
+    atomically and flushed to disk: a crash leaves the old ``dst`` or the new one, never half.
+
+    Returns:
+        dict: the ``meta`` written: ``source`` (absolute path of ``src``), ``variant`` (as
+        :func:`mmtwins.checkpoint.describe_variant` names it) and ``num_classes``.
+
+    Raises:
+        CheckpointError: as :func:`classifier_state_dict`.
+    """
+    sd = classifier_state_dict(read_checkpoint(src))
+    backbone = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
+    meta = dict(source=os.path.abspath(src), variant=describe_variant(backbone),
+                num_classes=sd['head.fc.weight'].shape[0])
+    atomic_torch_save({'state_dict': sd, 'meta': meta}, dst)
+    return meta
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('src', help='ImageNet checkpoint with its head (authors, timm, mmpretrain)')
@@ -58,16 +81,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    sd = classifier_state_dict(read_checkpoint(args.src))
-    backbone = {k[len('backbone.'):]: v for k, v in sd.items() if k.startswith('backbone.')}
-    variant = describe_variant(backbone)
-    num_classes = sd['head.fc.weight'].shape[0]
-    meta = dict(source=os.path.abspath(args.src), variant=variant, num_classes=num_classes)
-    os.makedirs(os.path.dirname(os.path.abspath(args.dst)), exist_ok=True)
-    tmp = f'{args.dst}.tmp'
-    torch.save({'state_dict': sd, 'meta': meta}, tmp)
-    os.replace(tmp, args.dst)  # never leaves a half-written DST behind
-    print(f'{args.src}: {variant} classifier with {num_classes} classes -> {args.dst}')
+    meta = convert_classifier_checkpoint(args.src, args.dst)
+    print(f"{args.src}: {meta['variant']} classifier with {meta['num_classes']} classes "
+          f'-> {args.dst}')
 
 
 if __name__ == '__main__':

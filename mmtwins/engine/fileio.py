@@ -4,12 +4,14 @@ The data goes to a hidden temporary file in the target's directory, is flushed t
 replaces the target with ``os.replace`` (atomic on POSIX and Windows within one file system).
 A crash mid-write leaves at most a stray ``.NAME.tmp-*`` file, which nothing ever loads.
 """
+import io
 import os
 import os.path as osp
 import tempfile
 from pathlib import Path
 from typing import Union
 
+import torch
 from mmengine.fileio import LocalBackend, register_backend
 
 ATOMIC_BACKEND = 'atomic_local'
@@ -34,6 +36,13 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str], encoding: str 
             os.remove(tmp)
         raise
     _fsync_dir(directory)
+
+
+def atomic_torch_save(obj, path: Union[str, Path]) -> None:
+    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def _fsync_dir(directory: str) -> None:
