@@ -18,8 +18,10 @@ layout        recognised by
 mmengine checkpoints (``{'state_dict': ...}``), DDP's ``module.`` prefix and whole-model
 checkpoints (``backbone.`` prefix, found automatically or given as ``prefix``) are unwrapped.
 :func:`convert_state_dict` does the renaming; :func:`load_twins_checkpoint` loads into a model
-and reports every key it did not use; ``tools/model_converters/twins2mmtwins.py`` wraps both.
+and reports every key it did not use; :func:`convert_checkpoint` writes a converted file, and
+:func:`main` is its command line (``tools/model_converters/twins2mmtwins.py``).
 """
+import argparse
 import os
 import pickle
 import re
@@ -76,6 +78,8 @@ def unwrap_state_dict(ckpt: dict, prefix: Optional[str] = None) -> Tuple[StateDi
           if isinstance(v, torch.Tensor)}
     if prefix is None:
         prefix = '' if _find_layout(sd) else _guess_prefix(sd)
+    elif prefix and not prefix.endswith('.'):
+        prefix += '.'  # as mmengine's loaders: 'backbone' means 'backbone.'
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if not sd:
@@ -196,6 +200,25 @@ def _stage_depths(sd: StateDict) -> Dict[int, int]:
     return depths
 
 
+def _block_keys(sd: StateDict) -> Dict[str, set]:
+    """The parameter names inside each block of a state dict in mmtwins' names:
+    ``{'blocks.i.j': {'attn.q.weight', ...}}``."""
+    keys: Dict[str, set] = {}
+    for key in sd:
+        m = re.match(r'(blocks\.\d+\.\d+)\.(.*)', key)
+        if m:
+            keys.setdefault(m.group(1), set()).add(m.group(2))
+    return keys
+
+
+def _attention_kind(names: set) -> str:
+    """What attention a block with these parameter names has."""
+    if 'attn.qkv.weight' in names:
+        return 'locally-grouped attention'
+    return 'global sub-sampled attention' + (' with sub-sampling' if 'attn.sr.weight' in names
+                                             else ' without sub-sampling')
+
+
 def describe_variant(sd: StateDict) -> str:
     """A short description of the variant a converted state dict holds, e.g. ``SVT-small``."""
     from mmtwins.models.backbones import PCPVT, SVT
@@ -221,6 +244,7 @@ class LoadReport:
     missing: List[str] = field(default_factory=list)
     expected_missing: List[str] = field(default_factory=list)
     unused_stage_norms: List[str] = field(default_factory=list)
+    unbuilt_stages: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     head: List[str] = field(default_factory=list)
 
@@ -236,6 +260,10 @@ class LoadReport:
         if self.unused_stage_norms:
             lines.append('not used, as expected (this model has no norm after those stages): '
                          f'{", ".join(sorted(self.unused_stage_norms))}')
+        if self.unbuilt_stages:
+            stages = sorted({int(k.split('.')[1]) for k in self.unbuilt_stages})
+            lines.append(f'not used, as expected (this model does not build stage(s) {stages}): '
+                         f'{len(self.unbuilt_stages)} tensors')
         if self.missing:
             lines.append(f'MISSING from the checkpoint: {", ".join(sorted(self.missing))}')
         if self.unexpected:
@@ -252,7 +280,8 @@ def load_twins_checkpoint(model: nn.Module,
     """Load Twins weights of any supported layout into an mmtwins backbone.
 
     Nothing is written into ``model`` unless every tensor that matches a parameter by name also
-    matches it in shape and every stage the two share has the same number of blocks, so a
+    matches it in shape, every stage the two share has the same number of blocks and every
+    block they share the same attention (LSA or GSA, with or without sub-sampling), so a
     checkpoint of another variant never leaves half-loaded weights. A model built with fewer
     stages (``out_indices``) takes the checkpoint's first stages.
 
@@ -260,10 +289,11 @@ def load_twins_checkpoint(model: nn.Module,
         model: a :class:`mmtwins.models.Twins` backbone.
         checkpoint: a file path (or URL mmengine can read) or an already loaded dict.
         prefix: strip this prefix and ignore other keys (e.g. ``'backbone.'`` for a detector's
-            checkpoint). By default a whole-model prefix is found automatically.
+            checkpoint; a missing final dot is added). By default a whole-model prefix is found
+            automatically.
         strict: raise if any parameter is missing or any checkpoint key is unused (the
-            classifier's head and stage-end norms that one of checkpoint and model has and the
-            other has not excepted).
+            classifier's head, the stages the model does not build, and stage-end norms that one
+            of checkpoint and model has and the other has not excepted).
         logger: where the report goes (default: the current mmengine logger).
 
     Raises:
@@ -283,6 +313,10 @@ def load_twins_checkpoint(model: nn.Module,
     wrong += [f'stage {i}: {ckpt_depths[i]} blocks in the checkpoint, {d} in the model'
               for i, d in sorted(_stage_depths(own).items())
               if i in ckpt_depths and ckpt_depths[i] != d]
+    ckpt_attn = {b: _attention_kind(names) for b, names in _block_keys(backbone).items()}
+    wrong += [f'{b}: {ckpt_attn[b]} in the checkpoint, {attn} in the model'
+              for b, attn in ((b, _attention_kind(names)) for b, names in _block_keys(own).items())
+              if b in ckpt_attn and ckpt_attn[b] != attn]
     if wrong:
         raise CheckpointError(
             f'{source} holds a {variant} checkpoint that does not fit this '
@@ -292,18 +326,63 @@ def load_twins_checkpoint(model: nn.Module,
     model.load_state_dict(to_load, strict=False)
 
     absent = [k for k in own if k not in backbone]
-    unused = sorted(k for k in backbone if k not in own)
     stage_norm = re.compile(r'^stage_norms\.(\d+)\.')
     built = {int(k.split('.')[1]) for k in own if k.startswith('patch_embeds.')}
-    # a stage norm after a stage the model has but does not normalise (not: a stage not built)
-    no_norm = [k for k in unused if stage_norm.match(k) and int(k.split('.')[1]) in built]
+    stage_of = re.compile(r'^(?:patch_embeds|blocks|pos_block|stage_norms)\.(\d+)\.')
+    unused, unbuilt = [], []
+    for k in sorted(k for k in backbone if k not in own):
+        m = stage_of.match(k)
+        (unbuilt if m and int(m.group(1)) not in built else unused).append(k)
+    # a stage norm after a stage the model has but does not normalise
+    no_norm = [k for k in unused if stage_norm.match(k)]
     report = LoadReport(
         layout=layout, variant=variant, loaded=sorted(to_load),
         missing=[k for k in absent if not stage_norm.match(k)],
         expected_missing=[k for k in absent if stage_norm.match(k)],
-        unused_stage_norms=no_norm, unexpected=[k for k in unused if k not in no_norm],
-        head=sorted(head))
+        unused_stage_norms=no_norm, unbuilt_stages=unbuilt,
+        unexpected=[k for k in unused if k not in no_norm], head=sorted(head))
     print_log(f'{source}: {report.summary()}', logger=logger or 'current')
     if strict and (report.missing or report.unexpected):
         raise CheckpointError(f'strict loading of {source} failed:\n{report.summary()}')
     return report
+
+
+# --------------------------------------------------------------------------- converting files
+def convert_checkpoint(src: str, dst: str, prefix: Optional[str] = None,
+                       keep_head: bool = False) -> Tuple[StateDict, dict]:
+    """Convert the Twins checkpoint ``src`` (any layout) to mmtwins' names and write
+    ``{'state_dict': ..., 'meta': ...}`` to ``dst`` atomically: a failure never leaves a
+    half-written ``dst``.
+
+    Returns:
+        ``(state_dict, meta)``: what was written; ``meta`` names the source, its layout, variant,
+        the prefix that was stripped and the classifier's tensors kept (``keep_head``).
+    """
+    from mmtwins.engine.fileio import atomic_torch_save  # mmtwins.engine imports this module
+    sd, prefix = unwrap_state_dict(read_checkpoint(src), prefix)
+    layout = detect_layout(sd)
+    backbone, head = convert_state_dict(sd, layout)
+    out = {**backbone, **head} if keep_head else backbone
+    meta = dict(source=os.path.abspath(src), layout=layout, variant=describe_variant(backbone),
+                prefix=prefix, kept_head=sorted(head) if keep_head else [])
+    atomic_torch_save({'state_dict': out, 'meta': meta}, dst)
+    return out, meta
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """``tools/model_converters/twins2mmtwins.py SRC DST [--prefix P] [--keep-head]``."""
+    p = argparse.ArgumentParser(
+        description="Convert Twins weights of any layout (authors/timm, mmseg 1.x, mmpretrain "
+        "1.x) to mmtwins' names, ready for init_cfg=dict(type='Pretrained', checkpoint=DST)")
+    p.add_argument('src', help='checkpoint to convert')
+    p.add_argument('dst', help='where to write the mmtwins checkpoint')
+    p.add_argument('--prefix', default=None,
+                   help="take only keys under this prefix, e.g. 'backbone.' (found "
+                   'automatically for whole-model checkpoints)')
+    p.add_argument('--keep-head', action='store_true',
+                   help='keep the ImageNet head (head.weight/head.bias) in the output')
+    args = p.parse_args(argv)
+    out, meta = convert_checkpoint(args.src, args.dst, args.prefix, args.keep_head)
+    kept = meta['kept_head']
+    print(f'{args.src}: {meta["variant"]} in the {meta["layout"]} layout -> {args.dst} '
+          f'({len(out) - len(kept)} backbone tensors{", head kept" if kept else ""})')

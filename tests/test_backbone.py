@@ -64,9 +64,30 @@ def test_out_indices_subset_builds_only_needed_stages_and_uses_every_parameter()
     assert unused == []
 
 
-@pytest.mark.parametrize('bad', [(4, ), (-1, 0), (), (0, 4)])
+@pytest.mark.parametrize('given,expected', [(None, (0, 1, 2, 3)), (2, (2, )), (-1, (3, )),
+                                            ((0, -2), (0, 2)), ([1, 3], (1, 3))])
+def test_out_indices_default_to_every_stage_and_count_negatives_from_the_end(given, expected):
+    model = SVT(arch=TINY_SVT, out_indices=given)
+    assert model.out_indices == expected
+    assert len(model.patch_embeds) == expected[-1] + 1
+
+
+def test_one_stage_arch_needs_no_out_indices():
+    lsa_only = dict(embed_dims=[16], num_heads=[1], mlp_ratios=[2], depths=[1], sr_ratios=[8],
+                    window_sizes=[7])
+    model = SVT(arch=lsa_only)
+    assert model.out_indices == (0, )
+    # one LSA block and no GSA: no sub-sampling conv, so no minimum beyond one pixel
+    assert model.min_input_size == 1
+    assert model(torch.randn(1, 3, 5, 9))[0].shape == (1, 16, 2, 3)
+    assert SVT(arch=dict(lsa_only, depths=[2])).min_input_size == 29  # the GSA block's sr 8
+
+
+@pytest.mark.parametrize('bad', [(4, ), (-1, 0), (), (0, 4), (3, 1), (1, 1), (-5, ), ('a', )])
 def test_bad_out_indices(bad):
-    with pytest.raises(ValueError, match='out_indices'):
+    """Out of range, not increasing (the maps would come back in another order than asked)
+    or repeated (a neck's in_channels would no longer line up): one clear error."""
+    with pytest.raises(ValueError, match='out_indices must be increasing stage indices'):
         SVT(arch=TINY_SVT, out_indices=bad)
 
 
@@ -111,18 +132,21 @@ def test_drop_path_rate_applies_stochastic_depth_in_training_only():
     assert not torch.equal(model(x)[-1], model(x)[-1])
 
 
-@pytest.mark.parametrize('cls,arch,frozen', [(SVT, TINY_SVT, -1), (SVT, TINY_SVT, 1),
-                                             (PCPVT, TINY_PCPVT, -1)],
-                         ids=['svt', 'svt-frozen-stages', 'pcpvt-one-block-stages'])
-def test_with_cp_gives_same_gradients(cls, arch, frozen):
+@pytest.mark.parametrize('cls,arch,kwargs', [
+    (SVT, TINY_SVT, {}), (SVT, TINY_SVT, dict(frozen_stages=1)), (PCPVT, TINY_PCPVT, {}),
+    (SVT, TINY_SVT, dict(drop_rate=0.3, attn_drop_rate=0.3, drop_path_rate=0.3))],
+    ids=['svt', 'svt-frozen-stages', 'pcpvt-one-block-stages', 'svt-dropout'])
+def test_with_cp_gives_same_gradients(cls, arch, kwargs):
     """Checkpointed segments: the patch embeddings, and each block with the stage's PEG (at the
-    start of the second block's segment, or the end of a lone block's) and stage norm."""
-    ref = cls(arch=arch, frozen_stages=frozen)
-    cp = cls(arch=arch, frozen_stages=frozen, with_cp=True)
+    start of the second block's segment, or the end of a lone block's) and stage norm. The
+    recomputation draws the same dropout masks."""
+    ref = cls(arch=arch, **kwargs)
+    cp = cls(arch=arch, with_cp=True, **kwargs)
     cp.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 64, 64)
     for m in (ref, cp):
         m.train()
+        torch.manual_seed(1)
         sum(o.square().sum() for o in m(x)).backward()
     for (n, p), (_, q) in zip(ref.named_parameters(), cp.named_parameters()):
         assert (p.grad is None) == (q.grad is None) == (not p.requires_grad), n
@@ -160,8 +184,22 @@ def test_norm_after_stage():
     assert list(PCPVT(arch='s').stage_norms) == []
     assert list(PCPVT(arch='s', norm_after_stage=[False, True, False, True]).stage_norms) == \
         ['1', '3']
-    with pytest.raises(ValueError, match='norm_after_stage'):
-        SVT(arch='s', norm_after_stage=[True, False])
+    for bad in ([True, False], 1, [1, 1, 1, 1], 'yes'):
+        with pytest.raises(ValueError, match='norm_after_stage must be a bool or a sequence'):
+            SVT(arch='s', norm_after_stage=bad)
+
+
+def test_drop_rate_also_drops_the_patch_embeddings_tokens():
+    """As the authors' ``pos_drops``: dropout on each stage's tokens after the embedding."""
+    model = SVT(arch=TINY_SVT, drop_rate=0.5)
+    embed = model.patch_embeds[0]
+    assert [e.drop.p for e in model.patch_embeds] == [0.5] * 4
+    x = torch.randn(1, 3, 32, 32)
+    embed.train()
+    tokens = embed(x)[0]
+    assert 0.3 < (tokens == 0).float().mean() < 0.7
+    embed.eval()
+    assert torch.equal(embed(x)[0], embed(x)[0])
 
 
 def test_init_weights_random():
@@ -175,6 +213,47 @@ def test_init_weights_random():
     assert torch.all(model.blocks[0][0].norm1.weight == 1)
 
 
+def _linear_default_init(layer: nn.Linear) -> bool:
+    """True if ``layer`` still has PyTorch's default init (uniform, non-zero bias)."""
+    return bool(layer.bias.abs().sum() > 0)
+
+
+@pytest.mark.parametrize('init_cfg', [dict(type='Constant', val=0.5, layer='LayerNorm'),
+                                      [dict(type='Constant', val=0.5, layer='LayerNorm')]])
+def test_init_cfg_applies_mmengine_initialisers_after_the_authors_init(init_cfg):
+    model = SVT(arch=TINY_SVT, init_cfg=init_cfg)
+    model.init_weights()
+    assert all(torch.all(m.weight == 0.5) for m in model.modules() if isinstance(m, nn.LayerNorm))
+    qkv = model.blocks[0][0].attn.qkv  # the authors' init still ran for the rest
+    assert torch.all(qkv.bias == 0) and qkv.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_pretrained_init_cfg_keeps_the_authors_init_where_the_checkpoint_lacks_a_tensor(tmp_path):
+    src = SVT(arch=TINY_SVT)
+    src.init_weights()
+    sd = {k: v for k, v in src.state_dict().items() if not k.startswith('blocks.3.1.mlp.fc2.')}
+    torch.save(sd, tmp_path / 'partial.pth')
+    model = SVT(arch=TINY_SVT, init_cfg=dict(type='Pretrained',
+                                             checkpoint=str(tmp_path / 'partial.pth')))
+    assert _linear_default_init(model.blocks[3][1].mlp.fc2)
+    model.init_weights()
+    fc2 = model.blocks[3][1].mlp.fc2
+    assert torch.all(fc2.bias == 0) and fc2.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    torch.testing.assert_close(model.blocks[3][1].mlp.fc1.weight, src.blocks[3][1].mlp.fc1.weight,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('init_cfg,exc,match', [
+    (dict(type='Pretrained'), ValueError, "'Pretrained' needs a checkpoint path"),
+    (dict(type='Pretrained', checkpoint=None), ValueError, "'Pretrained' needs a checkpoint"),
+    ('ckpt.pth', TypeError, 'init_cfg must be a dict with a "type"'),
+    ([dict(val=1)], TypeError, 'init_cfg must be a dict with a "type"'),
+])
+def test_bad_init_cfg_fails_when_the_model_is_built(init_cfg, exc, match):
+    with pytest.raises(exc, match=match):
+        SVT(arch=TINY_SVT, init_cfg=init_cfg)
+
+
 # ------------------------------------------------------------------ arch validation and bad input
 @pytest.mark.parametrize('arch,match', [
     ('medium', "unknown arch 'medium'"),
@@ -183,6 +262,12 @@ def test_init_weights_random():
     ({k: v for k, v in TINY_SVT.items() if k != 'sr_ratios'}, r"missing key\(s\) \['sr_ratios'\]"),
     (dict(TINY_SVT, windiow_sizes=[7] * 4), r"unknown key\(s\) \['windiow_sizes'\]"),
     (dict(TINY_SVT, sr_ratios=[8, 0, 2, 1]), "'sr_ratios' must hold positive ints"),
+    (dict(TINY_SVT, sr_ratios=[8.5, 4, 2, 1]), "'sr_ratios' must hold positive ints"),
+    (dict(TINY_SVT, embed_dims=[0, 32, 32, 64]), "'embed_dims' must hold positive ints"),
+    (dict(TINY_SVT, num_heads=[1, 2, 0, 4]), "'num_heads' must hold positive ints"),
+    (dict(TINY_SVT, mlp_ratios=[2, 0, 2, 2]), "'mlp_ratios' must hold positive numbers"),
+    (dict(TINY_SVT, window_sizes=[7, None, 0, 7]), "'window_sizes' must hold positive ints"),
+    (dict(TINY_SVT, depths=2), "'depths' must be a list with one entry per stage"),
 ])
 def test_arch_validation_names_the_problem(arch, match):
     with pytest.raises(ValueError, match=match):

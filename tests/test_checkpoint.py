@@ -9,8 +9,8 @@ import timm
 import torch
 
 from mmtwins.analysis.peers import randomize_parameters_
-from mmtwins.checkpoint import (CheckpointError, convert_state_dict, detect_layout,
-                                load_twins_checkpoint)
+from mmtwins.checkpoint import (CheckpointError, convert_checkpoint, convert_state_dict,
+                                detect_layout, load_twins_checkpoint)
 from mmtwins.models import PCPVT, SVT
 
 from conftest import TINY_SVT
@@ -116,12 +116,20 @@ def test_prefix_found_automatically_and_given(tmp_path):
 
 
 def test_init_cfg_pretrained_loads_any_layout(tmp_path):
-    peer = _peer('mmseg', SVT)
+    """A whole mmseg segmentor's checkpoint (``backbone.`` keys beside the heads') through
+    ``init_cfg``, the prefix given without its final dot as mmengine allows: the stage maps are
+    the peer's."""
+    peer = randomize_parameters_(_peer('mmseg', SVT)).eval()
     path = tmp_path / 'mmseg_svt_s.pth'
-    torch.save({'state_dict': peer.state_dict()}, path)
-    model = SVT(arch='small', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    torch.save({'state_dict': {**{f'backbone.{k}': v for k, v in peer.state_dict().items()},
+                               'decode_head.conv_seg.weight': torch.ones(2, 8, 1, 1)}}, path)
+    model = SVT(arch='small', init_cfg=dict(type='Pretrained', checkpoint=str(path),
+                                            prefix='backbone')).eval()
     model.init_weights()
-    assert torch.equal(model.blocks[2][3].attn.q.weight, peer.layers[2][3].attn.attn.in_proj_weight[:256])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for i, (o, r) in enumerate(zip(model(x), peer(x))):
+            assert (o - r).abs().max().item() <= 1e-4, f'stage {i}'
 
 
 def test_converter_cli_round_trip(tmp_path):
@@ -138,6 +146,16 @@ def test_converter_cli_round_trip(tmp_path):
     assert not report.missing and not report.unexpected
     backbone, _ = convert_state_dict(peer.state_dict())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in backbone.items())
+
+    convert_checkpoint(str(src), str(dst), keep_head=True)
+    out = torch.load(dst, weights_only=True)
+    assert out['meta']['kept_head'] == ['head.bias', 'head.weight']
+    assert torch.equal(out['state_dict']['head.weight'], peer.state_dict()['head.weight'])
+    with pytest.raises(CheckpointError):  # not a Twins checkpoint: dst is left as it was
+        torch.save({'model': {'fc.weight': torch.ones(1)}}, src)
+        convert_checkpoint(str(src), str(dst))
+    assert torch.load(dst, weights_only=True)['meta']['kept_head'] == ['head.bias', 'head.weight']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['authors.pth', 'mmtwins.pth']
 
 
 # ------------------------------------------------------------------ bad checkpoints
@@ -171,7 +189,8 @@ def test_not_a_twins_checkpoint():
 def test_strict_reports_by_name():
     sd = SVT(arch=TINY_SVT).state_dict()
     del sd['blocks.1.0.mlp.fc1.bias']
-    with pytest.raises(CheckpointError, match=r'MISSING from the checkpoint: blocks\.1\.0\.mlp\.fc1\.bias'):
+    with pytest.raises(CheckpointError,
+                       match=r'MISSING from the checkpoint: blocks\.1\.0\.mlp\.fc1\.bias'):
         load_twins_checkpoint(SVT(arch=TINY_SVT), sd, strict=True)
 
 
@@ -200,13 +219,28 @@ def test_imagenet_checkpoint_into_plain_pcpvt_loads_strictly():
 
 
 def test_truncated_model_takes_the_first_stages():
+    """Even under ``strict``: the stages the model does not build are reported apart."""
     src = SVT(arch=TINY_SVT)
     model = SVT(arch=TINY_SVT, out_indices=(0, 1))
-    report = load_twins_checkpoint(model, src.state_dict())
-    assert not report.missing and report.unexpected
-    assert {k.split('.')[0] + '.' + k.split('.')[1] for k in report.unexpected} == {
+    report = load_twins_checkpoint(model, src.state_dict(), strict=True)
+    assert not report.missing and not report.unexpected
+    assert {k.split('.')[0] + '.' + k.split('.')[1] for k in report.unbuilt_stages} == {
         f'{name}.{i}' for name in ('blocks', 'patch_embeds', 'pos_block', 'stage_norms')
         for i in (2, 3)}
+    assert 'does not build stage(s) [2, 3]' in report.summary()
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_other_attention_with_the_same_shapes_is_refused_and_nothing_is_loaded():
+    """An SVT checkpoint into a PCPVT of the same widths and depths: the GSA blocks' and the
+    MLPs' tensors would all fit by name and shape, the LSA blocks' attention not at all."""
+    arch = dict(TINY_SVT, window_sizes=[None] * 4)
+    model = PCPVT(arch=arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match='blocks.0.0: locally-grouped attention in the '
+                       'checkpoint, global sub-sampled attention with sub-sampling in the model'):
+        load_twins_checkpoint(model, SVT(arch=TINY_SVT).state_dict())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize('src_arch,dst_arch', [('base', 'small'), ('small', 'base')])

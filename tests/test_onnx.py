@@ -19,6 +19,7 @@ from mmengine.config import Config
 
 from mmtwins.deployment import (build_export_module, export_onnx, load_model,
                                 non_default_domain_ops, verify_onnx)
+from mmtwins.deployment.pytorch2onnx import check_agreement
 from mmtwins.deployment.pytorch2onnx import main as pytorch2onnx
 from mmtwins.models import PCPVT, SVT
 
@@ -166,3 +167,20 @@ def test_export_rejects_a_too_small_example(tmp_path):
         export_onnx(build_export_module(SVT(arch=TINY_SVT)), str(tmp_path / 'unused.onnx'),
                     (16, 64))
     assert not list(tmp_path.iterdir())
+
+
+def test_verify_sizes_need_a_dynamic_export(capsys):
+    with pytest.raises(SystemExit):
+        pytorch2onnx(['cfg.py', '--shape', '64', '64', '--verify', '96', '96'])
+    assert '--verify H W pairs need --dynamic' in capsys.readouterr().err
+
+
+def test_label_mismatches_past_the_tolerance_fail_the_check(capsys):
+    def labels(mismatches):
+        return [dict(size=(1, 100, 100), outputs=dict(
+            seg_labels=dict(shape=(1, 100, 100), mismatches=mismatches)))]
+
+    check_agreement(labels(5))  # 5e-4 of the pixels: an argmax tie can flip
+    assert '5 labels differ (5.00e-04 of them)' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='other labels than PyTorch for 2.00e-03 of the pixels'):
+        check_agreement(labels(20))

@@ -7,12 +7,15 @@ carry their variant tables and defaults.
 """
 import functools
 import math
+import numbers
+import operator
+import os
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils.checkpoint as cp
 from mmengine.logging import MMLogger
-from mmengine.model import BaseModule
+from mmengine.model import BaseModule, initialize
 from torch import nn
 
 from mmtwins.registry import MODELS
@@ -32,13 +35,15 @@ class Twins(BaseModule):
             (``window_sizes`` entries are an int or ``None`` for a stage of only global attention;
             the key may be left out, meaning all ``None``).
         in_channels (int): Channels of the input images.
-        out_indices (Sequence[int]): Stages whose feature maps are returned. Stages after the
-            last of them are not built, so every parameter is used (DDP needs no
-            ``find_unused_parameters``).
+        out_indices (int | Sequence[int], optional): Stages whose feature maps are returned, in
+            increasing order (negative indices count from the last stage); by default every
+            stage. Stages after the last of them are not built, so every parameter is used (DDP
+            needs no ``find_unused_parameters``).
         norm_after_stage (bool | Sequence[bool]): A LayerNorm (eps 1e-6) at the end of each
             stage (all, or per stage). The authors' dense SVT has it on every stage; an ImageNet
             classifier has it on the last stage only (the authors' final ``norm``).
-        drop_rate (float): Dropout after attention and MLP projections.
+        drop_rate (float): Dropout after each patch embedding, the MLPs' GELU and the attention
+            and MLP output projections (the authors' ``drop_rate``).
         attn_drop_rate (float): Dropout on attention weights.
         drop_path_rate (float): Stochastic depth, increasing linearly over all blocks up to this
             value; applied once per residual branch.
@@ -48,8 +53,11 @@ class Twins(BaseModule):
             embedding and each block, with its stage's PEG and norm, keeps only its input for
             backward and runs again there; the blocks' MLPs also recompute their hidden
             activations in backward, chunk by chunk (see :class:`~mmtwins.models.layers.Mlp`).
-        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH[, prefix=...])``
-            loads weights of any supported layout through :func:`mmtwins.load_twins_checkpoint`.
+        init_cfg (dict | list[dict], optional): mmengine initialisers, applied after the
+            authors' random init. ``dict(type='Pretrained', checkpoint=PATH[, prefix=...])``
+            loads weights of any supported layout through :func:`mmtwins.load_twins_checkpoint`
+            (last, as mmengine applies ``Pretrained``); parameters the checkpoint lacks keep
+            the authors' init.
 
     Shapes:
         (B, in_channels, H, W) with H, W >= :attr:`min_input_size` -> a tuple with one
@@ -62,7 +70,7 @@ class Twins(BaseModule):
     def __init__(self,
                  arch: Union[str, dict] = 'small',
                  in_channels: int = 3,
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 out_indices: Optional[Union[int, Sequence[int]]] = None,
                  norm_after_stage: Optional[Union[bool, Sequence[bool]]] = None,
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
@@ -70,19 +78,21 @@ class Twins(BaseModule):
                  frozen_stages: int = -1,
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None):
-        super().__init__(init_cfg=init_cfg)
+        super().__init__(init_cfg=_check_init_cfg(init_cfg))
         self.arch_settings = self._resolve_arch(arch)
         s = self.arch_settings
         num_stages = len(s['depths'])
-        self.out_indices = self._check_out_indices(out_indices, num_stages)
+        self.out_indices = self._check_out_indices(
+            range(num_stages) if out_indices is None else out_indices, num_stages)
         built = self.out_indices[-1] + 1
         if norm_after_stage is None:
             norm_after_stage = self.default_norm_after_stage
         if isinstance(norm_after_stage, bool):
             norm_after_stage = [norm_after_stage] * num_stages
-        if len(norm_after_stage) != num_stages:
-            raise ValueError(f'norm_after_stage has {len(norm_after_stage)} entries, '
-                             f'expected {num_stages} (one per stage)')
+        if (not isinstance(norm_after_stage, Sequence) or len(norm_after_stage) != num_stages
+                or not all(isinstance(v, bool) for v in norm_after_stage)):
+            raise ValueError('norm_after_stage must be a bool or a sequence of one bool per '
+                             f'stage ({num_stages}), got {norm_after_stage!r}')
         if not -1 <= frozen_stages < built:
             raise ValueError(f'frozen_stages must be in [-1, {built - 1}] (the stages built '
                              f'for out_indices {self.out_indices}), got {frozen_stages}')
@@ -99,7 +109,7 @@ class Twins(BaseModule):
         prev_dim, cur = in_channels, 0
         for i in range(built):
             dim, ws = s['embed_dims'][i], s['window_sizes'][i]
-            self.patch_embeds.append(PatchEmbed(prev_dim, dim, PATCH_SIZES[i]))
+            self.patch_embeds.append(PatchEmbed(prev_dim, dim, PATCH_SIZES[i], drop=drop_rate))
             self.blocks.append(nn.ModuleList([
                 TwinsBlock(dim, s['num_heads'][i], s['mlp_ratios'][i], s['sr_ratios'][i],
                            window_size=ws if ws and j % 2 == 0 else None, drop=drop_rate,
@@ -130,29 +140,45 @@ class Twins(BaseModule):
 
     @staticmethod
     def _check_out_indices(out_indices, num_stages: int) -> Tuple[int, ...]:
-        if isinstance(out_indices, int):
-            out_indices = (out_indices, )
-        idx = tuple(sorted(set(int(i) for i in out_indices)))
-        if not idx or idx[0] < 0 or idx[-1] >= num_stages:
-            raise ValueError(f'out_indices must be a non-empty subset of 0..{num_stages - 1}, '
-                             f'got {tuple(out_indices)}')
+        """Stage indices, negative ones counted from the end; increasing, without repeats."""
+        given = (out_indices, ) if isinstance(out_indices, numbers.Integral) else out_indices
+        try:
+            idx = tuple(i + num_stages if i < 0 else i for i in map(operator.index, given))
+        except TypeError:
+            idx = ()
+        if (not idx or idx[0] < 0 or idx[-1] >= num_stages
+                or any(a >= b for a, b in zip(idx, idx[1:]))):
+            raise ValueError(f'out_indices must be increasing stage indices in '
+                             f'{-num_stages}..{num_stages - 1} without repeats, '
+                             f'got {out_indices!r}')
         return idx
 
     def _min_input_size(self) -> int:
-        """Smallest side for which every GSA sub-sampling conv still sees one whole window."""
-        srs = self.arch_settings['sr_ratios']
-        return max(stride * (sr - 1) + 1 for stride, sr in zip(self.strides, srs))
+        """Smallest side for which every GSA sub-sampling conv still sees one whole window.
+
+        Only stages with a GSA block count: an LSA-only stage (one block, with a window) has
+        no sub-sampling conv."""
+        s = self.arch_settings
+        return max([1] + [stride * (sr - 1) + 1 for stride, sr, ws, depth in zip(
+            self.strides, s['sr_ratios'], s['window_sizes'], s['depths']) if not ws or depth > 1])
 
     # ------------------------------------------------------------------ weights
     def init_weights(self) -> None:
-        """Random init as the authors', or load ``init_cfg``'s pretrained checkpoint."""
-        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
+        """The authors' random init, then ``init_cfg``'s initialisers, ``Pretrained`` last."""
+        self._authors_init()
+        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg or {}]
+        pretrained = [c for c in cfgs if c.get('type') == 'Pretrained']
+        others = [c for c in cfgs if c and c.get('type') != 'Pretrained']
+        if others:
+            initialize(self, others)
+        for cfg in pretrained:
             from mmtwins.checkpoint import load_twins_checkpoint
-            load_twins_checkpoint(self, self.init_cfg['checkpoint'],
-                                  prefix=self.init_cfg.get('prefix'),
+            load_twins_checkpoint(self, os.fspath(cfg['checkpoint']), prefix=cfg.get('prefix'),
                                   logger=MMLogger.get_current_instance())
-            self._is_init = True
-            return
+        self._is_init = True
+
+    def _authors_init(self) -> None:
+        """trunc_normal(0.02) linears, unit LayerNorms, fan-out normal convs; zero biases."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=.02)
@@ -163,7 +189,6 @@ class Twins(BaseModule):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Conv2d):
                 conv_fan_out_init_(m)
-        self._is_init = True
 
     # ------------------------------------------------------------------ freezing
     def _stage_modules(self, i: int):
@@ -268,6 +293,21 @@ class Twins(BaseModule):
         return tuple(outs)
 
 
+def _check_init_cfg(init_cfg):
+    """``init_cfg`` itself, once it is None, or a dict or list of dicts each naming a ``type``
+    (and ``Pretrained`` ones their ``checkpoint``): a misspelt one fails at build time."""
+    cfgs = init_cfg if isinstance(init_cfg, list) else [init_cfg]
+    for cfg in cfgs if init_cfg is not None else ():
+        if not isinstance(cfg, dict) or 'type' not in cfg:
+            raise TypeError(f'init_cfg must be a dict with a "type" or a list of them, got '
+                            f'{init_cfg!r}')
+        if cfg['type'] == 'Pretrained' and not isinstance(cfg.get('checkpoint'),
+                                                          (str, os.PathLike)):
+            raise ValueError("init_cfg of type 'Pretrained' needs a checkpoint path "
+                             f"(checkpoint=...), got {cfg!r}")
+    return init_cfg
+
+
 def validate_arch(arch: dict) -> dict:
     """Check a custom arch dict and return it completed (``window_sizes`` defaults to None).
 
@@ -275,13 +315,18 @@ def validate_arch(arch: dict) -> dict:
         ValueError: naming the missing, unknown or inconsistent key.
     """
     arch = dict(arch)
-    arch.setdefault('window_sizes', [None] * len(arch.get('depths', ())))
+    if isinstance(arch.get('depths'), Sequence):
+        arch.setdefault('window_sizes', [None] * len(arch['depths']))
     unknown = sorted(set(arch) - set(ARCH_KEYS))
     if unknown:
         raise ValueError(f'custom arch has unknown key(s) {unknown}; allowed: {list(ARCH_KEYS)}')
     missing = [k for k in ARCH_KEYS if k not in arch]
     if missing:
         raise ValueError(f'custom arch is missing key(s) {missing}')
+    for k in ARCH_KEYS:
+        if isinstance(arch[k], (str, bytes)) or not isinstance(arch[k], Sequence):
+            raise ValueError(f'custom arch key {k!r} must be a list with one entry per stage, '
+                             f'got {arch[k]!r}')
     n = len(arch['depths'])
     if not 1 <= n <= len(PATCH_SIZES):
         raise ValueError(f"custom arch key 'depths' must have 1 to {len(PATCH_SIZES)} entries, "
@@ -290,17 +335,25 @@ def validate_arch(arch: dict) -> dict:
         if len(arch[k]) != n:
             raise ValueError(f'custom arch key {k!r} has {len(arch[k])} entries but depths has '
                              f'{n}: every key needs one entry per stage')
-    for i, (dim, heads) in enumerate(zip(arch['embed_dims'], arch['num_heads'])):
-        if heads < 1 or dim % heads:
-            raise ValueError(f"custom arch key 'embed_dims': stage {i} dim {dim} is not "
-                             f"divisible by its 'num_heads' {heads}")
-    for k in ('depths', 'sr_ratios'):
-        if any(int(v) < 1 for v in arch[k]):
+    for k in ('embed_dims', 'num_heads', 'depths', 'sr_ratios'):
+        if not all(_is_positive_int(v) for v in arch[k]):
             raise ValueError(f'custom arch key {k!r} must hold positive ints, got {arch[k]}')
-    if any(ws is not None and int(ws) < 1 for ws in arch['window_sizes']):
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0
+               for v in arch['mlp_ratios']):
+        raise ValueError("custom arch key 'mlp_ratios' must hold positive numbers, got "
+                         f"{arch['mlp_ratios']}")
+    if not all(ws is None or _is_positive_int(ws) for ws in arch['window_sizes']):
         raise ValueError("custom arch key 'window_sizes' must hold positive ints or None, got "
                          f"{arch['window_sizes']}")
+    for i, (dim, heads) in enumerate(zip(arch['embed_dims'], arch['num_heads'])):
+        if dim % heads:
+            raise ValueError(f"custom arch key 'embed_dims': stage {i} dim {dim} is not "
+                             f"divisible by its 'num_heads' {heads}")
     return {k: list(arch[k]) for k in ARCH_KEYS}
+
+
+def _is_positive_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
 
 
 def _arch(embed_dims, num_heads, mlp_ratios, depths, window_size=None):

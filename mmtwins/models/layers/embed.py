@@ -69,7 +69,7 @@ def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patch embedding: a ``patch_size`` strided conv, then LayerNorm.
+    """Non-overlapping patch embedding: a ``patch_size`` strided conv, LayerNorm, dropout.
 
     An input whose sides are not multiples of ``patch_size`` is zero-padded at the bottom and
     right, so the output map is ``ceil(H / patch_size) x ceil(W / patch_size)``.
@@ -78,17 +78,19 @@ class PatchEmbed(nn.Module):
         in_channels (int): Input channels.
         embed_dim (int): Output token channels.
         patch_size (int): Kernel size and stride.
+        drop (float): Dropout on the tokens (the authors' ``pos_drops``).
 
     Shapes:
         (B, C_in, H, W) -> tokens (B, ceil(H/p) * ceil(W/p), embed_dim) and their (h, w).
     """
 
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: int):
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: int, drop: float = 0.):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
         # eps 1e-5 (LayerNorm's default) as in the authors' release.
         self.norm = nn.LayerNorm(embed_dim)
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         pad_b, pad_r, needed = pad_amounts(x.shape[2], x.shape[3], self.patch_size)
@@ -102,7 +104,7 @@ class PatchEmbed(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.proj(x)
         hw = (x.shape[2], x.shape[3])
-        return self.norm(x.flatten(2).transpose(1, 2)), hw
+        return self.drop(self.norm(x.flatten(2).transpose(1, 2))), hw
 
 
 class PositionEncodingGenerator(nn.Module):
