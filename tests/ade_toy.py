@@ -68,6 +68,22 @@ def read_label_maps(data_root: Path, split: str = 'validation') -> Dict[str, np.
             for p in sorted((data_root / 'annotations' / split).glob('*.png'))}
 
 
+def miou_from_maps(pred_dir: Path, labels: Dict[str, np.ndarray]) -> float:
+    """mIoU (%) of ADE-convention prediction PNGs (``pred_dir/STEM.png``, as mmseg's
+    ``tools/test.py --out`` writes them after ``reduce_zero_label``: 1..150) against the
+    annotation PNGs ``labels`` (0 ignored), over the classes present in either."""
+    inter, union = np.zeros(151), np.zeros(151)
+    for stem, gt in labels.items():
+        pred = np.array(Image.open(pred_dir / f'{stem}.png')).astype(np.int64)
+        valid = gt > 0
+        p, g = pred[valid], gt[valid].astype(np.int64)
+        inter += np.bincount(g[p == g], minlength=151)
+        union += np.bincount(p, minlength=151) + np.bincount(g, minlength=151) \
+            - np.bincount(g[p == g], minlength=151)
+    present = union > 0
+    return float((inter[present] / union[present]).mean() * 100)
+
+
 @functools.lru_cache(maxsize=None)
 def _load_config(name: str) -> Config:
     return Config.fromfile(REPO / 'configs' / name)

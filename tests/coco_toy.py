@@ -7,11 +7,13 @@ detection configs and only shrinks it: a tiny Twins backbone loaded from a gener
 through the config's ``init_cfg``, narrow heads, the toy data at 128x96, no augmentation, a
 constant lr, a few epochs.
 """
+import contextlib
+import io
 import json
 import math
 import os.path as osp
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -76,12 +78,14 @@ def make_coco_toy(root: Path, num_images: int = 4, seed: int = 0) -> Dict[str, s
 
 
 def save_tiny_backbone(path: Path, arch: dict, kind: str) -> Dict[str, torch.Tensor]:
-    """Save a randomly initialised tiny Twins backbone as the authors' files do
-    (``{'model': state_dict}``); returns the state dict."""
+    """Save a tiny Twins backbone as the authors' files do (``{'model': state_dict}``); returns
+    the state dict. Every parameter is randomised after ``init_weights`` (which leaves each norm
+    weight and bias constant), so a loader that swapped two of them would show."""
+    from mmtwins.analysis.peers import randomize_parameters_
     from mmtwins.models import PCPVT, SVT
     backbone = {'PCPVT': PCPVT, 'SVT': SVT}[kind](arch=arch)
     backbone.init_weights()
-    state = backbone.state_dict()
+    state = randomize_parameters_(backbone).state_dict()
     torch.save({'model': state}, path)
     return state
 
@@ -164,3 +168,38 @@ def load_tiny_config(path: Path) -> Config:
     (``Config.fromfile`` drops its own ``format_python_code`` argument for ``.py`` files.)"""
     cfg = Config.fromfile(str(path))
     return Config(cfg.to_dict(), filename=cfg.filename, format_python_code=False)
+
+
+def coco_stats(ann_file, preds: Sequence[dict], classes: Sequence[str] = CLASSES,
+               iou_type: str = 'bbox') -> List[float]:
+    """COCO AP of dumped mmdet predictions (``tools/test.py --out`` / ``DumpDetResults``),
+    recomputed with pycocotools alone: label ``i`` is the annotation file's category named
+    ``classes[i]``, boxes go from (x0, y0, x1, y1) to COCO's (x, y, w, h), masks are the dumped
+    RLEs. pycocotools' default parameters (COCO's 100 detections per image). Returns
+    ``COCOeval.stats``: AP, AP50, AP75, AP small, medium, large, then the 6 ARs."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints every step
+        gt = COCO(str(ann_file))
+        category = {c['name']: c['id'] for c in gt.loadCats(gt.getCatIds())}
+        dets = []
+        for pred in preds:
+            inst = pred['pred_instances']
+            boxes, scores = inst['bboxes'].tolist(), inst['scores'].tolist()
+            for i, label in enumerate(inst['labels'].tolist()):
+                det = dict(image_id=pred['img_id'], category_id=category[classes[label]],
+                           score=scores[i])
+                if iou_type == 'bbox':
+                    x0, y0, x1, y1 = boxes[i]
+                    det['bbox'] = [x0, y0, x1 - x0, y1 - y0]
+                else:
+                    rle = dict(inst['masks'][i])
+                    if isinstance(rle['counts'], bytes):
+                        rle['counts'] = rle['counts'].decode()
+                    det['segmentation'] = rle
+                dets.append(det)
+        evaluator = COCOeval(gt, gt.loadRes(dets), iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(v) for v in evaluator.stats]

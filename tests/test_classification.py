@@ -2,6 +2,7 @@
 import glob
 import math
 import os
+from pathlib import Path
 
 import pytest
 import timm
@@ -14,6 +15,7 @@ from mmengine.registry import MODELS, init_default_scope
 from mmengine.runner import Runner, load_checkpoint
 
 from mmtwins.analysis import plot_logs
+from mmtwins.analysis.peers import randomize_parameters_
 from mmtwins.checkpoint import CheckpointError
 from mmtwins.classification import classifier_state_dict
 from mmtwins.classification.convert import main as convert_main
@@ -81,7 +83,8 @@ def test_no_weight_decay_on_norms_biases_and_position_encodings():
                                               ('pcpvt', 'twins_pcpvt_small')])
 def test_converted_timm_classifier_gives_timm_logits(family, timm_name, tmp_path):
     """timm's weights (the authors' layout, head kept) -> converter CLI -> same logits."""
-    peer = timm.create_model(timm_name, pretrained=False).eval()
+    # Every parameter randomised: timm's init leaves norm weights and biases constant.
+    peer = randomize_parameters_(timm.create_model(timm_name, pretrained=False)).eval()
     src, dst = tmp_path / 'authors.pth', tmp_path / 'mmpretrain.pth'
     torch.save({'model': peer.state_dict()}, src)  # wrapped as in the authors' release
     convert_main([str(src), str(dst)])
@@ -107,6 +110,7 @@ def test_mmpretrain_twins_classifier_converts_with_its_head():
         neck=dict(type='GlobalAveragePooling'),
         head=dict(type='LinearClsHead', num_classes=10, in_channels=64))).eval()
     peer.init_weights()
+    randomize_parameters_(peer)  # no constant norm weight or bias left to hide a swap
     cfg = _config('svt', 's')
     cfg.model.backbone.arch = TINY_SVT
     cfg.model.head.update(in_channels=64, num_classes=10)
@@ -133,14 +137,33 @@ def trained(tmp_path_factory):
     runner.train()
     loss = runner.message_hub.get_scalar('train/loss').current()
     metrics = runner.test()
-    return dict(work_dir=root / 'work', loss=loss, metrics=metrics, iters=runner.iter)
+    return dict(work_dir=root / 'work', loss=loss, metrics=metrics, iters=runner.iter,
+                top1=_top1_by_folder(runner))
+
+
+def _top1_by_folder(runner):
+    """(top-1 in %, images): the trained model's argmax logit on each held-out image against the
+    class of its folder (``class_K`` holds class K), not the data set's or metric's labels."""
+    model = runner.model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for batch in runner.test_dataloader:
+            data = model.data_preprocessor(batch, False)
+            logits = model(data['inputs'], mode='tensor')
+            truth = [int(Path(s.img_path).parent.name.split('_')[1])
+                     for s in data['data_samples']]
+            correct += (logits.argmax(dim=1) == torch.tensor(truth)).sum().item()
+            total += len(truth)
+    return 100 * correct / total, total
 
 
 def test_train_and_evaluate_top1(trained):
     assert trained['iters'] == 3  # 12 images / batch 4
     assert math.isfinite(trained['loss'])
     top1 = trained['metrics']['accuracy/top1']
-    assert 0 <= top1 <= 100
+    ours, images = trained['top1']
+    assert images == 6  # 3 classes x 2 held-out images
+    assert top1 == pytest.approx(ours, abs=1e-4)
     assert os.path.isfile(trained['work_dir'] / 'epoch_1.pth')
     pngs = plot_logs([str(trained['work_dir'])], str(trained['work_dir'] / 'plots'))
     names = sorted(os.path.basename(p) for p in pngs)
@@ -148,6 +171,8 @@ def test_train_and_evaluate_top1(trained):
 
 
 def _assert_backbone_loaded(backbone, classifier_sd):
+    # No constant tensor (as init_weights leaves norms and biases) that a swapped key would match.
+    assert all(v.unique().numel() > 1 for v in classifier_sd.values() if v.numel() > 1)
     own = backbone.state_dict()
     shared = [k for k in own if f'backbone.{k}' in classifier_sd]
     # only a dense SVT's stage-end norms 0-2 are new (trained from scratch)
@@ -170,12 +195,18 @@ def _dense_configs(family):
 @pytest.mark.parametrize('family', ['svt', 'pcpvt'])
 def test_classifier_checkpoint_loads_into_dense_configs(family, trained, tmp_path):
     """A classifier checkpoint initialises the backbone of every detection/segmentation config."""
-    if family == 'svt':
-        ckpt = str(trained['work_dir'] / 'epoch_1.pth')
-    else:  # an (untrained) PCPVT classifier saved in the same mmengine format
+    ckpt = str(tmp_path / f'{family}_cls.pth')
+    if family == 'svt':  # the trained checkpoint, every parameter then randomised
+        saved = torch.load(trained['work_dir'] / 'epoch_1.pth', map_location='cpu',
+                           weights_only=False)
+        model = _build(tiny_classifier_config(tmp_path, tmp_path, 'svt'))
+        model.load_state_dict(saved['state_dict'])
+        saved['state_dict'] = randomize_parameters_(model).state_dict()
+        torch.save(saved, ckpt)
+    else:  # a randomised PCPVT classifier saved in the same mmengine format
         cfg = tiny_classifier_config(tmp_path, tmp_path, 'pcpvt')
-        ckpt = str(tmp_path / 'pcpvt_cls.pth')
-        torch.save({'state_dict': _build(cfg).state_dict(), 'meta': {}}, ckpt)
+        model = randomize_parameters_(_build(cfg))
+        torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
     sd = torch.load(ckpt, map_location='cpu', weights_only=False)['state_dict']
     arch = {'svt': TINY_SVT, 'pcpvt': TINY_PCPVT}[family]
     for path in _dense_configs(family):

@@ -3,11 +3,14 @@
 import json
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from ade_toy import miou_from_maps, read_label_maps
+from coco_toy import coco_stats
 from mmtwins.demo import CLASSES, SEG_CLASSES, make_toy_data
 from mmtwins.demo.inference import infer, list_images
 from mmtwins.demo.pipeline import main as demo_main
@@ -91,10 +94,22 @@ def test_demo_pipeline_shortened(tmp_path):
     # Real metrics, computed on the 8 held-out images.
     assert 'coco/bbox_mAP' in det['test'] and math.isfinite(det['box_AP'])
     assert det['box_AP'] == round(100 * det['test']['coco/bbox_mAP'], 1)
-    assert 0 <= det['box_AP'] <= 100
     for metrics in (seg['test'], seg['test_tta']):
         assert all(math.isfinite(metrics[k]) and 0 <= metrics[k] <= 100
                    for k in ('aAcc', 'mIoU', 'mAcc'))
+    # The reported box APs and single-scale mIoU are those recomputed from the saved raw
+    # predictions: with pycocotools on the held-out annotations, and from the maps and the
+    # annotation PNGs.
+    with open(out / 'det' / 'test' / 'predictions.pkl', 'rb') as f:
+        preds = pickle.load(f)
+    assert sorted(p['img_id'] for p in preds) == list(range(1, 9))
+    stats = coco_stats(data / 'coco' / 'annotations' / 'instances_val.json', preds, CLASSES)
+    reported = [det['test'][f'coco/bbox_mAP{s}'] for s in ('', '_50', '_75', '_s', '_m', '_l')]
+    assert reported == pytest.approx(stats[:6], abs=5e-4), (reported, stats)
+    labels = read_label_maps(Path(result['data']['ade']))
+    assert len(labels) == 8
+    assert miou_from_maps(out / 'seg' / 'test' / 'pred_maps', labels) == pytest.approx(
+        seg['test']['mIoU'], abs=0.01)
     assert (seg['mIoU'], seg['mIoU_tta']) == (seg['test']['mIoU'], seg['test_tta']['mIoU'])
     summary = (out / 'summary.md').read_text()
     assert f'| {det["box_AP"]:.1f} |' in summary and f'| {seg["mIoU_tta"]:.1f} |' in summary
@@ -105,8 +120,6 @@ def test_demo_pipeline_shortened(tmp_path):
     assert sum('tools/train.py' in c for c in commands) == 2
     assert sum('tools/test.py' in c for c in commands) == 3 and '--tta' in commands[4]
     assert sum('tools/infer.py' in c for c in commands) == 2
-    with open(out / 'det' / 'test' / 'predictions.pkl', 'rb') as f:
-        assert len(pickle.load(f)) == 8
     assert len(list((out / 'seg' / 'test' / 'pred_maps').glob('*.png'))) == 8
 
     # Predictions drawn on 2 held-out images per task, and the raw predictions next to them.

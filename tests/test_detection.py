@@ -1,4 +1,5 @@
 """COCO detection configs (RetinaNet, Mask R-CNN) and real training/testing through the Runner."""
+import json
 import math
 import pickle
 
@@ -12,7 +13,7 @@ from mmengine.registry import DefaultScope
 from mmtwins.apis import apply_tta, build_runner
 from mmtwins.apis.test import add_dump_metric
 
-from coco_toy import (IMG_H, IMG_W, REPO, load_tiny_config, make_coco_toy,
+from coco_toy import (CLASSES, IMG_H, IMG_W, REPO, coco_stats, load_tiny_config, make_coco_toy,
                       write_tiny_det_config)
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
@@ -151,12 +152,50 @@ def test_init_cfg_loads_imagenet_checkpoint(tmp_path):
     path, state = write_tiny_det_config(tmp_path, 'mask_rcnn_twins_svt_s_1x.py',
                                         make_coco_toy(tmp_path / 'coco', num_images=1))
     model = _build_model(Config.fromfile(str(path)).model)
-    assert not torch.equal(model.backbone.pos_block[0].proj[0].weight,
-                           state['pos_block.0.proj.0.weight'])
+    # The checkpoint's parameters are randomised (no constant norm weight or bias), so every
+    # tensor differs from the built one and only the right checkpoint entry can match it.
+    before = model.backbone.state_dict()
+    assert before.keys() == state.keys()
+    assert not any(torch.equal(before[k], state[k]) for k in state)
+    assert all(v.unique().numel() > 1 for v in state.values() if v.numel() > 1)
     model.init_weights()
     loaded = model.backbone.state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize('name', ['retinanet_twins_svt_s_1x.py', 'mask_rcnn_twins_svt_s_1x.py'])
+def test_coco_metric_of_the_ground_truth_is_one(name, tmp_path):
+    """Known answer for the configs' evaluator (the path tools/test.py reports through): the
+    annotations themselves as predictions give AP 1; every label swapped gives AP 0."""
+    from mmdet.registry import METRICS
+    from pycocotools import mask as mask_utils
+    data = make_coco_toy(tmp_path, num_images=3)
+    ann_file = data['data_root'] + data['ann_file']
+    with open(ann_file) as f:
+        coco = json.load(f)
+    label = {c['id']: CLASSES.index(c['name']) for c in coco['categories']}
+    cfg = _load(name)
+    iou_types = ['bbox', 'segm'] if name.startswith('mask_rcnn') else ['bbox']
+    for swap in (False, True):
+        metric = METRICS.build(dict(cfg.test_evaluator, ann_file=ann_file))
+        metric.dataset_meta = dict(classes=CLASSES)
+        samples = []
+        for img in coco['images']:
+            anns = [a for a in coco['annotations'] if a['image_id'] == img['id']]
+            h, w = img['height'], img['width']
+            boxes = [[x, y, x + bw, y + bh] for x, y, bw, bh in (a['bbox'] for a in anns)]
+            labels = [label[a['category_id']] for a in anns]
+            pred = dict(bboxes=torch.tensor(boxes), scores=torch.ones(len(anns)),
+                        labels=torch.tensor([1 - v if swap else v for v in labels]),
+                        masks=[mask_utils.merge(mask_utils.frPyObjects(a['segmentation'], h, w))
+                               for a in anns])
+            samples.append(dict(img_id=img['id'], ori_shape=(h, w), pred_instances=pred))
+        metric.process({}, samples)
+        metrics = metric.evaluate(len(samples))
+        for iou_type in iou_types:
+            values = [metrics[f'coco/{iou_type}_mAP{s}'] for s in ('', '_50', '_75')]
+            assert values == ([0.] * 3 if swap else [1.] * 3), (swap, metrics)
 
 
 class _RecordStart(Hook):
@@ -164,6 +203,17 @@ class _RecordStart(Hook):
 
     def before_train(self, runner):
         self.start_iter = runner.iter
+
+
+def _assert_metrics_recomputed(metrics, preds, ann_file, prefixes):
+    """The reported COCO APs (rounded to 3 decimals) are those pycocotools computes from the
+    dumped predictions, independently of mmdet's conversion (class mapping, box format)."""
+    names = ('', '_50', '_75', '_s', '_m', '_l')
+    for prefix in prefixes:
+        stats = coco_stats(ann_file, preds, iou_type=prefix)
+        reported = [metrics[f'coco/{prefix}_mAP{s}'] for s in names]
+        assert reported == pytest.approx(stats[:6], abs=5e-4), (prefix, reported, stats)
+        assert all(v == -1 or 0 <= v <= 1 for v in reported), metrics
 
 
 def _train_resume_test(tmp_path, config, prefixes):
@@ -196,11 +246,9 @@ def _train_resume_test(tmp_path, config, prefixes):
     out = tmp_path / 'preds.pkl'
     add_dump_metric(tester, 'mmdet', str(out))
     metrics = tester.test()
-    for prefix in prefixes:
-        values = [metrics[f'coco/{prefix}_mAP{s}'] for s in ('', '_50', '_75', '_s', '_m', '_l')]
-        assert all(v == -1 or 0 <= v <= 1 for v in values), metrics
     with open(out, 'rb') as f:
         preds = pickle.load(f)
+    _assert_metrics_recomputed(metrics, preds, cfg.test_evaluator.ann_file, prefixes)
     assert sorted(p['img_id'] for p in preds) == [1, 2]
     for p in preds:
         boxes = p['pred_instances']['bboxes']
@@ -220,8 +268,13 @@ def test_retinanet_trains_resumes_and_tests_on_coco(tmp_path):
     apply_tta(cfg)
     runner = build_runner(cfg)
     assert type(runner.model).__name__ == 'DetTTAModel'
+    out = tmp_path / 'tta_preds.pkl'
+    add_dump_metric(runner, 'mmdet', str(out))
     metrics = runner.test()
-    assert 0 <= metrics['coco/bbox_mAP'] <= 1
+    with open(out, 'rb') as f:
+        preds = pickle.load(f)
+    assert sorted(p['img_id'] for p in preds) == [1, 2]
+    _assert_metrics_recomputed(metrics, preds, cfg.test_evaluator.ann_file, ['bbox'])
 
 
 def test_mask_rcnn_trains_resumes_and_tests_on_coco(tmp_path):

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from mmengine.config import Config
 
 from mmtwins.engine import ConfigError, preflight_check
+from mmtwins.engine.preflight import check_data, check_model
 from mmtwins.models import SVT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +178,14 @@ def test_missing_image_directory_is_named(tmp_path):
 
 
 def test_a_correct_config_passes(tmp_path):
-    preflight_check(with_data_root(seg_config(), make_ade_dirs(tmp_path / 'ade')))
+    cfg = with_data_root(seg_config(), make_ade_dirs(tmp_path / 'ade'))
+    # No problem found by either half of the check, and nothing raised or returned.
+    assert check_model(cfg) == [] and check_data(cfg) == []
+    assert preflight_check(cfg) is None
+    # The data half did look at this root: one directory removed is one named problem.
+    (tmp_path / 'ade' / 'annotations' / 'training').rmdir()
+    problems = check_data(cfg)
+    assert len(problems) == 1 and 'annotations/training' in problems[0], problems
 
 
 def coco_config(root: Path) -> Config:

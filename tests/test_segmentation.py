@@ -19,7 +19,8 @@ from mmengine.structures import PixelData
 from mmengine.utils import import_modules_from_strings
 from PIL import Image
 
-from ade_toy import REPO, load_config, make_ade_toy, read_label_maps, tiny_seg_config
+from ade_toy import (REPO, load_config, make_ade_toy, miou_from_maps, read_label_maps,
+                     tiny_seg_config)
 from mmtwins.apis.runner import build_runner
 from mmtwins.apis.test import build_test_cfg, parse_args
 from mmtwins.models.layers import PositionEncodingGenerator
@@ -329,10 +330,14 @@ def test_train_checkpoint_resume(trained, name):
 
 
 @pytest.mark.parametrize('name', [FPN, UPERNET], ids=['fpn', 'upernet'])
-def test_single_scale_and_tta_miou(trained, tmp_path, name):
+def test_single_scale_and_tta_miou(trained, ade_root, tmp_path, name):
     run = trained(name)
-    shapes, single = _run_test(run['config'], run['checkpoint'], tmp_path / 'ss')
-    assert 0 <= single['mIoU'] <= 100
+    shapes, single = _run_test(run['config'], run['checkpoint'], tmp_path / 'ss',
+                               '--out', str(tmp_path / 'maps'))
+    # The reported mIoU is the one recomputed from the saved maps and the annotation PNGs.
+    labels = read_label_maps(ade_root)
+    assert _maps(tmp_path / 'maps').keys() == labels.keys()
+    assert miou_from_maps(tmp_path / 'maps', labels) == pytest.approx(single['mIoU'], abs=0.01)
     # Single scale: each of the 3 images once, short side 512 / 8 = 64; sides that are not
     # multiples of 32 go through as they are.
     assert sorted(min(s) for s in shapes) == [64] * 3
@@ -346,20 +351,6 @@ def test_single_scale_and_tta_miou(trained, tmp_path, name):
 
 
 # ----------------------------------------------------------------------------------- --out
-def _miou_from_maps(pred_dir: Path, labels: Dict[str, np.ndarray]) -> float:
-    """mIoU (%) of ADE-convention prediction PNGs against the annotation PNGs (0 ignored)."""
-    inter, union = np.zeros(151), np.zeros(151)
-    for stem, gt in labels.items():
-        pred = np.array(Image.open(pred_dir / f'{stem}.png')).astype(np.int64)
-        valid = gt > 0
-        p, g = pred[valid], gt[valid].astype(np.int64)
-        inter += np.bincount(g[p == g], minlength=151)
-        union += np.bincount(p, minlength=151) + np.bincount(g, minlength=151) \
-            - np.bincount(g[p == g], minlength=151)
-    present = union > 0
-    return float((inter[present] / union[present]).mean() * 100)
-
-
 def _no_annotation_config(config: Path, out: Path, output_dir: Path) -> Path:
     """The README's recipe for a test set without annotations, applied to ``config``."""
     out.write_text(f"_base_ = '{config}'\n"
@@ -383,7 +374,7 @@ def test_tta_out_with_and_without_annotations(trained, ade_root, tmp_path):
     assert maps.keys() == labels.keys()
     for stem, pred in maps.items():
         assert pred.shape == labels[stem].shape and pred.min() >= 1 and pred.max() <= 150
-    assert _miou_from_maps(tmp_path / 'maps_gt', labels) == pytest.approx(metrics['mIoU'],
+    assert miou_from_maps(tmp_path / 'maps_gt', labels) == pytest.approx(metrics['mIoU'],
                                                                           abs=0.01)
     # Without annotations (format_only): --tta writes to the config's output_dir, --tta --out
     # to DIR; both give the same maps as the annotated run.
@@ -425,4 +416,4 @@ def test_dist_train_and_dist_test_two_cpu_processes(ade_root, tmp_path):
     assert len(logs) == 1
     metrics = json.loads(logs[0].read_text().splitlines()[-1])
     labels = read_label_maps(ade_root)
-    assert _miou_from_maps(tmp_path / 'maps', labels) == pytest.approx(metrics['mIoU'], abs=0.01)
+    assert miou_from_maps(tmp_path / 'maps', labels) == pytest.approx(metrics['mIoU'], abs=0.01)
