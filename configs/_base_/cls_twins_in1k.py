@@ -8,8 +8,8 @@ _base_ = [
     'mmpretrain::_base_/datasets/imagenet_bs64_swin_224.py',
     'mmpretrain::_base_/schedules/imagenet_bs1024_adamw_swin.py',
     'mmpretrain::_base_/default_runtime.py',
+    './twins_runtime.py',  # mmtwins' modules, the stop on a NaN/inf loss
 ]
-custom_imports = dict(imports=['mmtwins.models'], allow_failed_imports=False)
 
 # ImageNet-1k: train/ and val/ with one folder per class (ImageFolder), or flat folders listed
 # in meta/{train,val}.txt. The ONE place to point at it (or, per run: --cfg-options
@@ -49,9 +49,7 @@ param_scheduler = [
 ]
 
 # Crash-safe checkpoints (written to a temporary file, then renamed; a damaged latest checkpoint
-# is skipped on --resume), test metrics written once by rank 0 (all ranks share the log dir)
-# and a stop, naming the iteration, when the loss turns NaN/inf. Of the 300 epochs' checkpoints
-# (with optimizer state, 0.3-1.2 GB each) the newest 3 are kept.
+# is skipped on --resume) and test metrics written once by rank 0 (all ranks share the log dir).
+# Of the 300 epochs' checkpoints (with optimizer state, 0.3-1.2 GB each) the newest 3 are kept.
 default_hooks = dict(checkpoint=dict(type='mmtwins.AtomicCheckpointHook', max_keep_ckpts=3),
                      logger=dict(type='mmtwins.AtomicLoggerHook'))
-custom_hooks = [dict(type='mmtwins.NonFiniteLossHook')]

@@ -33,8 +33,7 @@ param_scheduler = [
 ]
 
 # Crash-safe checkpoints (written to a temporary file, then renamed; a damaged latest checkpoint
-# is skipped on --resume), test metrics written once by rank 0 (all ranks share the log dir)
-# and a stop, naming the iteration, when the loss turns NaN/inf.
+# is skipped on --resume) and test metrics written once by rank 0 (all ranks share the log dir).
+# Set here, not in runtime.py: they change the default_hooks of mmseg's schedule.
 default_hooks = dict(checkpoint=dict(type='mmtwins.AtomicCheckpointHook'),
                      logger=dict(type='mmtwins.AtomicLoggerHook'))
-custom_hooks = [dict(type='mmtwins.NonFiniteLossHook')]

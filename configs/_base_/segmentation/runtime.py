@@ -1,8 +1,10 @@
-# mmseg's runtime plus what every mmtwins segmentation config shares.
-_base_ = 'mmseg::_base_/default_runtime.py'
+# mmseg's runtime plus what every mmtwins segmentation config shares (but the crash-safe
+# checkpoint and logger hooks, which change the default_hooks of mmseg's schedule: fpn_twins_80k.py
+# and upernet_twins_160k.py set them).
+_base_ = ['mmseg::_base_/default_runtime.py', '../twins_runtime.py']
 
-custom_imports = dict(imports=['mmtwins.models', 'mmtwins.segmentation'],
-                      allow_failed_imports=False)
+# mmtwins' segmentation modules (SegTTAModel, LoadOptionalAnnotations) besides its models.
+custom_imports = dict(imports=_base_.custom_imports.imports + ['mmtwins.segmentation'])
 
 # --tta wraps the model in this: unlike mmseg 1.2.2's SegTTAModel, the merged prediction carries
 # the original image's meta (not the last view's) and binary heads are merged correctly; see
