@@ -122,6 +122,27 @@ def test_drop_path_once_per_residual_branch():
     assert len(calls) == 2
 
 
+def test_drop_path_keeps_or_drops_each_branch_whole_scaled_once():
+    """In training each sample's residual branch is dropped (adds 0) or kept and scaled by
+    1 / (1 - p) once: every output is one of the four combinations computed by hand, and each
+    occurs (a second drop inside a branch would scale by 1 / (1 - p)^2 and match none)."""
+    from mmtwins.models.layers import TwinsBlock
+    p, keep = 0.5, 0.5
+    block = TwinsBlock(16, 2, 2, sr_ratio=1, drop_path=p)
+    x = torch.randn(1, 4, 16).expand(64, 4, 16).contiguous()
+    hw = (2, 2)
+    with torch.no_grad():
+        block.eval()
+        attn = block.attn(block.norm1(x), hw) / keep
+        mlp = lambda y: block.mlp(y, norm=block.norm2) / keep  # noqa: E731
+        cases = [x, x + attn, x + mlp(x), x + attn + mlp(x + attn)]
+        block.train()
+        out = block(x, hw)
+    which = [[torch.allclose(o, c[i], atol=1e-5) for c in cases] for i, o in enumerate(out)]
+    assert all(sum(w) == 1 for w in which)
+    assert {w.index(True) for w in which} == {0, 1, 2, 3}
+
+
 def test_drop_path_rate_applies_stochastic_depth_in_training_only():
     model = SVT(arch=TINY_SVT, drop_path_rate=0.9)
     x = torch.randn(2, 3, 64, 64)

@@ -31,15 +31,29 @@ def test_lsa_matches_reference_for_every_padding_case(hw):
         torch.testing.assert_close(attn(x, hw), reference_lsa(attn, x, *hw), atol=1e-5, rtol=1e-5)
 
 
-def test_mmseg_lsa_mask_is_wrong_with_one_sided_padding_and_ours_is_not():
-    """The defect users hit in mmseg (and mmpretrain): with padding on one side only, its mask
-    switches off and real tokens attend to padding. Ours matches the reference there."""
-    from mmseg.models.backbones.twins import LocallyGroupedSelfAttention as MMSegLSA
+def _peer_lsa(peer: str):
+    if peer == 'mmseg':
+        from mmseg.models.backbones.twins import LocallyGroupedSelfAttention
+    else:
+        from mmpretrain.models.backbones.twins import LocallyGroupedSelfAttention
+    return LocallyGroupedSelfAttention(16, 2, qkv_bias=True, window_size=7).eval()
+
+
+@pytest.mark.parametrize('peer', ['mmseg', 'mmpretrain'])
+@pytest.mark.parametrize('hw', [(9, 14), (14, 10)], ids=['bottom-only', 'right-only'])
+def test_peer_lsa_mask_is_wrong_with_one_sided_padding_and_ours_is_not(peer, hw):
+    """The defect users hit in mmseg and mmpretrain: with padding on one side only (e.g. 200x336
+    tokens in 7-windows: bottom only), their mask switches off and real tokens attend to
+    padding. Ours matches the reference there; theirs, with the same weights, does not."""
     ours = LocallyGroupedAttention(dim=16, num_heads=2, window_size=7).eval()
-    theirs = MMSegLSA(16, 2, qkv_bias=True, window_size=7).eval()
+    theirs = _peer_lsa(peer)
     theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(1, 9 * 14, 16)  # 9 rows: bottom padding only (e.g. 200x336 -> 7-windows)
+    x = torch.randn(1, hw[0] * hw[1], 16)
     with torch.no_grad():
-        ref = reference_lsa(ours, x, 9, 14)
-        torch.testing.assert_close(ours(x, (9, 14)), ref, atol=1e-5, rtol=1e-5)
-        assert (theirs(x, (9, 14)) - ref).abs().max() > 1e-3
+        ref = reference_lsa(ours, x, *hw)
+        torch.testing.assert_close(ours(x, hw), ref, atol=1e-5, rtol=1e-5)
+        assert (theirs(x, hw) - ref).abs().max() > 1e-3
+        # whole windows: the peer agrees, so the difference above is its mask alone
+        y = torch.randn(1, 14 * 14, 16)
+        torch.testing.assert_close(theirs(y, (14, 14)), reference_lsa(ours, y, 14, 14),
+                                   atol=1e-5, rtol=1e-5)

@@ -17,6 +17,7 @@ import torch
 from conftest import TINY_PCPVT, TINY_SVT
 from mmengine.config import Config
 
+from mmtwins.analysis.peers import randomize_parameters_
 from mmtwins.deployment import (build_export_module, export_onnx, load_model,
                                 non_default_domain_ops, verify_onnx)
 from mmtwins.deployment.pytorch2onnx import check_agreement
@@ -127,12 +128,14 @@ def test_segmentor_checkpoint_is_loaded_strictly(tmp_path):
     cfg = tiny_model_config('fpn_twins_svt_s_80k_ade20k.py')
     cfg_file = str(tmp_path / 'fpn_tiny.py')
     cfg.dump(cfg_file)
-    model = load_model(cfg_file)
+    model = randomize_parameters_(load_model(cfg_file))  # no tensor a fresh build could match
     ckpt = tmp_path / 'model.pth'
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
-    loaded = load_model(cfg_file, str(ckpt))
+    loaded = load_model(cfg_file, str(ckpt)).state_dict()
+    fresh = load_model(cfg_file).state_dict()
     for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v)
+        assert torch.equal(loaded[k], v)
+    assert not any(torch.equal(fresh[k], v) for k, v in model.named_parameters())
     torch.save({'state_dict': {k: v for k, v in model.state_dict().items()
                                if not k.startswith('decode_head')}}, ckpt)
     with pytest.raises(ValueError, match=r'does not fit .* missing key\(s\)'):
