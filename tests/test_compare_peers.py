@@ -235,12 +235,15 @@ def test_a_worker_killed_between_steps_is_an_error():
 def test_batch_option_sets_every_cases_batch():
     tool = analysis_tool('compare_peers')
     kw = dict(peers=['timm'])
-    args = tool.parse_args(['--cases', 'infer224', 'train512', 'amp512'])
-    assert [j[2] for j in tool.plan(args, kw)][:3] == [(8, 3, 224, 224), (2, 3, 512, 512),
-                                                       (2, 3, 512, 512)]
-    args = tool.parse_args(['--cases', 'infer224', 'train512', 'amp512', '--batch', '16',
-                            '--variants', 'svt-small'])
-    jobs = tool.plan(args, kw)
+
+    def jobs_of(argv):
+        args = tool.parse_args(argv)
+        return peers.plan(args.variants, args.cases, kw, batch=args.batch, short=args.short)
+
+    assert [j[2] for j in jobs_of(['--cases', 'infer224', 'train512', 'amp512'])][:3] == [
+        (8, 3, 224, 224), (2, 3, 512, 512), (2, 3, 512, 512)]
+    jobs = jobs_of(['--cases', 'infer224', 'train512', 'amp512', '--batch', '16',
+                    '--variants', 'svt-small'])
     assert [(j[0], j[1], j[2]) for j in jobs] == [('svt-small', 'infer', (16, 3, 224, 224)),
                                                   ('svt-small', 'train', (16, 3, 512, 512)),
                                                   ('svt-small', 'infer', (16, 3, 512, 512))]

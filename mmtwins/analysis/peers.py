@@ -847,3 +847,62 @@ def to_json(results: List[CaseResult], extra: dict) -> str:
                                               with_cp_live_saving=r.with_cp_saving('live_mb'),
                                               flops_fraction=r.flops_fraction())
                                          for r in results]), indent=2)
+
+
+# --------------------------------------------------------------------------- a run of cases
+#: name: (mode, input shape, autocast): None (fp32), 'own' (mmtwins against its own fp32) or
+#: 'peers' (every implementation under autocast). ``coco`` also runs mmtwins with ``with_cp``,
+#: the implementations one at a time (five side by side would not fit in 24 GiB).
+CASES = {
+    'infer224': ('infer', (8, 3, 224, 224), None),
+    'infer512': ('infer', (2, 3, 512, 512), None),
+    'train512': ('train', (2, 3, 512, 512), None),
+    'amp512': ('infer', (2, 3, 512, 512), 'own'),
+    'coco': ('train', (1, 3, 800, 1344), None),
+    'amp-infer512': ('infer', (2, 3, 512, 512), 'peers'),
+    'amp-train512': ('train', (2, 3, 512, 512), 'peers'),
+}
+DEFAULT_CASES = ('infer224', 'infer512', 'train512', 'amp512')
+SMALL_VARIANTS = ('pcpvt-small', 'svt-small')
+ALL_VARIANTS = tuple(f'{f}-{a}' for f in FAMILIES for a in ('small', 'base', 'large'))
+
+
+def plan(variants: Sequence[str], cases: Sequence[str], kw: dict, batch: Optional[int] = None,
+         short: bool = False) -> List[Tuple[str, str, Tuple[int, ...], dict]]:
+    """The runs of :func:`run_plan`: ``(variant, mode, input shape, compare_case kwargs)``.
+
+    ``kw`` holds :func:`compare_case`'s common keyword arguments (``peers`` among them);
+    ``batch`` replaces every case's own batch size; ``short`` (CI) runs, instead of ``cases``,
+    one inference at 224x224 batch 1 per variant: the agreement check, one timed step, no
+    memory measured.
+    """
+    jobs = []
+    for v in variants:
+        if short:
+            jobs.append((v, 'infer', (1, 3, 224, 224), dict(kw, warmup=1, repeats=1,
+                                                             memory=False)))
+            continue
+        for case in cases:
+            mode, shape, amp = CASES[case]
+            if batch:
+                shape = (batch, *shape[1:])
+            jobs.append((v, mode, shape, dict(kw, peers=[] if amp == 'own' else kw['peers'],
+                                              amp=amp is not None, with_cp=case == 'coco',
+                                              interleave=case != 'coco')))
+    return jobs
+
+
+def run_plan(jobs, extra: dict, out: Optional[str] = None,
+             markdown: Optional[str] = None) -> List[CaseResult]:
+    """Run :func:`plan`'s jobs; after each, rewrite ``out`` (JSON, with ``extra``) and
+    ``markdown``, so an interrupted run keeps the cases it finished."""
+    from mmtwins.engine.fileio import atomic_write
+    results = []
+    for v, mode, shape, case_kw in jobs:
+        family, arch = v.split('-')
+        results.append(compare_case(family, arch, mode, shape, **case_kw))
+        if out:
+            atomic_write(out, to_json(results, extra))
+        if markdown:
+            atomic_write(markdown, format_markdown(results) + '\n')
+    return results

@@ -24,27 +24,11 @@ import torch
 
 from mmtwins.analysis import peers as P
 from mmtwins.analysis.benchmark import AMP_DTYPES
-from mmtwins.engine.fileio import atomic_write
-
-SMALL = ['pcpvt-small', 'svt-small']
-# name: (mode, input shape, autocast): None (fp32), 'own' (mmtwins against its own fp32) or
-# 'peers' (every implementation under autocast).
-CASES = {
-    'infer224': ('infer', (8, 3, 224, 224), None),
-    'infer512': ('infer', (2, 3, 512, 512), None),
-    'train512': ('train', (2, 3, 512, 512), None),
-    'amp512': ('infer', (2, 3, 512, 512), 'own'),
-    'coco': ('train', (1, 3, 800, 1344), None),
-    'amp-infer512': ('infer', (2, 3, 512, 512), 'peers'),
-    'amp-train512': ('train', (2, 3, 512, 512), 'peers'),
-}
-DEFAULT_CASES = ['infer224', 'infer512', 'train512', 'amp512']
-ALL = [f'{f}-{a}' for f in ('pcpvt', 'svt') for a in ('small', 'base', 'large')]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--variants', nargs='+', default=SMALL,
+    p.add_argument('--variants', nargs='+', default=list(P.SMALL_VARIANTS),
                    help="e.g. svt-small pcpvt-base, or 'all' (default: the two small variants)")
     p.add_argument('--peers', nargs='+', default=None, help='default: every installed peer')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -54,8 +38,8 @@ def parse_args(argv=None):
                    'steps to settle (measured: the '
                    "peers' first 3-4 training steps at 512x512 are slower than the later ones)")
     p.add_argument('--repeats', type=int, default=7, help='timed steps per implementation')
-    p.add_argument('--cases', nargs='+', choices=list(CASES), default=DEFAULT_CASES,
-                   help=f'cases to run (default: {" ".join(DEFAULT_CASES)})')
+    p.add_argument('--cases', nargs='+', choices=list(P.CASES), default=list(P.DEFAULT_CASES),
+                   help=f'cases to run (default: {" ".join(P.DEFAULT_CASES)})')
     p.add_argument('--batch', type=int,
                    help="every case's batch size instead of its own (e.g. 16 to load a GPU)")
     p.add_argument('--amp-dtype', choices=list(AMP_DTYPES),
@@ -78,25 +62,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def plan(args, kw):
-    """The runs: (variant, mode, input shape, :func:`compare_case` keyword arguments)."""
-    jobs = []
-    variants = ALL if args.variants == ['all'] else args.variants
-    for v in variants:
-        if args.short:
-            jobs.append((v, 'infer', (1, 3, 224, 224), dict(kw, warmup=1, repeats=1,
-                                                             memory=False)))
-            continue
-        for case in args.cases:
-            mode, shape, amp = CASES[case]
-            if args.batch:
-                shape = (args.batch, *shape[1:])
-            jobs.append((v, mode, shape, dict(kw, peers=[] if amp == 'own' else kw['peers'],
-                                              amp=amp is not None, with_cp=case == 'coco',
-                                              interleave=case != 'coco')))
-    return jobs
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.keep_freed_memory:
@@ -110,16 +75,10 @@ def main(argv=None):
     if code:
         print(f'mmtwins at {code["commit"][:12]}'
               + (' with uncommitted changes to mmtwins/' if code['dirty'] else ''))
-    results = []
-    for v, mode, shape, case_kw in plan(args, kw):
-        family, arch = v.split('-')
-        results.append(P.compare_case(family, arch, mode, shape, **case_kw))
-        # after every case: an interrupted run keeps what it measured
-        if args.out:
-            atomic_write(args.out, P.to_json(results, dict(machine=machine, code=code,
-                                                           peers=peers, args=vars(args))))
-        if args.markdown:
-            atomic_write(args.markdown, P.format_markdown(results) + '\n')
+    variants = P.ALL_VARIANTS if args.variants == ['all'] else args.variants
+    jobs = P.plan(variants, args.cases, kw, batch=args.batch, short=args.short)
+    P.run_plan(jobs, dict(machine=machine, code=code, peers=peers, args=vars(args)),
+               out=args.out, markdown=args.markdown)
     for path in filter(None, [args.out, args.markdown]):
         print(f'wrote {path}')
 
