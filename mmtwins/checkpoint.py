@@ -200,23 +200,18 @@ def _stage_depths(sd: StateDict) -> Dict[int, int]:
     return depths
 
 
-def _block_keys(sd: StateDict) -> Dict[str, set]:
-    """The parameter names inside each block of a state dict in mmtwins' names:
-    ``{'blocks.i.j': {'attn.q.weight', ...}}``."""
-    keys: Dict[str, set] = {}
+def _block_attention(sd: StateDict) -> Dict[str, str]:
+    """The attention of each block of a state dict in mmtwins' names: ``{'blocks.i.j': kind}``,
+    told apart by the block's attention weights (LSA's ``qkv``; GSA's ``sr``, if it
+    sub-samples)."""
+    layers: Dict[str, set] = {}
     for key in sd:
-        m = re.match(r'(blocks\.\d+\.\d+)\.(.*)', key)
+        m = re.match(r'(blocks\.\d+\.\d+)\.attn\.(\w+)\.weight$', key)
         if m:
-            keys.setdefault(m.group(1), set()).add(m.group(2))
-    return keys
-
-
-def _attention_kind(names: set) -> str:
-    """What attention a block with these parameter names has."""
-    if 'attn.qkv.weight' in names:
-        return 'locally-grouped attention'
-    return 'global sub-sampled attention' + (' with sub-sampling' if 'attn.sr.weight' in names
-                                             else ' without sub-sampling')
+            layers.setdefault(m.group(1), set()).add(m.group(2))
+    return {b: 'locally-grouped attention' if 'qkv' in names else 'global sub-sampled attention '
+            + ('with' if 'sr' in names else 'without') + ' sub-sampling'
+            for b, names in layers.items()}
 
 
 def describe_variant(sd: StateDict) -> str:
@@ -313,9 +308,9 @@ def load_twins_checkpoint(model: nn.Module,
     wrong += [f'stage {i}: {ckpt_depths[i]} blocks in the checkpoint, {d} in the model'
               for i, d in sorted(_stage_depths(own).items())
               if i in ckpt_depths and ckpt_depths[i] != d]
-    ckpt_attn = {b: _attention_kind(names) for b, names in _block_keys(backbone).items()}
+    ckpt_attn = _block_attention(backbone)
     wrong += [f'{b}: {ckpt_attn[b]} in the checkpoint, {attn} in the model'
-              for b, attn in ((b, _attention_kind(names)) for b, names in _block_keys(own).items())
+              for b, attn in _block_attention(own).items()
               if b in ckpt_attn and ckpt_attn[b] != attn]
     if wrong:
         raise CheckpointError(

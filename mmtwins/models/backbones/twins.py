@@ -78,7 +78,8 @@ class Twins(BaseModule):
                  frozen_stages: int = -1,
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None):
-        super().__init__(init_cfg=_check_init_cfg(init_cfg))
+        _init_cfgs(init_cfg)
+        super().__init__(init_cfg=init_cfg)
         self.arch_settings = self._resolve_arch(arch)
         s = self.arch_settings
         num_stages = len(s['depths'])
@@ -165,16 +166,17 @@ class Twins(BaseModule):
     # ------------------------------------------------------------------ weights
     def init_weights(self) -> None:
         """The authors' random init, then ``init_cfg``'s initialisers, ``Pretrained`` last."""
+        from mmtwins.checkpoint import load_twins_checkpoint
         self._authors_init()
-        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg or {}]
-        pretrained = [c for c in cfgs if c.get('type') == 'Pretrained']
-        others = [c for c in cfgs if c and c.get('type') != 'Pretrained']
+        cfgs = _init_cfgs(self.init_cfg)
+        others = [c for c in cfgs if c['type'] != 'Pretrained']
         if others:
             initialize(self, others)
-        for cfg in pretrained:
-            from mmtwins.checkpoint import load_twins_checkpoint
-            load_twins_checkpoint(self, os.fspath(cfg['checkpoint']), prefix=cfg.get('prefix'),
-                                  logger=MMLogger.get_current_instance())
+        for cfg in cfgs:
+            if cfg['type'] == 'Pretrained':
+                load_twins_checkpoint(self, os.fspath(cfg['checkpoint']),
+                                      prefix=cfg.get('prefix'),
+                                      logger=MMLogger.get_current_instance())
         self._is_init = True
 
     def _authors_init(self) -> None:
@@ -293,11 +295,12 @@ class Twins(BaseModule):
         return tuple(outs)
 
 
-def _check_init_cfg(init_cfg):
-    """``init_cfg`` itself, once it is None, or a dict or list of dicts each naming a ``type``
-    (and ``Pretrained`` ones their ``checkpoint``): a misspelt one fails at build time."""
-    cfgs = init_cfg if isinstance(init_cfg, list) else [init_cfg]
-    for cfg in cfgs if init_cfg is not None else ():
+def _init_cfgs(init_cfg) -> list:
+    """``init_cfg`` as a list of initialiser dicts (None: none), each checked to name a ``type``
+    and, for ``Pretrained``, a ``checkpoint`` path: a misspelt one fails when the model is
+    built rather than at ``init_weights``."""
+    cfgs = [] if init_cfg is None else init_cfg if isinstance(init_cfg, list) else [init_cfg]
+    for cfg in cfgs:
         if not isinstance(cfg, dict) or 'type' not in cfg:
             raise TypeError(f'init_cfg must be a dict with a "type" or a list of them, got '
                             f'{init_cfg!r}')
@@ -305,7 +308,7 @@ def _check_init_cfg(init_cfg):
                                                           (str, os.PathLike)):
             raise ValueError("init_cfg of type 'Pretrained' needs a checkpoint path "
                              f"(checkpoint=...), got {cfg!r}")
-    return init_cfg
+    return cfgs
 
 
 def validate_arch(arch: dict) -> dict:
