@@ -55,9 +55,9 @@ class Twins(BaseModule):
             activations in backward, chunk by chunk (see :class:`~mmtwins.models.layers.Mlp`).
         init_cfg (dict | list[dict], optional): mmengine initialisers, applied after the
             authors' random init. ``dict(type='Pretrained', checkpoint=PATH[, prefix=...])``
-            loads weights of any supported layout through :func:`mmtwins.load_twins_checkpoint`
-            (last, as mmengine applies ``Pretrained``); parameters the checkpoint lacks keep
-            the authors' init.
+            loads weights of any supported layout through
+            :func:`mmtwins.checkpoint.load_twins_checkpoint` (last, as mmengine applies
+            ``Pretrained``); parameters the checkpoint lacks keep the authors' init.
 
     Shapes:
         (B, in_channels, H, W) with H, W >= :attr:`min_input_size` -> a tuple with one
