@@ -147,6 +147,15 @@ def test_benchmark_tool_runs(capsys):
     assert ips > 0 and 'median of 2 passes' in out and 'peak memory' in out, out
 
 
+def test_benchmark_tool_amp_dtype(capsys):
+    args = [os.path.join(CONFIGS, 'twins_svt_s_in1k.py'), '--part', 'backbone', '--batch-size',
+            '1', '--shape', '64', '64', '--warmup', '0', '--repeats', '1', '--device', 'cpu']
+    analysis_tool('benchmark').main(args + ['--amp', '--amp-dtype', 'fp16'])
+    assert 'amp-fp16' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='--amp-dtype is the dtype of --amp'):
+        analysis_tool('benchmark').main(args + ['--amp-dtype', 'fp16'])
+
+
 def _write_log(path, records):
     with open(path, 'w') as f:
         f.write('\n'.join(json.dumps(r) for r in records) + '\n')

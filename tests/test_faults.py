@@ -32,7 +32,8 @@ from torch import nn
 import mmtwins.engine  # noqa: F401 - registers the hooks
 from mmtwins.apis import build_runner
 from mmtwins.checkpoint import CheckpointError
-from mmtwins.engine import AtomicLocalBackend, atomic_write, checkpoint_problem
+from mmtwins.engine import (AtomicLocalBackend, atomic_write, checkpoint_problem,
+                            newest_intact_checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -291,6 +292,12 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(tmp_pat
     with open(work / 'iter_6.pth', 'r+b') as f:
         f.truncate(size // 2)
     assert 'truncated' in checkpoint_problem(str(work / 'iter_6.pth'))
+    # Newer, intact, but no training checkpoints of this run: a best-metric file (saved without
+    # optimizer and schedulers) and other weights kept in the work dir.
+    model_only = {'state_dict': torch.load(work / 'iter_4.pth', weights_only=False)['state_dict']}
+    for name in ('best_loss_iter_6.pth', 'pretrained.pth'):
+        torch.save(model_only, work / name)
+    assert newest_intact_checkpoint(str(work), str(work / 'iter_6.pth')) == str(work / 'iter_4.pth')
 
     resumed = toy_runner(work, resume=True)
     resumed.train()
@@ -306,6 +313,30 @@ def test_resuming_an_explicitly_named_damaged_checkpoint_fails_clearly(tmp_path)
     with pytest.raises(CheckpointError, match=f'cannot resume from {bad}: .*Pick another'):
         runner.train()
     assert runner.iter == 0
+
+
+def test_newest_intact_checkpoint_orders_by_step_and_takes_the_hooks_names(tmp_path):
+    for step in (8, 10):
+        torch.save({'state_dict': {}}, tmp_path / f'epoch_{step}.pth')
+        torch.save({'state_dict': {}}, tmp_path / f'iter_{step}.pth')
+    (tmp_path / 'iter_9.pth').write_bytes(b'')  # newest, damaged
+    assert newest_intact_checkpoint(str(tmp_path)) == str(tmp_path / 'iter_10.pth')
+    assert newest_intact_checkpoint(str(tmp_path), filename_tmpl='epoch_{}.pth') == \
+        str(tmp_path / 'epoch_10.pth')
+    assert newest_intact_checkpoint(str(tmp_path), str(tmp_path / 'iter_10.pth')) == \
+        str(tmp_path / 'iter_8.pth')
+
+
+def test_a_remote_checkpoint_is_left_to_mmengine(tmp_path):
+    """The integrity check reads local files only: a remote checkpoint to resume from is not
+    refused as missing (mmengine's file backends load it)."""
+    runner = toy_runner(tmp_path / 'w', resume=True, load_from='s3://bucket/run/iter_4.pth')
+    hook = next(h for h in runner.hooks if type(h).__name__ == 'AtomicCheckpointHook')
+    hook.before_run(runner)  # raised CheckpointError ('the file does not exist') before
+    assert runner.cfg.load_from == 's3://bucket/run/iter_4.pth'
+    with pytest.raises(CheckpointError, match='does not exist'):  # a local one is checked
+        runner.cfg.load_from = str(tmp_path / 'iter_4.pth')
+        hook.before_run(runner)
 
 
 def test_no_intact_checkpoint_left_fails_clearly(tmp_path):

@@ -493,8 +493,9 @@ class CaseResult:
     """One (variant, mode, input) case: per entry, median seconds and memory.
 
     ``gflops``: the case's forward GFLOP (2 x multiply-accumulates, attention included);
-    ``matmul_gflops``: this machine's dense fp32 matmul GFLOP/s, the better of two measurements
-    taken just before and just after the case's steps.
+    ``matmul_gflops``: this machine's dense matmul GFLOP/s in the case's precision (fp32, or
+    the autocast dtype), the better of two measurements taken just before and just after the
+    case's steps.
     """
     variant: str
     mode: str

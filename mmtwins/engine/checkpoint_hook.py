@@ -8,6 +8,7 @@ A crash while saving can therefore leave a truncated file that ``--resume`` pick
 import glob
 import logging
 import os.path as osp
+import re
 import zipfile
 from typing import Optional
 
@@ -49,11 +50,20 @@ def checkpoint_problem(path: str) -> Optional[str]:
     return None
 
 
-def newest_intact_checkpoint(directory: str, exclude: str = '') -> Optional[str]:
-    """The most recently written intact ``*.pth`` in ``directory`` other than ``exclude``."""
-    candidates = [p for p in glob.glob(osp.join(directory, '*.pth'))
-                  if osp.abspath(p) != osp.abspath(exclude)]
-    for path in sorted(candidates, key=osp.getmtime, reverse=True):
+def newest_intact_checkpoint(directory: str, exclude: str = '',
+                             filename_tmpl: str = 'iter_{}.pth') -> Optional[str]:
+    """The intact training checkpoint of the highest step in ``directory`` other than
+    ``exclude``: files named by ``filename_tmpl`` (a ``CheckpointHook``'s, e.g.
+    ``'epoch_{}.pth'``), so not ``best_*.pth`` (saved without optimizer and schedulers) nor
+    other weights kept there."""
+    head, _, tail = filename_tmpl.partition('{}')
+    name = re.compile(re.escape(head) + r'(\d+)' + re.escape(tail) + '$')
+    steps = {}
+    for path in glob.glob(osp.join(glob.escape(directory), '*')):
+        m = name.match(osp.basename(path))
+        if m and osp.abspath(path) != osp.abspath(exclude):
+            steps[path] = int(m.group(1))
+    for path in sorted(steps, key=steps.get, reverse=True):
         if checkpoint_problem(path) is None:
             return path
     return None
@@ -69,8 +79,9 @@ class AtomicCheckpointHook(CheckpointHook):
       then rename; local directories, the default ``backend_args``);
     * with ``max_keep_ckpts``, old checkpoints are deleted only after the new one is in place;
     * before a run resumes, the checkpoint it will load is checked. If ``last_checkpoint``
-      (``--resume`` without a path) names a damaged or missing file, the newest intact
-      checkpoint of the work dir is used instead, with a warning, and the pointer is rewritten;
+      (``--resume`` without a path) names a damaged or missing file, the intact checkpoint
+      of the highest step in the work dir (named as this hook names them) is used instead,
+      with a warning, and the pointer is rewritten;
       if there is none, or if an explicitly given checkpoint is damaged, a
       :class:`~mmtwins.checkpoint.CheckpointError` names the file and what is wrong.
 
@@ -93,6 +104,8 @@ class AtomicCheckpointHook(CheckpointHook):
         if not runner.cfg.get('resume', False):
             return
         explicit = runner.cfg.get('load_from')
+        if explicit and '://' in str(explicit):
+            return  # a remote file: mmengine's file backends read it, this check cannot
         if explicit:
             problem = checkpoint_problem(explicit)
             if problem:
@@ -101,13 +114,14 @@ class AtomicCheckpointHook(CheckpointHook):
                                       'newest intact one of the work dir')
             return
         latest = find_latest_checkpoint(runner.work_dir)
-        if latest is None:
-            return  # nothing saved yet: MMEngine starts from scratch
+        if latest is None or '://' in latest:
+            return  # nothing saved yet (MMEngine starts from scratch), or saved remotely
         problem = checkpoint_problem(latest)
         if problem is None:
             return
         pointer = osp.join(runner.work_dir, LAST_CHECKPOINT)
-        fallback = newest_intact_checkpoint(osp.dirname(latest) or runner.work_dir, latest)
+        fallback = newest_intact_checkpoint(osp.dirname(latest) or runner.work_dir, latest,
+                                            self.filename_tmpl)
         if fallback is None:
             raise CheckpointError(
                 f'cannot resume: {pointer} names {latest!r}, but {problem}, and no other intact '

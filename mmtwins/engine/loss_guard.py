@@ -28,7 +28,9 @@ class NonFiniteLossHook(Hook):
     Args:
         skip (bool): False (default): raise ``FloatingPointError`` naming the iteration. True:
             log a warning naming the iteration, drop the step (its gradients are cleared) and
-            go on.
+            go on. With gradient accumulation (``accumulative_counts > 1``) that also drops the
+            gradients the earlier steps of its accumulation window added, and, as the skipped
+            step is not counted, the window ends one iteration later.
         max_consecutive_skips (int): With ``skip``, raise anyway after this many non-finite
             steps in a row (the run has diverged).
 

@@ -1,7 +1,6 @@
 """Test-time augmentation for mmseg segmentors: the views of an image merged into one prediction."""
 from typing import List
 
-import torch
 from mmengine.model import BaseTTAModel
 from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
@@ -9,8 +8,8 @@ from mmseg.structures import SegDataSample
 from mmtwins.registry import MODELS
 
 # Meta keys of one augmented view (not of the original image), dropped from the merged sample.
-VIEW_META_KEYS = ('img_shape', 'pad_shape', 'scale_factor', 'flip', 'flip_direction', 'padding_size',
-                  'img_padding_size', 'batch_input_shape')
+VIEW_META_KEYS = ('img_shape', 'pad_shape', 'scale_factor', 'flip', 'flip_direction',
+                  'padding_size', 'img_padding_size', 'batch_input_shape')
 
 
 @MODELS.register_module()
@@ -50,12 +49,15 @@ class SegTTAModel(BaseTTAModel):
         return [self._merge_views(views) for views in data_samples_list]
 
     def _merge_views(self, views: List[SegDataSample]) -> SegDataSample:
-        logits = torch.stack([v.seg_logits.data for v in views])  # (V, C, H, W)
-        if logits.shape[1] > 1:
-            pred = logits.softmax(dim=1).mean(dim=0).argmax(dim=0, keepdim=True)
+        # mmseg's postprocess_result stores sigmoid probabilities for a binary head.
+        binary = views[0].seg_logits.data.shape[0] == 1
+        # Summed view by view: a few (C, H, W) tensors alive at once, never all V views'.
+        probs = sum(v.seg_logits.data if binary else v.seg_logits.data.softmax(dim=0)
+                    for v in views) / len(views)
+        if binary:
+            pred = (probs > self.module.decode_head.threshold).long()
         else:
-            # mmseg's postprocess_result stores sigmoid probabilities for a binary head.
-            pred = (logits.mean(dim=0) > self.module.decode_head.threshold).long()
+            pred = probs.argmax(dim=0, keepdim=True)
         first = views[0]
         merged = SegDataSample(metainfo={k: v for k, v in first.metainfo.items()
                                          if k not in VIEW_META_KEYS})
