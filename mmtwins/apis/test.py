@@ -5,6 +5,8 @@ to the config's ``tta_model``/``tta_pipeline`` (mmdet's ``DetTTAModel``, mmseg's
 ``SegTTAModel``), and ``--out`` saves predictions the way each codebase's own ``tools/test.py``
 does: a pickle of ``DumpDetResults`` (mmdet), prediction maps in a directory through
 ``test_evaluator.output_dir`` (mmseg), a pickle of mmengine's ``DumpResults`` (others).
+``--show``/``--show-dir``/``--wait-time`` (and mmpretrain's ``--interval``) turn on the config's
+visualization hook as each codebase's ``tools/test.py`` does (:func:`trigger_visualization_hook`).
 """
 import argparse
 from typing import Optional, Sequence
@@ -29,6 +31,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="test-time augmentation with the config's tta_model and tta_pipeline")
     parser.add_argument('--amp', action='store_true',
                         help='test under autocast (fp16 on a GPU, bf16 on a CPU)')
+    parser.add_argument('--show', action='store_true', help='show prediction results')
+    parser.add_argument('--show-dir', help='save painted images: mmdet to '
+                        'WORK_DIR/TIMESTAMP/SHOW_DIR, mmseg to SHOW_DIR/vis_data/vis_image, '
+                        'mmpretrain to SHOW_DIR')
+    parser.add_argument('--wait-time', type=float, default=2,
+                        help='display time of every window with --show (s)')
+    parser.add_argument('--interval', type=int, default=None,
+                        help='mmpretrain: visualize every INTERVAL-th sample (default 1); mmseg: '
+                        "the hook's interval in test batches (the config's, 50, by default)")
     add_common_args(parser)
     return parser.parse_args(argv)
 
@@ -77,11 +88,61 @@ def add_dump_metric(runner: Runner, scope: Optional[str], out_file: str) -> None
     runner.test_evaluator.metrics.append(Dump(out_file_path=out_file))
 
 
+_VIS_HOOKS = {'mmdet': 'DetVisualizationHook', 'mmseg': 'SegVisualizationHook',
+              'mmpretrain': 'VisualizationHook'}
+
+
+def trigger_visualization_hook(cfg: Config, args: argparse.Namespace) -> None:
+    """Turn on ``default_hooks.visualization`` for ``--show``/``--show-dir``, as the config's
+    scope's own ``tools/test.py`` does.
+
+    * mmdet: ``draw=True``; ``--show`` sets ``show`` and ``wait_time``; ``--show-dir`` is the
+      hook's ``test_out_dir`` (images land in ``WORK_DIR/TIMESTAMP/SHOW_DIR/<image name>``).
+    * mmseg: ``draw=True``; ``--show`` sets ``show`` and ``wait_time``; ``--show-dir`` is the
+      visualizer's ``save_dir`` (images land in ``SHOW_DIR/vis_data/vis_image/``). The hook draws
+      every ``interval``-th test batch (50 in mmseg's configs); ``--interval`` sets it.
+    * mmpretrain: ``enable=True``, ``show``, ``wait_time``, ``out_dir`` and ``interval`` (default
+      1) from the arguments (images land in ``SHOW_DIR/<image name>_0.png``).
+    """
+    scope = cfg.get('default_scope')
+    if scope not in _VIS_HOOKS:
+        raise ValueError(f'--show/--show-dir support mmdet, mmseg and mmpretrain configs, not '
+                         f'default_scope={scope!r}')
+    hook = cfg.get('default_hooks', {}).get('visualization')
+    if hook is None:
+        raise RuntimeError('VisualizationHook must be included in default_hooks, e.g. '
+                           f'"visualization=dict(type=\'{_VIS_HOOKS[scope]}\')" '
+                           f'({cfg.filename or "config given as a dict"} has none)')
+    if scope == 'mmpretrain':
+        hook.update(enable=True, show=args.show, wait_time=args.wait_time,
+                    out_dir=args.show_dir,
+                    interval=1 if args.interval is None else args.interval)
+        return
+    if args.interval is not None and scope == 'mmdet':
+        raise ValueError("--interval: mmdet's visualization hook draws every test image")
+    hook['draw'] = True
+    if args.show:
+        hook['show'] = True
+        hook['wait_time'] = args.wait_time
+    if args.interval is not None:
+        hook['interval'] = args.interval
+    if args.show_dir:
+        if scope == 'mmdet':
+            hook['test_out_dir'] = args.show_dir
+        elif 'visualizer' not in cfg:
+            raise RuntimeError('--show-dir: mmseg saves through the config\'s visualizer, and '
+                               f'{cfg.filename or "the config"} defines none')
+        else:
+            cfg.visualizer['save_dir'] = args.show_dir
+
+
 def build_test_cfg(args: argparse.Namespace) -> Config:
     """The test config of ``args``: ``load_config`` plus the checkpoint, ``--tta``, ``--amp``
-    (the test loop's autocast) and, for mmseg configs, ``--out``."""
+    (the test loop's autocast), ``--show``/``--show-dir`` and, for mmseg configs, ``--out``."""
     cfg = load_config(args)
     cfg.load_from = args.checkpoint
+    if args.show or args.show_dir:
+        trigger_visualization_hook(cfg, args)
     if args.tta:
         apply_tta(cfg)
     if args.amp:
