@@ -383,6 +383,26 @@ def test_old_checkpoints_are_pruned_only_after_the_new_one_is_saved(tmp_path, mo
     assert not (work / 'iter_4.pth').exists()
 
 
+def test_a_checkpoint_left_unpruned_by_a_dead_run_is_deleted_on_resume(tmp_path, monkeypatch):
+    """A run killed after saving iter_4.pth but before deleting iter_2.pth (max_keep_ckpts=1)
+    must not leave iter_2.pth on disk for ever: the resumed run deletes it."""
+    work = tmp_path / 'w'
+
+    def killed(self, filepath):
+        raise KeyboardInterrupt(f'killed before deleting {filepath}')
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AtomicLocalBackend, 'remove', killed)
+        with pytest.raises(KeyboardInterrupt, match='iter_2.pth'):
+            toy_runner(work, max_iters=8, max_keep_ckpts=1).train()
+    assert sorted(p.name for p in work.glob('*.pth')) == ['iter_2.pth', 'iter_4.pth']
+
+    runner = toy_runner(work, max_iters=8, max_keep_ckpts=1, resume=True)
+    runner.train()
+    assert runner.iter == 8
+    assert sorted(p.name for p in work.glob('*.pth')) == ['iter_8.pth']
+
+
 @METRICS.register_module(force=True)
 class FaultToyError(BaseMetric):
     """Mean absolute error of :class:`FaultToyModel` on its test samples."""

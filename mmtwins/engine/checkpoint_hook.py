@@ -77,7 +77,8 @@ class AtomicCheckpointHook(CheckpointHook):
 
     * checkpoints and the ``last_checkpoint`` pointer are written atomically (temporary file,
       then rename; local directories, the default ``backend_args``);
-    * with ``max_keep_ckpts``, old checkpoints are deleted only after the new one is in place;
+    * with ``max_keep_ckpts``, old checkpoints are deleted only after the new one is in place,
+      and one left behind by a run that died in between is deleted when the run resumes;
     * before a run resumes, the checkpoint it will load is checked. If ``last_checkpoint``
       (``--resume`` without a path) names a damaged or missing file, the intact checkpoint
       of the highest step in the work dir (named as this hook names them) is used instead,
@@ -144,12 +145,18 @@ class AtomicCheckpointHook(CheckpointHook):
             if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
                 outdated = self.keep_ckpt_ids.popleft()
             self.keep_ckpt_ids.append(step)
-            runner.message_hub.update_info('keep_ckpt_ids', list(self.keep_ckpt_ids))
+            # The new checkpoint records the outdated step too, first: if the run dies before
+            # the file is deleted, MMEngine's before_train deletes it on resume (it prunes the
+            # recorded steps down to max_keep_ckpts, oldest first).
+            pending = [outdated] if outdated is not None else []
+            runner.message_hub.update_info('keep_ckpt_ids', pending + list(self.keep_ckpt_ids))
 
         runner.save_checkpoint(
             self.out_dir, ckpt_filename, self.file_client_args,
             save_optimizer=self.save_optimizer, save_param_scheduler=self.save_param_scheduler,
             meta=meta, by_epoch=self.by_epoch, backend_args=self.backend_args, **self.args)
+        if outdated is not None:
+            runner.message_hub.update_info('keep_ckpt_ids', list(self.keep_ckpt_ids))
         if not is_main_process():
             return
         atomic_write(osp.join(runner.work_dir, LAST_CHECKPOINT), self.last_ckpt)
