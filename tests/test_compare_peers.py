@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,48 @@ def test_training_case_with_cp_one_process_at_a_time():
         assert k['ms']['matmul'] > 0 and k['ms']['fused attention'] > 0 and k['matmul_gflops'] > 0
     assert len(lines) == 1 + len(res.seconds) and 'profiled step' in lines[1]
     assert '| svt-small | train 1x3x64x64 | mmtwins-with_cp |' in format_markdown([res])
+
+
+def test_rounds_start_fresh_processes_and_report_the_median_and_the_spread(monkeypatch):
+    started = []
+
+    class CountedWorkers(_Workers):
+        def __init__(self, entries, *args):
+            started.append([e.name for e in entries])
+            super().__init__(entries, *args)
+
+    monkeypatch.setattr(peers, '_Workers', CountedWorkers)
+    lines = []
+    res = compare_case('svt', 'small', 'infer', (1, 3, 64, 64), peers=['timm'], warmup=1,
+                       repeats=1, rounds=3, log=lines.append)
+    assert started == [['mmtwins', 'timm']] * 3  # one set of fresh workers per round
+    assert {n: len(ts) for n, ts in res.round_seconds.items()} == {'mmtwins': 3, 'timm': 3}
+    for n, ts in res.round_seconds.items():
+        assert res.seconds[n] == statistics.median(ts) and min(ts) > 0
+    ups = res.round_speedups()
+    assert ups == [t / m for m, t in zip(res.round_seconds['mmtwins'],
+                                         res.round_seconds['timm'])]
+    assert set(res.peak_mb) == {'mmtwins', 'timm'}  # the median of the rounds' peaks
+    spread = f'{min(ups):.2f}-{max(ups):.2f}x'
+    assert [ln for ln in lines if 'round ' in ln] == [
+        f'svt-small infer 1x3x64x64: round {i} of 3' for i in (1, 2, 3)]
+    assert f'({spread} over 3 rounds)' in lines[-1]
+    assert f'{res.speedup():.2f}x ({spread})' in format_markdown([res])
+    assert json.loads(peers.to_json([res], {}))['cases'][0]['round_speedups'] == ups
+    with pytest.raises(ValueError, match='rounds must be >= 1'):
+        compare_case('svt', 'small', 'infer', (1, 3, 64, 64), peers=[], rounds=0)
+
+
+def test_rounds_option_reaches_every_case_but_the_short_one(monkeypatch, capsys):
+    tool = analysis_tool('compare_peers')
+    planned = []
+    monkeypatch.setattr(peers, 'run_plan', lambda jobs, *a, **k: planned.append(jobs))
+    tool.main(['--rounds', '4', '--peers', 'timm'])
+    tool.main(['--rounds', '4', '--peers', 'timm', '--short'])
+    assert [{j[3]['rounds'] for j in jobs} for jobs in planned] == [{4}, {1}]
+    assert len(planned[0]) == 2 * len(peers.DEFAULT_CASES)
+    with pytest.raises(SystemExit, match='--rounds must be >= 1'):
+        tool.main(['--rounds', '0'])
 
 
 def test_kernel_breakdown_categories_add_up_and_count_matmul_flops():

@@ -9,6 +9,12 @@ stage maps at 224x224 (on the CPU and, for a GPU run, on the GPU in exact fp32) 
 is timed. Timings are interleaved (implementations take turns in rotating order) and the
 median of the repeats is reported.
 
+A process's speed depends on its memory allocator's state, which differs from one process to
+the next (measured in docs/benchmarks.md: one SVT-S training step 1149 ms in one process and
+1445 ms in another, same code). With ``rounds`` > 1 every case runs that many times, each with
+fresh worker processes; an entry's time is then the median of its rounds' medians, and the
+speed-up's spread over the rounds is reported beside it.
+
 Every implementation runs in its own worker process, driven in turn from the parent (see
 :class:`_Workers`): one allocator state per implementation, as in a user's own process, and no
 two computing at once.
@@ -488,10 +494,19 @@ def interleaved_times(workers: _Workers, names: Sequence[str], repeats: int
 
 
 # --------------------------------------------------------------------------- the comparison
+def _speedup(seconds: Dict[str, float]) -> Optional[float]:
+    if 'mmtwins-fp32' in seconds:
+        return seconds['mmtwins-fp32'] / seconds['mmtwins']
+    peers = [t for n, t in seconds.items() if n in PEERS]
+    return min(peers) / seconds['mmtwins'] if peers else None
+
+
 @dataclass
 class CaseResult:
     """One (variant, mode, input) case: per entry, median seconds and memory.
 
+    ``seconds``: the median step time (over several rounds of fresh processes, the median of the
+    rounds' medians, which ``round_seconds`` lists);
     ``gflops``: the case's forward GFLOP (2 x multiply-accumulates, attention included);
     ``matmul_gflops``: this machine's dense matmul GFLOP/s in the case's precision (fp32, or
     the autocast dtype), the better of two measurements taken just before and just after the
@@ -514,14 +529,20 @@ class CaseResult:
     matmul_gflops: Optional[float] = None
     interleaved: bool = True
     kernels: Dict[str, dict] = field(default_factory=dict)  # entry -> kernel_breakdown()
+    round_seconds: Dict[str, List[float]] = field(default_factory=dict)  # per round: median
 
     def speedup(self) -> Optional[float]:
         """Fastest peer's median time over mmtwins' (> 1: mmtwins is faster); for an autocast
         case, mmtwins' fp32 time over its autocast time."""
-        if 'mmtwins-fp32' in self.seconds:
-            return self.seconds['mmtwins-fp32'] / self.seconds['mmtwins']
-        peers = [t for n, t in self.seconds.items() if n in PEERS]
-        return min(peers) / self.seconds['mmtwins'] if peers else None
+        return _speedup(self.seconds)
+
+    def round_speedups(self) -> List[float]:
+        """The speed-up of each round, each from that round's fresh processes (empty for a
+        single round)."""
+        rounds = self.round_seconds.values()
+        if min(map(len, rounds), default=0) < 2:
+            return []
+        return [_speedup(dict(zip(self.round_seconds, ts))) for ts in zip(*rounds)]
 
     def memory_ratio(self, kind: str = 'saved_mb') -> Optional[float]:
         """mmtwins' memory over the leanest peer's (< 1: mmtwins is leaner)."""
@@ -547,7 +568,8 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
                  device: str = 'cpu', amp: bool = False,
                  amp_dtype: Optional[torch.dtype] = None, warmup: int = 2, repeats: int = 5,
                  memory: bool = True, with_cp: bool = False, interleave: bool = True,
-                 kernels: bool = False, tol: float = 1e-4, log=print) -> CaseResult:
+                 kernels: bool = False, rounds: int = 1, tol: float = 1e-4,
+                 log=print) -> CaseResult:
     """Check agreement with every peer, then time (and measure the memory of) one case.
 
     Agreement (:func:`peer_agreement`) is checked on the CPU and, when ``device`` is a GPU, on
@@ -557,7 +579,8 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
     Every entry runs in its own worker process (:class:`_Workers`): first ``warmup`` untimed
     steps (at least one), which give the peak memory of the first step and of all of them, then
     ``repeats`` timed ones (in rotating order with the other entries if ``interleave``), then
-    the memory counts that profile a step.
+    the memory counts that profile a step. With ``rounds`` > 1 all of it but the agreement
+    check and the memory counts runs again with fresh processes, ``rounds`` times in all.
 
     Args:
         amp: run under autocast in ``amp_dtype`` (default fp16 on GPU, bf16 on CPU): mmtwins
@@ -572,7 +595,13 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
             entries one after another, one process at a time (large inputs: the processes'
             memory side by side would not fit), so slow drifts of the machine are not averaged
             out.
+        rounds: how many times to start fresh worker processes and time them; each entry's
+            time and page faults are the medians of its rounds' medians, its peak memory the
+            median of its rounds' peaks; the bytes saved for backward, the peak of live
+            tensors and the kernel profile come from the first round.
     """
+    if rounds < 1:
+        raise ValueError(f'rounds must be >= 1, got {rounds}')
     dev = torch.device(device)
     res = CaseResult(f'{family}-{arch}', mode, list(shape),
                      autocast_context(dev, amp, amp_dtype)[1], interleaved=interleave)
@@ -604,26 +633,40 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
     # Interleaved: every worker alive at once. One at a time: each entry's steps in a block, for
     # cases where several processes' memory would not fit side by side.
     groups = [entries] if interleave else [[e] for e in entries]
-    times = {}
-    for group in groups:
-        with _Workers(group, family, arch, mode, shape, device) as workers:
-            for e in group:
-                peaks = workers.ask(e.name, ('peak', max(warmup, 1)))
-                if memory:
-                    res.peak_mb[e.name], res.run_peak_mb[e.name] = peaks
-            times.update(interleaved_times(workers, [e.name for e in group], repeats))
-            for e in group:
-                if memory and mode == 'train' and not amp:
-                    res.saved_mb[e.name] = workers.ask(e.name, 'saved')
-                if memory and mode == 'train' and dev.type == 'cpu':
-                    res.live_mb[e.name] = workers.ask(e.name, 'live')
-                if kernels:
-                    res.kernels[e.name] = workers.ask(e.name, 'kernels')
+    peaks, faults = {}, {}
+    for rnd in range(rounds):
+        if rounds > 1:
+            log(f'{res.variant} {res.mode} {"x".join(map(str, shape))}: round {rnd + 1} of '
+                f'{rounds}')
+        for group in groups:
+            with _Workers(group, family, arch, mode, shape, device) as workers:
+                for e in group:
+                    peaks.setdefault(e.name, []).append(
+                        workers.ask(e.name, ('peak', max(warmup, 1))))
+                times = interleaved_times(workers, [e.name for e in group], repeats)
+                for e in group:
+                    if rnd:
+                        continue
+                    if memory and mode == 'train' and not amp:
+                        res.saved_mb[e.name] = workers.ask(e.name, 'saved')
+                    if memory and mode == 'train' and dev.type == 'cpu':
+                        res.live_mb[e.name] = workers.ask(e.name, 'live')
+                    if kernels:
+                        res.kernels[e.name] = workers.ask(e.name, 'kernels')
+            for n, steps in times.items():
+                res.round_seconds.setdefault(n, []).append(
+                    statistics.median(t for t, _ in steps))
+                if all(f is not None for _, f in steps):
+                    faults.setdefault(n, []).append(statistics.median(f for _, f in steps))
     # The ceiling: the better of two measurements, before and after the timed steps.
     res.matmul_gflops = max(res.matmul_gflops, matmul_gflops(device, ceiling_dtype))
-    res.seconds = {n: statistics.median(t for t, _ in steps) for n, steps in times.items()}
-    res.page_faults = {n: statistics.median(f for _, f in steps) for n, steps in times.items()
-                       if all(f is not None for _, f in steps)}
+    res.seconds = {n: statistics.median(ts) for n, ts in res.round_seconds.items()}
+    res.page_faults = {n: statistics.median(fs) for n, fs in faults.items()
+                       if len(fs) == rounds}
+    if memory:
+        for n, ps in peaks.items():
+            res.peak_mb[n], res.run_peak_mb[n] = (
+                None if None in vals else statistics.median(vals) for vals in zip(*ps))
     for line in [format_case(res)] + format_kernels(res):
         log(line)
     return res
@@ -667,6 +710,12 @@ def _ms(seconds: float) -> str:
     """Milliseconds with three significant digits or more: 1609, 41.3, 4.27."""
     ms = seconds * 1e3
     return f'{ms:.{0 if ms >= 100 else 1 if ms >= 10 else 2}f}'
+
+
+def _spread(r: CaseResult) -> str:
+    """The lowest and highest of the rounds' speed-ups: '0.95-1.10x'."""
+    ups = r.round_speedups()
+    return f'{min(ups):.2f}-{max(ups):.2f}x'
 
 
 def _mem(r: CaseResult, kind: str) -> str:
@@ -742,6 +791,8 @@ def format_case(r: CaseResult) -> str:
     against = 'own fp32' if 'mmtwins-fp32' in r.seconds else 'fastest peer'
     line = (f'{r.variant:>11} {r.mode:<5} {"x".join(map(str, r.shape)):<14} {r.precision:<8} '
             f'{cols}; speed-up vs {against} {r.speedup() or float("nan"):.2f}x')
+    if r.round_speedups():
+        line += f' ({_spread(r)} over {len(r.round_speedups())} rounds)'
     if r.flops_fraction() is not None:
         line += (f'; {r.gflops / r.seconds["mmtwins"]:.0f} GFLOP/s = '
                  f'{r.flops_fraction():.2f} of dense matmul ({r.matmul_gflops:.0f})')
@@ -802,8 +853,10 @@ def format_markdown(results: List[CaseResult]) -> str:
         case = f'{r.mode} {"x".join(map(str, r.shape))}' + ('' if r.interleaved else ' (*)')
         row = [r.variant, case, r.precision]
         row += [_ms(r.seconds[n]) if n in r.seconds else '' for n in names]
-        row += [f'{r.speedup():.2f}x' if r.speedup() else '',
-                f'{r.flops_fraction():.2f}' if r.flops_fraction() else '']
+        speedup = f'{r.speedup():.2f}x' if r.speedup() else ''
+        if speedup and r.round_speedups():
+            speedup += f' ({_spread(r)})'
+        row += [speedup, f'{r.flops_fraction():.2f}' if r.flops_fraction() else '']
         for kind in ('peak_mb', 'run_peak_mb'):
             row += [cell(getattr(r, kind), n, '{:.0f}') for n in names]
             row.append(f'{r.memory_ratio(kind):.2f}' if r.memory_ratio(kind) else '')
@@ -812,6 +865,9 @@ def format_markdown(results: List[CaseResult]) -> str:
             row += [cell(r.live_mb, n, '{:.0f}') for n in names]
             row.append(f'{r.memory_ratio("live_mb"):.2f}' if r.memory_ratio('live_mb') else '')
         lines.append('| ' + ' | '.join(row) + ' |')
+    if any(r.round_speedups() for r in results):
+        lines.append("\nspeed-up (a-b): the lowest and highest of the rounds' speed-ups, each "
+                     'round with fresh processes')
     if not all(r.interleaved for r in results):
         lines.append('\n(*) implementations run one after another, not interleaved')
     if any(r.kernels for r in results):
@@ -838,6 +894,7 @@ def _kernels_markdown(results: List[CaseResult]) -> str:
 
 def to_json(results: List[CaseResult], extra: dict) -> str:
     return json.dumps(dict(extra, cases=[dict(asdict(r), speedup=r.speedup(),
+                                              round_speedups=r.round_speedups(),
                                               saved_ratio=r.memory_ratio(),
                                               peak_ratio=r.memory_ratio('peak_mb'),
                                               run_peak_ratio=r.memory_ratio('run_peak_mb'),
@@ -881,7 +938,7 @@ def plan(variants: Sequence[str], cases: Sequence[str], kw: dict, batch: Optiona
     for v in variants:
         if short:
             jobs.append((v, 'infer', (1, 3, 224, 224), dict(kw, warmup=1, repeats=1,
-                                                             memory=False)))
+                                                             memory=False, rounds=1)))
             continue
         for case in cases:
             mode, shape, amp = CASES[case]

@@ -1,14 +1,16 @@
 """mmtwins against timm, mmsegmentation and mmpretrain: same weights, same outputs, then speed and
 memory side by side in one run.
 
-    python tools/analysis_tools/compare_peers.py                       # PCPVT-S and SVT-S, default cases
-    python tools/analysis_tools/compare_peers.py --variants all --out peers.json --markdown peers.md
-    python tools/analysis_tools/compare_peers.py --cases coco          # 800x1344 training, with_cp too
-    python tools/analysis_tools/compare_peers.py --short               # agreement + one quick timing (CI)
-    python tools/analysis_tools/compare_peers.py --cases train512 --kernels   # + time by kernel category
-    python tools/analysis_tools/compare_peers.py --cases train512 --keep-freed-memory  # no page faults
-    python tools/analysis_tools/compare_peers.py --device cuda --cases amp-infer512 amp-train512
-    python tools/analysis_tools/compare_peers.py --device cuda --cases train512 --batch 16
+    T=tools/analysis_tools/compare_peers.py
+    python $T                                    # PCPVT-S and SVT-S, default cases
+    python $T --variants all --out peers.json --markdown peers.md
+    python $T --cases coco                       # 800x1344 training, with_cp too
+    python $T --short                            # agreement + one quick timing (CI)
+    python $T --cases train512 --kernels         # + time by kernel category
+    python $T --cases train512 --rounds 5        # 5 sets of fresh processes
+    python $T --cases train512 --keep-freed-memory    # no page faults
+    python $T --device cuda --cases amp-infer512 amp-train512
+    python $T --device cuda --cases train512 --batch 16
 
 Cases: inference at 224x224 batch 8 and 512x512 batch 2, one training step at 512x512 batch 2
 (fp32), autocast inference (mmtwins against its own fp32) and, on request, autocast inference
@@ -38,6 +40,11 @@ def parse_args(argv=None):
                    'steps to settle (measured: the '
                    "peers' first 3-4 training steps at 512x512 are slower than the later ones)")
     p.add_argument('--repeats', type=int, default=7, help='timed steps per implementation')
+    p.add_argument('--rounds', type=int, default=1,
+                   help='run every case this many times, each with fresh worker processes, and '
+                   "report the median of the rounds and the speed-up's spread over them: a "
+                   "process's speed depends on its memory allocator's state, which differs "
+                   'from one process to the next')
     p.add_argument('--cases', nargs='+', choices=list(P.CASES), default=list(P.DEFAULT_CASES),
                    help=f'cases to run (default: {" ".join(P.DEFAULT_CASES)})')
     p.add_argument('--batch', type=int,
@@ -67,7 +74,10 @@ def main(argv=None):
     if args.keep_freed_memory:
         P.keep_freed_memory()  # before the workers spawn: glibc reads it at process start
     peers = args.peers or P.available_peers()
+    if args.rounds < 1:
+        raise SystemExit(f'--rounds must be >= 1, got {args.rounds}')
     kw = dict(peers=peers, device=args.device, warmup=args.warmup, repeats=args.repeats,
+              rounds=args.rounds,
               memory=not args.no_memory, kernels=args.kernels,
               amp_dtype=AMP_DTYPES.get(args.amp_dtype))
     machine, code = P.machine_info(args.device), P.code_version()
