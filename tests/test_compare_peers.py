@@ -202,7 +202,7 @@ def test_rounds_start_fresh_processes_and_report_the_median_and_the_spread(monke
         compare_case('svt', 'small', 'infer', (1, 3, 64, 64), peers=[], rounds=0)
 
 
-def test_rounds_option_reaches_every_case_but_the_short_one(monkeypatch, capsys):
+def test_rounds_option_reaches_every_case_but_the_short_one(monkeypatch):
     tool = analysis_tool('compare_peers')
     planned = []
     monkeypatch.setattr(peers, 'run_plan', lambda jobs, *a, **k: planned.append(jobs))
