@@ -69,12 +69,9 @@ def _mlp_chunks(x: torch.Tensor, norm: Optional[_Norm], w1, b1, w2, b2, rows: Op
         h = F.linear(xc, w1, b1)
         if keep is not None:
             keep.append(h)
-            a = F.gelu(h)
-        else:  # h is needed no more: activated in place, in cache, without a second buffer
-            a = torch.ops.aten.gelu_(h)
         if out is None:
-            return F.linear(a, w2, b2)
-        torch.addmm(b2, a, w2.t(), out=out[s:e])
+            return F.linear(F.gelu(h), w2, b2)
+        torch.addmm(b2, F.gelu(h), w2.t(), out=out[s:e])
     return out
 
 
