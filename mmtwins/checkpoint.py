@@ -268,7 +268,7 @@ class LoadReport:
 
 
 def load_twins_checkpoint(model: nn.Module,
-                          checkpoint: Union[str, dict],
+                          checkpoint: Union[str, os.PathLike, dict],
                           prefix: Optional[str] = None,
                           strict: bool = False,
                           logger: Optional[MMLogger] = None) -> LoadReport:
@@ -294,6 +294,8 @@ def load_twins_checkpoint(model: nn.Module,
     Raises:
         FileNotFoundError, CheckpointError: unreadable file, unknown layout, another variant.
     """
+    if isinstance(checkpoint, os.PathLike):
+        checkpoint = os.fspath(checkpoint)
     source = checkpoint if isinstance(checkpoint, str) else 'the given state dict'
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     sd, _ = unwrap_state_dict(ckpt, prefix)

@@ -1,4 +1,6 @@
 """One loader for every Twins checkpoint layout, proven numerically against the peers."""
+import argparse
+import pickle
 import re
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import torch
 
 from mmtwins.analysis.peers import randomize_parameters_
 from mmtwins.checkpoint import (CheckpointError, convert_checkpoint, convert_state_dict,
-                                detect_layout, load_twins_checkpoint)
+                                detect_layout, load_twins_checkpoint, read_checkpoint)
 from mmtwins.models import PCPVT, SVT
 
 from conftest import TINY_SVT
@@ -164,6 +166,20 @@ def test_missing_file():
         load_twins_checkpoint(SVT(arch=TINY_SVT), '/no/such.pth')
 
 
+def test_a_training_checkpoint_with_pickled_objects_is_read(tmp_path):
+    """A file torch's weights-only loader refuses (mmengine pickles its message hub and the
+    like beside the weights) is read in full: the user named it for their own model."""
+    path = tmp_path / 'epoch_1.pth'
+    src = randomize_parameters_(SVT(arch=TINY_SVT))
+    torch.save({'state_dict': src.state_dict(), 'meta': argparse.Namespace(epoch=1)}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    assert read_checkpoint(str(path))['meta'].epoch == 1
+    model = SVT(arch=TINY_SVT)
+    load_twins_checkpoint(model, path, strict=True)  # a pathlib.Path as well as a str
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in src.state_dict().items())
+
+
 def test_truncated_file(tmp_path):
     path = tmp_path / 'full.pth'
     torch.save(SVT(arch=TINY_SVT).state_dict(), path)
@@ -192,6 +208,27 @@ def test_strict_reports_by_name():
     with pytest.raises(CheckpointError,
                        match=r'MISSING from the checkpoint: blocks\.1\.0\.mlp\.fc1\.bias'):
         load_twins_checkpoint(SVT(arch=TINY_SVT), sd, strict=True)
+
+
+def test_strict_refuses_unused_keys_by_name():
+    sd = SVT(arch=TINY_SVT).state_dict()
+    sd['blocks.1.0.attn.extra'] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r'UNEXPECTED in the checkpoint \(not used\): '
+                                              r'blocks\.1\.0\.attn\.extra'):
+        load_twins_checkpoint(SVT(arch=TINY_SVT), sd, strict=True)
+
+
+def test_ddp_module_prefix_is_stripped_and_an_unmatched_prefix_refused():
+    """A state dict saved from a DistributedDataParallel model (``module.backbone.*``) loads
+    as the detector's own; a prefix under which nothing lies is an error, not an empty load."""
+    src = randomize_parameters_(SVT(arch=TINY_SVT))
+    ckpt = {'state_dict': {f'module.backbone.{k}': v for k, v in src.state_dict().items()}}
+    model = SVT(arch=TINY_SVT)
+    report = load_twins_checkpoint(model, ckpt, prefix='backbone.', strict=True)
+    assert len(report.loaded) == len(src.state_dict())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in src.state_dict().items())
+    with pytest.raises(CheckpointError, match="no tensors under prefix 'neck.'"):
+        load_twins_checkpoint(SVT(arch=TINY_SVT), ckpt, prefix='neck')
 
 
 def test_authors_dense_svt_loads_its_per_stage_norms_not_the_classifier_norm():

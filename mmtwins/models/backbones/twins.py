@@ -47,8 +47,10 @@ class Twins(BaseModule):
         attn_drop_rate (float): Dropout on attention weights.
         drop_path_rate (float): Stochastic depth, increasing linearly over all blocks up to this
             value; applied once per residual branch.
-        frozen_stages (int): Stages ``0..frozen_stages`` are frozen (eval mode, no gradient);
-            -1 freezes nothing.
+        frozen_stages (int): Stages ``0..frozen_stages``, each with its patch embedding, PEG
+            and stage norm, are frozen (eval mode, no gradient); -1 freezes nothing. Counted as
+            in mmpretrain's backbones: mmdet's ResNet and Swin freeze their stem and
+            ``frozen_stages`` stages, so their ``frozen_stages=k`` is ``k - 1`` here.
         with_cp (bool): Gradient checkpointing (less memory, more compute): each patch
             embedding and each block, with its stage's PEG and norm, keeps only its input for
             backward and runs again there; the blocks' MLPs also recompute their hidden
@@ -174,8 +176,7 @@ class Twins(BaseModule):
             initialize(self, others)
         for cfg in cfgs:
             if cfg['type'] == 'Pretrained':
-                load_twins_checkpoint(self, os.fspath(cfg['checkpoint']),
-                                      prefix=cfg.get('prefix'),
+                load_twins_checkpoint(self, cfg['checkpoint'], prefix=cfg.get('prefix'),
                                       logger=MMLogger.get_current_instance())
         self._is_init = True
 
