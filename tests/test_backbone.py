@@ -91,20 +91,34 @@ def test_bad_out_indices(bad):
         SVT(arch=TINY_SVT, out_indices=bad)
 
 
-def test_frozen_stages():
-    model = PCPVT(arch=TINY_PCPVT, frozen_stages=1, drop_rate=0.5)
+@pytest.mark.parametrize('cls,arch', [(PCPVT, TINY_PCPVT), (SVT, TINY_SVT)])
+def test_frozen_stages(cls, arch):
+    model = cls(arch=arch, frozen_stages=1, drop_rate=0.5)
     model.train()
+    stage_of = {}
     for i in range(4):
         frozen = i <= 1
-        for m in (model.patch_embeds[i], model.blocks[i], model.pos_block[i]):
+        mods = [model.patch_embeds[i], model.blocks[i], model.pos_block[i]]
+        mods += [model.stage_norms[str(i)]] if cls is SVT else []  # SVT: a norm after each
+        for m in mods:
             assert all(p.requires_grad != frozen for p in m.parameters())
             assert all(sub.training != frozen for sub in m.modules())
+            stage_of.update({id(p): i for p in m.parameters()})
+    assert set(stage_of) == {id(p) for p in model.parameters()}
+    # An optimiser step over every parameter, as mmengine's constructor builds it (weight decay
+    # included), leaves the frozen stages' weights alone.
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), weight_decay=0.05)
+    sum(o.sum() for o in model(torch.randn(2, 3, 64, 64))).backward()
+    opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b) == (stage_of[id(p)] <= 1)
     with pytest.raises(ValueError, match='frozen_stages'):
-        PCPVT(arch=TINY_PCPVT, frozen_stages=4)
+        cls(arch=arch, frozen_stages=4)
     # Only the stages out_indices builds can be frozen.
     with pytest.raises(ValueError,
                        match=r'\[-1, 1\] \(the stages built for out_indices \(1,\)\), got 2'):
-        PCPVT(arch=TINY_PCPVT, out_indices=(1, ), frozen_stages=2)
+        cls(arch=arch, out_indices=(1, ), frozen_stages=2)
 
 
 def test_drop_path_once_per_residual_branch():
@@ -141,6 +155,22 @@ def test_drop_path_keeps_or_drops_each_branch_whole_scaled_once():
     which = [[torch.allclose(o, c[i], atol=1e-5) for c in cases] for i, o in enumerate(out)]
     assert all(sum(w) == 1 for w in which)
     assert {w.index(True) for w in which} == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize('cls', [GlobalSubsampledAttention, LocallyGroupedAttention])
+def test_attn_drop_rate_drops_attention_weights_in_training_only(cls):
+    model = SVT(arch=TINY_SVT, attn_drop_rate=0.5)
+    attn = next(b.attn for s in model.blocks for b in s if isinstance(b.attn, cls))
+    assert {b.attn.attn_drop for s in model.blocks for b in s} == {0.5}
+    x, hw = torch.randn(2, 16 * 16, 16), (16, 16)
+    attn.eval()
+    ref = attn(x, hw)
+    assert torch.equal(attn(x, hw), ref)
+    attn.train()
+    a, b = attn(x, hw), attn(x, hw)
+    assert not torch.allclose(a, ref, atol=1e-3) and not torch.allclose(a, b, atol=1e-3)
+    attn.attn_drop = 0.
+    torch.testing.assert_close(attn(x, hw), ref)
 
 
 def test_drop_path_rate_applies_stochastic_depth_in_training_only():

@@ -164,7 +164,11 @@ def test_train_and_evaluate_top1(trained):
     ours, images = trained['top1']
     assert images == 6  # 3 classes x 2 held-out images
     assert top1 == pytest.approx(ours, abs=1e-4)
-    assert os.path.isfile(trained['work_dir'] / 'epoch_1.pth')
+    # Every trainable parameter took the 3 optimiser steps.
+    ckpt = torch.load(trained['work_dir'] / 'epoch_1.pth', map_location='cpu', weights_only=False)
+    state = ckpt['optimizer']['state']
+    assert len(state) == len(ckpt['state_dict'])
+    assert {s['step'].item() for s in state.values()} == {3}
     pngs = plot_logs([str(trained['work_dir'])], str(trained['work_dir'] / 'plots'))
     names = sorted(os.path.basename(p) for p in pngs)
     assert names == ['accuracy_top1.png', 'loss.png', 'lr.png']

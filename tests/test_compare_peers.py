@@ -16,7 +16,10 @@ from probes import analysis_tool
 
 from mmtwins.analysis import peers
 from mmtwins.analysis.peers import (CATEGORY_NAMES, PEERS, Entry, _Workers, available_peers,
-                                    compare_case, format_markdown, kernel_breakdown)
+                                    compare_case, format_markdown, kernel_breakdown,
+                                    randomize_parameters_)
+from mmtwins.checkpoint import convert_state_dict, load_twins_checkpoint
+from mmtwins.models.layers import Mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +37,32 @@ def test_every_peer_computes_mmtwins_function_in_float64(peer):
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
     assert peers.max_abs_diff_with_peer(peers.build_impl(peer, 'svt', 'small'), 'svt', 'small',
                                         x) < 1e-9
+
+
+@pytest.mark.parametrize('family', ['pcpvt', 'svt'])
+def test_gradients_equal_timms_in_float64(family):
+    """mmtwins' own backward code (the chunked MLP's autograd function, in many chunks here, and
+    the token-major gradient layout) against timm's plain autograd: the input's gradient and
+    every parameter's, mapped to mmtwins' names by the checkpoint converter."""
+    torch.manual_seed(0)
+    peer = randomize_parameters_(peers.build_impl('timm', family, 'small')).double().train()
+    ours = peers.build_impl('mmtwins', family, 'small').double().train()
+    load_twins_checkpoint(ours, peer.model.state_dict(), logger='silent')
+    for m in ours.modules():
+        if isinstance(m, Mlp):
+            m.chunk_elems = 1 << 16  # 128-256 token rows per chunk: 13-25 chunks in stage 0
+    x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = [ours(inputs[0]), peer(inputs[1])]
+    weights = [torch.randn_like(o) for o in outs[0]]  # a loss that weighs every output apart
+    for o in outs:
+        sum((a * w).sum() for a, w in zip(o, weights)).backward()
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=1e-9, atol=1e-12)
+    grads, head = convert_state_dict({n: p.grad for n, p in peer.model.named_parameters()
+                                      if p.grad is not None}, 'authors')
+    assert not head and set(grads) == {n for n, _ in ours.named_parameters()}
+    for n, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-9, atol=1e-12, msg=n)
 
 
 def test_autocast_cosine_is_exact_on_outputs_autocast_leaves_alone():

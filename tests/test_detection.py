@@ -12,6 +12,7 @@ from mmengine.registry import DefaultScope
 
 from mmtwins.apis import apply_tta, build_runner
 from mmtwins.apis.test import add_dump_metric
+from mmtwins.models.layers import PositionEncodingGenerator
 
 from coco_toy import (CLASSES, IMG_H, IMG_W, REPO, coco_stats, load_tiny_config, make_coco_toy,
                       write_tiny_det_config)
@@ -121,14 +122,16 @@ def test_weight_decay_exemptions_hit_real_parameters(name, no_default_init):
     exempt = {n for n, p in model.named_parameters() if group_of[id(p)]['weight_decay'] == 0}
     decayed = {n for n, p in model.named_parameters() if group_of[id(p)]['weight_decay'] == decay}
     assert exempt | decayed == {n for n, _ in model.named_parameters()}
-    pos = {n for n in exempt if '.pos_block.' in n}
-    norms = {n for n in exempt if '.norm' in n or 'stage_norms' in n}
-    depth = sum(model.backbone.arch_settings['depths'])
-    assert len(pos) == 2 * 4  # weight and bias of every stage's PEG conv
-    assert {f'backbone.blocks.0.0.norm1.{w}' for w in ('weight', 'bias')} <= norms
-    assert len({n for n in norms if '.norm1.' in n or '.norm2.' in n}) == 4 * depth
-    assert exempt == pos | norms
+    # Exactly the parameters of the LayerNorms (blocks', patch embeddings', GSA's sub-sampling
+    # and, in SVT, the stages') and of the PEGs, found by module type: all in the backbone.
+    expected = {f'{mod_name}.{p}' for mod_name, mod in model.named_modules()
+                if isinstance(mod, (torch.nn.LayerNorm, PositionEncodingGenerator))
+                for p, _ in mod.named_parameters()}
+    assert exempt == expected
     assert all(n.startswith('backbone.') for n in exempt)  # heads and FPN keep weight decay
+    depth = sum(model.backbone.arch_settings['depths'])
+    assert len({n for n in exempt if '.pos_block.' in n}) == 2 * 4  # PEG conv weight, bias x 4
+    assert len({n for n in exempt if '.norm1.' in n or '.norm2.' in n}) == 4 * depth
     assert 'backbone.blocks.0.0.mlp.fc1.weight' in decayed
 
 
