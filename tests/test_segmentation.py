@@ -115,7 +115,9 @@ def test_config_hyper_parameters_follow_the_paper(name):
 
 
 @pytest.mark.parametrize('name', [FPN, UPERNET])
-def test_weight_decay_exemptions_hit_position_encodings_and_norms(name):
+def test_weight_decay_as_the_papers_settings(name):
+    """The PVT setting (Semantic FPN) decays every parameter; the Swin setting (UperNet) exempts
+    the position encodings and LayerNorms."""
     cfg = _load(name)
     model = _build_model(cfg)
     wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
@@ -126,6 +128,10 @@ def test_weight_decay_exemptions_hit_position_encodings_and_norms(name):
         names = {param_name[id(p)] for p in group['params']}
         (exempt if group['weight_decay'] == 0 else decayed).update(names)
         assert group['weight_decay'] in (0, wd)
+    assert exempt | decayed == set(param_name.values())
+    if name == FPN:
+        assert not exempt
+        return
     # Exactly the parameters of the backbone's LayerNorms and PEGs, found by module type.
     expected = {f'{mod_name}.{p}' for mod_name, mod in model.named_modules()
                 if isinstance(mod, (torch.nn.LayerNorm, PositionEncodingGenerator))
@@ -133,8 +139,7 @@ def test_weight_decay_exemptions_hit_position_encodings_and_norms(name):
     assert exempt == expected
     assert len({n for n in exempt if '.pos_block.' in n}) == 2 * 4  # PEG conv weight, bias x 4
     kinds = {n.split('.')[1] for n in exempt}  # patch_embeds, blocks, pos_block, stage_norms
-    assert kinds == ({'patch_embeds', 'blocks', 'pos_block'}
-                     | ({'stage_norms'} if 'svt' in name else set()))
+    assert kinds == {'patch_embeds', 'blocks', 'pos_block'}  # PCPVT: no stage norms
     assert any(n.startswith('decode_head.') for n in decayed)
 
 
