@@ -63,6 +63,24 @@ def test_toy_data_layouts_agree_and_are_deterministic(tmp_path):
             assert abs(pixels - ann['area']) <= 0.1 * ann['area'] + 2 * (w + h)
 
 
+def test_a_smaller_toy_set_replaces_a_larger_one(tmp_path):
+    """mmseg reads every image of a split folder, so a second, smaller set written to the same
+    place leaves none of the first's extra images or label maps; other files stay."""
+    make_toy_data(str(tmp_path), num_train=6, num_val=3, seed=0)
+    ade = tmp_path / 'ade' / 'ADEChallengeData2016'
+    (ade / 'images' / 'training' / 'notes.txt').write_text('mine')
+    make_toy_data(str(tmp_path), num_train=3, num_val=2, seed=0)
+    for folder, count in (('coco/train', 3), ('coco/val', 2),
+                          ('ade/ADEChallengeData2016/images/training', 3),
+                          ('ade/ADEChallengeData2016/annotations/training', 3),
+                          ('ade/ADEChallengeData2016/images/validation', 2),
+                          ('ade/ADEChallengeData2016/annotations/validation', 2)):
+        names = sorted(p.name for p in (tmp_path / folder).glob('*.[jp][pn]g'))
+        assert len(names) == count and names[-1][-7:-4] == f'{count:03d}', (folder, names)
+    assert (ade / 'images' / 'training' / 'notes.txt').read_text() == 'mine'
+    assert len(_read_coco(tmp_path, 'train')['images']) == 3
+
+
 def test_list_images_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match='no image file or folder'):
         list_images([str(tmp_path / 'missing.jpg')])

@@ -26,7 +26,9 @@ import argparse
 import colorsys
 import json
 import math
+import os
 import os.path as osp
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -160,6 +162,15 @@ def toy_data_paths(out_dir: str) -> Dict[str, str]:
                 ade=osp.join(out_dir, 'ade', 'ADEChallengeData2016'))
 
 
+def _remove_numbered_above(folder: str, pattern: str, count: int) -> None:
+    """Delete the files of ``folder`` whose names match ``pattern`` with a number (its group)
+    above ``count``: what an earlier, larger toy set left there. Other files stay."""
+    for name in os.listdir(folder):
+        match = re.fullmatch(pattern, name)
+        if match and int(match.group(1)) > count:
+            os.remove(osp.join(folder, name))
+
+
 def make_toy_data(out_dir: str, num_train: int = 400, num_val: int = 100, size: int = 128,
                   seed: int = 0) -> Dict[str, str]:
     """Write the toy data set under ``out_dir`` in both layouts (see the module doc).
@@ -182,11 +193,14 @@ def make_toy_data(out_dir: str, num_train: int = 400, num_val: int = 100, size: 
     jobs = [(split, i) for split in SPLITS for i in range(1, counts[split] + 1)]
     shapes: Dict[str, List[List[Shape]]] = {split: [] for split in SPLITS}
     for split, (ade_split, _) in SPLITS.items():
-        for sub in (osp.join(paths['coco'], COCO_IMG_DIR.format(split=split)),
-                    osp.dirname(osp.join(paths['coco'], COCO_ANN_FILE.format(split=split))),
-                    osp.join(paths['ade'], 'images', ade_split),
-                    osp.join(paths['ade'], 'annotations', ade_split)):
-            mkdir_or_exist(sub)
+        mkdir_or_exist(osp.dirname(osp.join(paths['coco'], COCO_ANN_FILE.format(split=split))))
+        # mmseg lists every image of a split folder: a larger earlier set's are removed.
+        for folder, pattern in (
+                (osp.join(paths['coco'], COCO_IMG_DIR.format(split=split)), r'(\d{6})\.jpg'),
+                (osp.join(paths['ade'], 'images', ade_split), rf'ADE_{split}_(\d{{8}})\.jpg'),
+                (osp.join(paths['ade'], 'annotations', ade_split), rf'ADE_{split}_(\d{{8}})\.png')):
+            mkdir_or_exist(folder)
+            _remove_numbered_above(folder, pattern, counts[split])
     print(f'writing {num_train} + {num_val} toy images ({size}x{size}) to {out_dir}')
     for split, i in track_iter_progress(jobs):
         ade_split, split_seed = SPLITS[split]
