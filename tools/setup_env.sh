@@ -6,7 +6,9 @@
 #
 # mmcv 2.1.0 has no wheel for torch 2.13: it is built once from source with its compiled ops
 # (about 12 minutes on 2 cores) and the wheel is cached in $MMTWINS_WHEEL_CACHE
-# (default ~/.cache/mmtwins/wheels), outside the work tree, for every later set-up.
+# (default ~/.cache/mmtwins/wheels), outside the work tree, for every later set-up with the same
+# torch version (CPU or CUDA build) and Python: a folder per torch version, the Python's tag in
+# the wheel's name.
 # A stamp file makes a re-run that has nothing to do take a second.
 set -euo pipefail
 
@@ -41,7 +43,10 @@ pip install -q -c "$constraints" 'setuptools' wheel ninja 'numpy' packaging
 pip install -q -c "$constraints" torch torchvision
 
 mmcv_version=$(sed -n 's/^mmcv==//p' "$constraints")
-mmcv_wheel=$(ls "$wheels"/mmcv-"$mmcv_version"-*.whl 2>/dev/null | head -n1 || true)
+# The compiled ops hold torch's C++ ABI: a torch pin change must not reuse an older build.
+wheels=$wheels/torch-$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
+py_tag=$("$venv/bin/python" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+mmcv_wheel=$(ls "$wheels"/mmcv-"$mmcv_version"-"$py_tag"-*.whl 2>/dev/null | head -n1 || true)
 if [[ -z $mmcv_wheel ]]; then
     log "building mmcv $mmcv_version with ops from source into $wheels (about 12 minutes, once)"
     mkdir -p "$wheels"
@@ -54,7 +59,7 @@ if [[ -z $mmcv_wheel ]]; then
     [[ -n $built ]] || { log "mmcv build failed (see above)"; rm -rf "$tmp"; exit 1; }
     mv "$built" "$wheels/"   # atomic within one file system: no half-written wheel is ever cached
     rm -rf "$tmp"
-    mmcv_wheel=$(ls "$wheels"/mmcv-"$mmcv_version"-*.whl | head -n1)
+    mmcv_wheel=$(ls "$wheels"/mmcv-"$mmcv_version"-"$py_tag"-*.whl | head -n1)
 fi
 
 log "installing mmcv, the OpenMMLab stack and mmtwins (editable)"
