@@ -9,6 +9,7 @@ import copy
 import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -157,8 +158,35 @@ def test_model_mistakes_are_named_with_a_suggestion(override, message, tmp_path)
         preflight_check(cfg)
 
 
+def test_missing_pretrained_checkpoint_is_named_with_the_fix(tmp_path):
+    cfg = with_data_root(seg_config(), make_ade_dirs(tmp_path / 'ade'))
+    with pytest.raises(ConfigError, match=re.escape(
+            "model.backbone.init_cfg.checkpoint: file 'checkpoints/twins/alt_gvt_small.pth' "
+            'does not exist (point it at the weights with --cfg-options '
+            'model.backbone.init_cfg.checkpoint=PATH, or train from scratch with --cfg-options '
+            'model.backbone.init_cfg=None;')):
+        preflight_check(cfg)
+    listed = seg_config(init_cfg=[dict(type='Normal', layer='Linear'),
+                                  dict(type='Pretrained', checkpoint=str(tmp_path / 'no.pth'))])
+    [problem] = check_model(listed)
+    assert problem.startswith(f"model.backbone.init_cfg[1].checkpoint: file "
+                              f"'{tmp_path / 'no.pth'}' does not exist")
+    assert 'train from scratch with --cfg-options model.backbone.init_cfg[1]=None' in problem
+    for fine in (None, dict(type='Pretrained', checkpoint='https://example.org/svt_s.pth')):
+        assert check_model(seg_config(init_cfg=fine)) == []
+
+
+def test_mmseg_model_pretrained_is_named_with_the_fix():
+    cfg = seg_config(init_cfg=None)
+    cfg.model.pretrained = 'svt_s.pth'
+    assert check_model(cfg) == [
+        "model.pretrained: SVT has no 'pretrained' argument, to which mmseg passes it; load the "
+        "weights with model.backbone.init_cfg=dict(type='Pretrained', checkpoint='svt_s.pth') "
+        'and set model.pretrained=None']
+
+
 def test_missing_data_root_is_named_with_the_fix():
-    cfg = with_data_root(seg_config(), '/nonexistent/ADEChallengeData2016')
+    cfg = with_data_root(seg_config(init_cfg=None), '/nonexistent/ADEChallengeData2016')
     with pytest.raises(ConfigError) as err:
         preflight_check(cfg)
     msg = str(err.value)
@@ -178,7 +206,10 @@ def test_missing_image_directory_is_named(tmp_path):
 
 
 def test_a_correct_config_passes(tmp_path):
-    cfg = with_data_root(seg_config(), make_ade_dirs(tmp_path / 'ade'))
+    weights = tmp_path / 'svt_s.pth'
+    weights.touch()
+    cfg = with_data_root(seg_config(init_cfg=dict(type='Pretrained', checkpoint=str(weights))),
+                         make_ade_dirs(tmp_path / 'ade'))
     # No problem found by either half of the check, and nothing raised or returned.
     assert check_model(cfg) == [] and check_data(cfg) == []
     assert preflight_check(cfg) is None

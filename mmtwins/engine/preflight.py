@@ -1,9 +1,10 @@
 """Check a config before any model or dataset is built, with errors that say how to fix it.
 
-MMEngine reports an unknown registry name or argument, a missing data directory or a broken
-annotation file only when it builds the object, with a message that names neither the config key
-nor a fix. :func:`preflight_check` finds these first and raises one :class:`ConfigError` listing
-every problem, each with its config key and, where one exists, a suggestion::
+MMEngine reports an unknown registry name or argument, a missing data directory, a broken
+annotation file or a missing pretrained checkpoint only when it builds or initialises the object,
+with a message that names neither the config key nor a fix. :func:`preflight_check` finds these
+first and raises one :class:`ConfigError` listing every problem, each with its config key and,
+where one exists, a suggestion::
 
     model.backbone.type: 'mmtwins.SVTT' is not a registered model; did you mean 'mmtwins.SVT'?
     train_dataloader.dataset.data_root: directory 'data/ade' does not exist; ...
@@ -30,8 +31,8 @@ class ConfigError(ValueError):
 
 
 def preflight_check(cfg: Config) -> None:
-    """Check ``cfg``'s model (registered types, arguments, ``arch`` names) and the data of its
-    dataloaders (directories, annotation files).
+    """Check ``cfg``'s model (registered types, arguments, ``arch`` names, ``Pretrained``
+    checkpoint files) and the data of its dataloaders (directories, annotation files).
 
     Raises:
         ConfigError: listing every problem found, each with its config key.
@@ -57,7 +58,44 @@ def check_model(cfg: Config) -> List[str]:
         for i, comp in enumerate(sub if isinstance(sub, (list, tuple)) else [sub]):
             key = f'model.{part}' + (f'[{i}]' if isinstance(sub, (list, tuple)) else '')
             if isinstance(comp, dict) and 'type' in comp:
-                problems += _check_component(key, comp)
+                problems += _check_component(key, comp) + _check_pretrained(key, comp)
+    return problems + _check_model_pretrained(model)
+
+
+def _check_model_pretrained(model: dict) -> List[str]:
+    """mmseg's segmentors hand ``model.pretrained`` to the backbone as ``pretrained=``, which a
+    backbone without that argument (mmtwins') refuses when it is built."""
+    backbone = model.get('backbone')
+    if (model.get('pretrained') is None or not isinstance(backbone, dict)
+            or not isinstance(backbone.get('type'), str)):
+        return []
+    with MODELS.switch_scope_and_registry(None) as registry:
+        cls = registry.get(backbone['type'])
+    accepted = None if cls is None else _accepted_args(cls)
+    if accepted is None or 'pretrained' in accepted:
+        return []
+    return [f"model.pretrained: {cls.__name__} has no 'pretrained' argument, to which mmseg "
+            "passes it; load the weights with model.backbone.init_cfg=dict(type='Pretrained', "
+            f"checkpoint={model['pretrained']!r}) and set model.pretrained=None"]
+
+
+def _check_pretrained(key: str, comp: dict) -> List[str]:
+    """A ``Pretrained`` initialiser whose checkpoint is a local path with no file: training
+    would stop at ``init_weights``, after the data and the optimizer are built."""
+    init_cfg = comp.get('init_cfg')
+    listed = isinstance(init_cfg, (list, tuple))
+    problems = []
+    for i, init in enumerate(init_cfg if listed else [init_cfg]):
+        if not (isinstance(init, dict) and init.get('type') == 'Pretrained'):
+            continue
+        path = init.get('checkpoint')
+        if isinstance(path, str) and '://' not in path and not osp.isfile(path):
+            sub = f'{key}.init_cfg' + (f'[{i}]' if listed else '')
+            problems.append(
+                f'{sub}.checkpoint: file {path!r} does not exist (point it at the weights with '
+                f'--cfg-options {sub}.checkpoint=PATH, or train from scratch with --cfg-options '
+                f"{sub}=None; mmtwins' configs name the ImageNet weights in "
+                'configs/_base_/twins_imagenet.py)')
     return problems
 
 
