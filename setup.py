@@ -71,5 +71,9 @@ if __name__ == '__main__':
             ]
         },
         install_requires=read_requirements('requirements/runtime.txt'),
-        extras_require={'tests': read_requirements('requirements/tests.txt')},
+        extras_require={
+            'deploy': read_requirements('requirements/deploy.txt'),
+            'tests': (read_requirements('requirements/tests.txt')
+                      + read_requirements('requirements/deploy.txt')),
+        },
         zip_safe=False)

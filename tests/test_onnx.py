@@ -187,3 +187,24 @@ def test_label_mismatches_past_the_tolerance_fail_the_check(capsys):
     assert '5 labels differ (5.00e-04 of them)' in capsys.readouterr().out
     with pytest.raises(SystemExit, match='other labels than PyTorch for 2.00e-03 of the pixels'):
         check_agreement(labels(20))
+
+
+def test_missing_checkers_stop_the_tool_before_the_export(monkeypatch, tmp_path):
+    """Without onnxruntime, --verify stops with the install command before any model is loaded
+    (the config does not exist); without onnx, so does a plain export."""
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    gone = set()
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a: None if name in gone else find_spec(name, *a))
+    args = [str(tmp_path / 'missing.py'), '--shape', '64', '64']
+    gone.add('onnxruntime')
+    with pytest.raises(SystemExit, match=r'^onnxruntime not installed, needed to check the '
+                       r'exported graph: pip install -e \.\[deploy\] \(or: pip install '
+                       r'onnxruntime\)$'):
+        pytorch2onnx(args + ['--verify'])
+    with pytest.raises(FileNotFoundError):  # no --verify: onnxruntime is not needed
+        pytorch2onnx(args)
+    gone.add('onnx')
+    with pytest.raises(SystemExit, match='^onnx not installed'):
+        pytorch2onnx(args)

@@ -13,7 +13,7 @@ from mmengine.config import DictAction
 from mmengine.utils import mkdir_or_exist
 
 from .export import export_onnx
-from .verify import non_default_domain_ops, verify_onnx
+from .verify import non_default_domain_ops, require_checkers, verify_onnx
 from .wrappers import build_export_module, load_model
 
 TOLERANCE = 1e-4
@@ -62,6 +62,7 @@ def verify_sizes(args: argparse.Namespace) -> List[Tuple[int, int, int]]:
 def main(argv: Optional[Sequence[str]] = None) -> str:
     """Export (and optionally verify); returns the ONNX file's path."""
     args = parse_args(argv)
+    require_checkers(runtime=args.verify is not None)
     model = load_model(args.config, args.checkpoint, args.cfg_options)
     module = build_export_module(model, args.backbone_only, args.seg_output)
     out = args.output_file or osp.join(

@@ -1,4 +1,5 @@
 """Check an exported graph: ONNX Runtime (CPU) against PyTorch, and its operator domains."""
+import importlib.util
 from typing import Dict, List, Sequence, Set
 
 import numpy as np
@@ -8,6 +9,20 @@ from .export import INPUT_NAME
 from .wrappers import ExportModule
 
 DEFAULT_DOMAINS = ('', 'ai.onnx')
+
+
+def require_checkers(runtime: bool) -> None:
+    """Stop before an export, with the command that installs them, when the packages that check
+    the graph are missing: ``onnx`` (the operator scan) and, with ``runtime``, ``onnxruntime``.
+
+    Raises:
+        SystemExit: naming the missing packages.
+    """
+    wanted = ('onnx', 'onnxruntime') if runtime else ('onnx', )
+    missing = [name for name in wanted if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f'{" and ".join(missing)} not installed, needed to check the exported '
+                         f'graph: pip install -e .[deploy] (or: pip install {" ".join(missing)})')
 
 
 def non_default_domain_ops(path: str) -> Set[str]:
