@@ -229,6 +229,11 @@ def test_rounds_start_fresh_processes_and_report_the_median_and_the_spread(monke
     assert json.loads(peers.to_json([res], {}))['cases'][0]['round_speedups'] == ups
     with pytest.raises(ValueError, match='rounds must be >= 1'):
         compare_case('svt', 'small', 'infer', (1, 3, 64, 64), peers=[], rounds=0)
+    # No peer (none installed): the rounds are kept and reported, with no speed-up to spread.
+    alone = peers.CaseResult('svt-small', 'infer', [1, 3, 64, 64], 'fp32',
+                             seconds={'mmtwins': 0.2}, round_seconds={'mmtwins': [0.2, 0.3]})
+    assert alone.round_speedups() == [] and 'rounds' not in peers.format_case(alone)
+    assert '(' not in format_markdown([alone]).split('| svt-small |')[1].split('\n')[0]
 
 
 def test_rounds_option_reaches_every_case_but_the_short_one(monkeypatch):

@@ -357,11 +357,11 @@ def minor_page_faults() -> Optional[int]:
 def _first_steps_peaks(step: Callable[[], None], dev: torch.device, steps: int
                        ) -> Tuple[Optional[float], Optional[float]]:
     """Run a fresh worker's first ``steps`` steps (>= 1); return the peak memory of the first
-    and of all of them, above the process's size before them (None where the peak RSS mark
-    cannot be reset)."""
+    and of all of them, above the process's size (CPU) or allocated memory (CUDA: the weights
+    and the input) before them (None where the peak RSS mark cannot be reset)."""
     with PeakMemory(dev) as before:
         pass
-    base = before.mb if dev.type == 'cpu' else 0.
+    base = before.mb
     with PeakMemory(dev) as peak:
         step()
         first = peak.read()
@@ -389,7 +389,7 @@ def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device
             if cmd == 'stop':
                 return
             if isinstance(cmd, tuple) and cmd[0] == 'peak':
-                conn.send(('ok', _first_steps_peaks(step, dev, cmd[1])))
+                result = _first_steps_peaks(step, dev, cmd[1])
             elif cmd == 'step':
                 faults = minor_page_faults()
                 start = time.perf_counter()
@@ -397,16 +397,20 @@ def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device
                 _sync(dev)
                 elapsed = time.perf_counter() - start
                 after = minor_page_faults()
-                conn.send(('ok', (elapsed, None if faults is None else after - faults)))
+                result = (elapsed, None if faults is None else after - faults)
             elif cmd == 'live':
-                conn.send(('ok', peak_live_mb(step)))
+                result = peak_live_mb(step)
             elif cmd == 'kernels':
-                conn.send(('ok', kernel_breakdown(step, dev)))
+                result = kernel_breakdown(step, dev)
             elif cmd == 'saved':
-                conn.send(('ok', saved_tensor_mb(model, x)))
+                result = saved_tensor_mb(model, x)
                 model.train(mode == 'train')
             else:
                 raise ValueError(f'unknown worker command {cmd!r}')
+            # Every command ends with its GPU work done: no kernel of it still runs when this or
+            # another worker starts a timer.
+            _sync(dev)
+            conn.send(('ok', result))
     except Exception:  # reported to the parent, which raises
         import traceback
         conn.send(('error', traceback.format_exc()))
@@ -538,11 +542,12 @@ class CaseResult:
 
     def round_speedups(self) -> List[float]:
         """The speed-up of each round, each from that round's fresh processes (empty for a
-        single round)."""
+        single round, and where a round has none: no peer to compare with)."""
         rounds = self.round_seconds.values()
         if min(map(len, rounds), default=0) < 2:
             return []
-        return [_speedup(dict(zip(self.round_seconds, ts))) for ts in zip(*rounds)]
+        ups = [_speedup(dict(zip(self.round_seconds, ts))) for ts in zip(*rounds)]
+        return [] if None in ups else ups
 
     def memory_ratio(self, kind: str = 'saved_mb') -> Optional[float]:
         """mmtwins' memory over the leanest peer's (< 1: mmtwins is leaner)."""
