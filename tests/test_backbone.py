@@ -9,7 +9,7 @@ from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAtten
 
 from conftest import TINY_PCPVT, TINY_SVT
 
-# Paper Table 1 parameters (millions), backbone + ImageNet head; ARCHITECTURES.md.
+# Paper Table 1 parameters (millions), backbone + ImageNet head.
 PAPER_PARAMS = {
     (PCPVT, 'small'): 24.1, (PCPVT, 'base'): 43.8, (PCPVT, 'large'): 60.9,
     (SVT, 'small'): 24.0, (SVT, 'base'): 56.0, (SVT, 'large'): 99.2,

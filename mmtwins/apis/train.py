@@ -28,7 +28,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
         help='resume from this checkpoint, or without a path from the latest checkpoint in the '
-        'work dir (model, optimizer, schedulers, iteration and random state)')
+        'work dir (model, optimizer, schedulers and iteration; the random generators are '
+        're-seeded, not restored)')
     add_common_args(parser)
     return parser.parse_args(argv)
 

@@ -73,7 +73,7 @@ def convert_classifier_checkpoint(src: str, dst: str) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('src', help='ImageNet checkpoint with its head (authors, timm, mmpretrain)')
     p.add_argument('dst', help='where to write the mmpretrain ImageClassifier checkpoint')
     return p.parse_args(argv)

@@ -19,7 +19,7 @@ from mmtwins.apis.config import warn_if_cpu_amp_is_emulated
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('config', help='config file')
     p.add_argument('--part', choices=PARTS, default='model',
                    help='time the whole network in tensor mode (default) or its backbone')

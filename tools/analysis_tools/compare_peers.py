@@ -29,7 +29,7 @@ from mmtwins.analysis.benchmark import AMP_DTYPES
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--variants', nargs='+', default=list(P.SMALL_VARIANTS),
                    help="e.g. svt-small pcpvt-base, or 'all' (default: the two small variants)")
     p.add_argument('--peers', nargs='+', default=None, help='default: every installed peer')

@@ -15,7 +15,7 @@ from mmtwins.analysis import (PARTS, build_model, count_complexity, default_inpu
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('config', help='config file')
     p.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
                    help="input height and width (default: the paper's size for the task)")

@@ -24,7 +24,7 @@ def plain(self, x, norm=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--against', default='plain', help="'plain' or a git revision")
     return add_step_args(p).parse_args(argv)
 

@@ -9,7 +9,7 @@ from mmtwins.analysis import plot_logs
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('logs', nargs='+', help='JSON logs (vis_data/TIMESTAMP.json) or work dirs')
     p.add_argument('--out-dir', default='plots', help='where the PNG files go')
     p.add_argument('--keys', nargs='+',

@@ -22,7 +22,7 @@ MODEL_FILES = sorted(str(p.relative_to(CHECKOUT))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--against', required=True, help='a git revision')
     p.add_argument('--files', nargs='+', default=MODEL_FILES,
                    help='modules to take from the revision (default: all of mmtwins/models)')

@@ -38,7 +38,7 @@ def math_arm(classes):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--where', choices=list(WHERE), default='gsa',
                    help='the attention that takes the math path in the second arm')
     return add_step_args(p).parse_args(argv)
