@@ -13,10 +13,10 @@ from mmengine.registry import DefaultScope
 
 from mmtwins.apis import apply_tta, build_runner
 from mmtwins.apis.test import add_dump_metric
-from mmtwins.models.layers import PositionEncodingGenerator
 
 from coco_toy import (CLASSES, IMG_H, IMG_W, REPO, coco_stats, load_tiny_config, make_coco_toy,
                       write_tiny_det_config)
+from probes import norm_and_peg_params, weight_decay_split
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 FAMILIES = {'pcpvt': 'PCPVT', 'svt': 'SVT'}
@@ -128,18 +128,10 @@ def test_config_has_paper_settings_and_builds(name, no_default_init):
 def test_weight_decay_exemptions_hit_real_parameters(name, no_default_init):
     cfg = _load(name)
     model = _build_model(cfg.model)
-    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-    decay = cfg.optim_wrapper.optimizer.weight_decay
-    group_of = {id(p): g for g in wrapper.optimizer.param_groups for p in g['params']}
-    exempt = {n for n, p in model.named_parameters() if group_of[id(p)]['weight_decay'] == 0}
-    decayed = {n for n, p in model.named_parameters() if group_of[id(p)]['weight_decay'] == decay}
-    assert exempt | decayed == {n for n, _ in model.named_parameters()}
+    exempt, decayed = weight_decay_split(model, build_optim_wrapper(model, cfg.optim_wrapper))
     # Exactly the parameters of the LayerNorms (blocks', patch embeddings', GSA's sub-sampling
-    # and, in SVT, the stages') and of the PEGs, found by module type: all in the backbone.
-    expected = {f'{mod_name}.{p}' for mod_name, mod in model.named_modules()
-                if isinstance(mod, (torch.nn.LayerNorm, PositionEncodingGenerator))
-                for p, _ in mod.named_parameters()}
-    assert exempt == expected
+    # and, in SVT, the stages') and of the PEGs: all in the backbone.
+    assert exempt == norm_and_peg_params(model)
     assert all(n.startswith('backbone.') for n in exempt)  # heads and FPN keep weight decay
     depth = sum(model.backbone.arch_settings['depths'])
     assert len({n for n in exempt if '.pos_block.' in n}) == 2 * 4  # PEG conv weight, bias x 4

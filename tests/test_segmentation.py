@@ -21,9 +21,9 @@ from PIL import Image
 
 from ade_toy import (REPO, load_config, make_ade_toy, miou_from_maps, read_label_maps,
                      tiny_seg_config)
+from probes import norm_and_peg_params, weight_decay_split
 from mmtwins.apis.runner import build_runner
 from mmtwins.apis.test import build_test_cfg, parse_args
-from mmtwins.models.layers import PositionEncodingGenerator
 
 FRAMEWORKS = {'fpn': ('80k', 80000), 'upernet': ('160k', 160000)}
 # The paper's Table 2, "Param (M)" as printed: Semantic FPN, UperNet.
@@ -120,23 +120,11 @@ def test_weight_decay_as_the_papers_settings(name):
     the position encodings and LayerNorms."""
     cfg = _load(name)
     model = _build_model(cfg)
-    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-    wd = cfg.optim_wrapper.optimizer.weight_decay
-    param_name = {id(p): n for n, p in model.named_parameters()}
-    exempt, decayed = set(), set()
-    for group in wrapper.optimizer.param_groups:
-        names = {param_name[id(p)] for p in group['params']}
-        (exempt if group['weight_decay'] == 0 else decayed).update(names)
-        assert group['weight_decay'] in (0, wd)
-    assert exempt | decayed == set(param_name.values())
+    exempt, decayed = weight_decay_split(model, build_optim_wrapper(model, cfg.optim_wrapper))
     if name == FPN:
         assert not exempt
         return
-    # Exactly the parameters of the backbone's LayerNorms and PEGs, found by module type.
-    expected = {f'{mod_name}.{p}' for mod_name, mod in model.named_modules()
-                if isinstance(mod, (torch.nn.LayerNorm, PositionEncodingGenerator))
-                for p, _ in mod.named_parameters()}
-    assert exempt == expected
+    assert exempt == norm_and_peg_params(model)  # the backbone's LayerNorms and PEGs
     assert len({n for n in exempt if '.pos_block.' in n}) == 2 * 4  # PEG conv weight, bias x 4
     kinds = {n.split('.')[1] for n in exempt}  # patch_embeds, blocks, pos_block, stage_norms
     assert kinds == {'patch_embeds', 'blocks', 'pos_block'}  # PCPVT: no stage norms

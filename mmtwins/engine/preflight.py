@@ -69,8 +69,7 @@ def _check_model_pretrained(model: dict) -> List[str]:
     if (model.get('pretrained') is None or not isinstance(backbone, dict)
             or not isinstance(backbone.get('type'), str)):
         return []
-    with MODELS.switch_scope_and_registry(None) as registry:
-        cls = registry.get(backbone['type'])
+    cls = _lookup(backbone['type'])[0]
     accepted = None if cls is None else _accepted_args(cls)
     if accepted is None or 'pretrained' in accepted:
         return []
@@ -103,13 +102,12 @@ def _check_component(key: str, comp: dict) -> List[str]:
     obj_type = comp.get('type')
     if not isinstance(obj_type, str):
         return []  # a class object given directly: nothing to look up
-    with MODELS.switch_scope_and_registry(None) as registry:
-        cls = registry.get(obj_type)
-        if cls is None:
-            hint = _did_you_mean(obj_type, _registered_names(registry))
-            return [f'{key}.type: {obj_type!r} is not a registered model in scope '
-                    f'{registry.scope!r}{hint}. If it comes from a plugin, add the plugin to '
-                    "custom_imports=dict(imports=[...])"]
+    cls, registry = _lookup(obj_type)
+    if cls is None:
+        hint = _did_you_mean(obj_type, _registered_names(registry))
+        return [f'{key}.type: {obj_type!r} is not a registered model in scope '
+                f'{registry.scope!r}{hint}. If it comes from a plugin, add the plugin to '
+                "custom_imports=dict(imports=[...])"]
     problems = []
     accepted = _accepted_args(cls)
     if accepted is not None:
@@ -123,6 +121,13 @@ def _check_component(key: str, comp: dict) -> List[str]:
         problems.append(f'{key}.arch: {cls.__name__} has no arch {arch!r}{hint} (choose one '
                         f'of {sorted(zoo)} or give a dict of custom settings)')
     return problems
+
+
+def _lookup(obj_type: str) -> Tuple[Optional[type], Registry]:
+    """The class registered as ``obj_type`` in the default scope's model registry (None if none)
+    and that registry."""
+    with MODELS.switch_scope_and_registry(None) as registry:
+        return registry.get(obj_type), registry
 
 
 def _accepted_args(cls) -> Optional[Set[str]]:
