@@ -1,4 +1,5 @@
 """The peer comparison tool's short mode (run in CI): mmtwins agrees with every installed peer."""
+import collections
 import contextlib
 import json
 import os
@@ -325,3 +326,29 @@ def test_batch_option_sets_every_cases_batch():
                                                   ('svt-small', 'train', (16, 3, 512, 512)),
                                                   ('svt-small', 'infer', (16, 3, 512, 512))]
     assert [j[3]['peers'] for j in jobs] == [['timm'], ['timm'], []]  # amp512: own fp32 only
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, 4, 5])
+def test_balanced_orders_give_every_position_and_predecessor_equally_often(n):
+    orders = peers.balanced_orders(n)
+    assert len(orders) == (2 * n if n % 2 else n)
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    positions = collections.Counter((o[k], k) for o in orders for k in range(n))
+    assert set(positions.values()) == {len(orders) // n}
+    follows = collections.Counter((o[k], o[k + 1]) for o in orders for k in range(n - 1))
+    assert len(follows) == n * (n - 1) and len(set(follows.values())) <= 1
+
+
+def test_interleaved_steps_take_the_balanced_orders_in_turn():
+    asked = []
+
+    class Recorder:
+        def ask(self, name, cmd):
+            asked.append(name)
+            return 0.1, 0
+
+    names = ['mmtwins', 'timm', 'mmseg', 'mmpretrain']
+    times = peers.interleaved_times(Recorder(), names, repeats=6)
+    orders = peers.balanced_orders(4)
+    assert asked == [names[i] for r in range(6) for i in orders[r % 4]]
+    assert {n: len(t) for n, t in times.items()} == dict.fromkeys(names, 6)

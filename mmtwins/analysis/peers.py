@@ -6,8 +6,8 @@ block norms with the authors' eps, :func:`_with_block_norm_eps`), so all four co
 function on maps of whole LSA windows; mmtwins is loaded with each peer's weights, every
 parameter randomised (through its own checkpoint loader), and must reproduce that peer's four
 stage maps at 224x224 (on the CPU and, for a GPU run, on the GPU in exact fp32) before anything
-is timed. Timings are interleaved (implementations take turns in rotating order) and the
-median of the repeats is reported.
+is timed. Timings are interleaved (implementations take turns, in orders where each follows
+every other equally often) and the median of the repeats is reported.
 
 A process's speed depends on its memory allocator's state, which differs from one process to
 the next (measured in docs/benchmarks.md: one SVT-S training step 1149 ms in one process and
@@ -485,15 +485,32 @@ class _Workers:
         return False
 
 
+def balanced_orders(n: int) -> List[List[int]]:
+    """Orders of ``range(n)`` (a Williams design): ``n`` of them for even ``n``, ``2n`` for odd
+    ``n`` (with their reverses), in which each index takes every position equally often and
+    directly follows every other index equally often, so no implementation always runs right
+    after the same one (whose cache and memory traffic it would inherit)."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [[(i + r) % n for i in first] for r in range(n)]
+    return orders + [o[::-1] for o in orders] if n % 2 else orders
+
+
 def interleaved_times(workers: _Workers, names: Sequence[str], repeats: int
                       ) -> Dict[str, List[Tuple[float, Optional[int]]]]:
-    """(seconds, minor page faults) of each step of each entry, taking turns in rotating
-    order."""
+    """(seconds, minor page faults) of each step of each entry, taking turns in the orders of
+    :func:`balanced_orders`, one per repeat."""
     names = list(names)
+    orders = balanced_orders(len(names))
     times = {n: [] for n in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(workers.ask(name, 'step'))
+        for i in orders[r % len(orders)]:
+            times[names[i]].append(workers.ask(names[i], 'step'))
     return times
 
 
@@ -583,7 +600,7 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
 
     Every entry runs in its own worker process (:class:`_Workers`): first ``warmup`` untimed
     steps (at least one), which give the peak memory of the first step and of all of them, then
-    ``repeats`` timed ones (in rotating order with the other entries if ``interleave``), then
+    ``repeats`` timed ones (taking turns with the other entries if ``interleave``), then
     the memory counts that profile a step. With ``rounds`` > 1 all of it but the agreement
     check and the memory counts runs again with fresh processes, ``rounds`` times in all.
 
