@@ -242,6 +242,7 @@ class LoadReport:
     unbuilt_stages: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     head: List[str] = field(default_factory=list)
+    final_norm: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f'loaded {len(self.loaded)} tensors of a {self.variant} checkpoint '
@@ -249,6 +250,9 @@ class LoadReport:
         if self.head:
             lines.append('dropped what only the ImageNet classifier uses: '
                          f'{", ".join(sorted(self.head))}')
+        if self.final_norm:
+            lines.append("loaded from the ImageNet classifier's final norm (norm.*, after the "
+                         f'last stage): {", ".join(self.final_norm)}')
         if self.expected_missing:
             lines.append('not in the checkpoint, trained from scratch as expected (stage-end '
                          f'norms of a dense model): {", ".join(sorted(self.expected_missing))}')
@@ -332,8 +336,13 @@ def load_twins_checkpoint(model: nn.Module,
         (unbuilt if m and int(m.group(1)) not in built else unused).append(k)
     # a stage norm after a stage the model has but does not normalise
     no_norm = [k for k in unused if stage_norm.match(k)]
+    # convert_state_dict makes a checkpoint's final norm the last stage's where the checkpoint
+    # has no per-stage norms of its own (else the final norm goes with the head)
+    final_norm = [k for k in sorted(to_load) if stage_norm.match(k)
+                  and f'norm.{k.rsplit(".", 1)[1]}' in sd
+                  and f'norm.{k.rsplit(".", 1)[1]}' not in head]
     report = LoadReport(
-        layout=layout, variant=variant, loaded=sorted(to_load),
+        layout=layout, variant=variant, loaded=sorted(to_load), final_norm=final_norm,
         missing=[k for k in absent if not stage_norm.match(k)],
         expected_missing=[k for k in absent if stage_norm.match(k)],
         unused_stage_norms=no_norm, unbuilt_stages=unbuilt,

@@ -102,6 +102,11 @@ def test_imagenet_checkpoint_into_dense_svt_reports_stage_norms_as_expected_miss
         ['stage_norms.0', 'stage_norms.1', 'stage_norms.2']
     assert 'stage_norms.3.weight' in report.loaded and not report.missing
     assert 'stage_norms.0.weight' in report.summary()
+    # the last stage's norm is the classifier's final norm, and the report says so
+    assert report.final_norm == ['stage_norms.3.bias', 'stage_norms.3.weight']
+    assert torch.equal(model.stage_norms['3'].weight, peer.state_dict()['norm.weight'])
+    assert ("loaded from the ImageNet classifier's final norm (norm.*, after the last stage): "
+            'stage_norms.3.bias, stage_norms.3.weight') in report.summary()
 
 
 def test_prefix_found_automatically_and_given(tmp_path):
@@ -243,6 +248,7 @@ def test_authors_dense_svt_loads_its_per_stage_norms_not_the_classifier_norm():
                                                           for k, v in sd.items()}}, strict=True)
     assert report.layout == 'authors' and report.head == ['norm.bias', 'norm.weight']
     assert not report.missing and not report.unexpected and not report.expected_missing
+    assert not report.final_norm  # its own norm_list.3, not the classifier's norm
     assert all(torch.equal(model.state_dict()[k], v) for k, v in src.state_dict().items())
 
 
