@@ -338,9 +338,9 @@ def load_twins_checkpoint(model: nn.Module,
     no_norm = [k for k in unused if stage_norm.match(k)]
     # convert_state_dict makes a checkpoint's final norm the last stage's where the checkpoint
     # has no per-stage norms of its own (else the final norm goes with the head)
-    final_norm = [k for k in sorted(to_load) if stage_norm.match(k)
-                  and f'norm.{k.rsplit(".", 1)[1]}' in sd
-                  and f'norm.{k.rsplit(".", 1)[1]}' not in head]
+    mapped = sd.keys() - head.keys()
+    final_norm = [k for k in sorted(to_load)
+                  if stage_norm.match(k) and 'norm.' + k.rsplit('.', 1)[1] in mapped]
     report = LoadReport(
         layout=layout, variant=variant, loaded=sorted(to_load), final_norm=final_norm,
         missing=[k for k in absent if not stage_norm.match(k)],

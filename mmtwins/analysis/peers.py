@@ -666,9 +666,7 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
                     peaks.setdefault(e.name, []).append(
                         workers.ask(e.name, ('peak', max(warmup, 1))))
                 times = interleaved_times(workers, [e.name for e in group], repeats)
-                for e in group:
-                    if rnd > 0:  # counted and profiled in the first round only
-                        break
+                for e in group if rnd == 0 else []:  # counted and profiled in round 1 only
                     if memory and mode == 'train' and not amp:
                         res.saved_mb[e.name] = workers.ask(e.name, 'saved')
                     if memory and mode == 'train' and dev.type == 'cpu':
