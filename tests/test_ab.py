@@ -1,4 +1,6 @@
 """The in-process A/B tools (mmtwins/analysis/ab.py, tools/analysis_tools/*_ab.py)."""
+import subprocess
+
 import pytest
 import torch
 from probes import CountOps, analysis_tool
@@ -6,6 +8,7 @@ from probes import CountOps, analysis_tool
 from mmtwins.analysis.ab import alternate, format_arms, module_at, patched, revision_arm
 from mmtwins.models.backbones import SVT
 from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention, PatchEmbed
+from mmtwins.models.layers.mlp import CHUNK_ELEMS
 from mmtwins.registry import MODELS
 
 
@@ -79,21 +82,56 @@ def test_module_at_loads_a_revision_beside_the_working_tree():
     assert MODELS.get('SVT') is SVT  # the revision registered nothing
 
 
-# The parent of d181e87, whose PatchEmbed still ran its conv on the NCHW input.
-BEFORE_CHANNELS_LAST = '2c49855'
+# embed.py as a revision of it might read, committed to a repository of its own by the fixture
+# below, so the test needs none of this checkout's history (a shallow clone has none): its
+# PatchEmbed runs the conv on the NCHW input as given, calls a helper of its own module and
+# returns a name imported relatively, and it registers itself (a decorator module_at drops).
+_REVISION_OF_EMBED = """
+from torch import nn
+
+from ...registry import MODELS
+from .mlp import CHUNK_ELEMS
 
 
-def test_revision_arm_runs_the_revision_methods_and_restores_the_working_tree():
+def _tokens(x):
+    return x.flatten(2).transpose(1, 2)
+
+
+@MODELS.register_module()
+class PatchEmbed(nn.Module):
+
+    def forward(self, x):
+        return self.norm(_tokens(self.proj(x))), CHUNK_ELEMS
+"""
+
+
+@pytest.fixture
+def revision_repo(tmp_path):
+    path = tmp_path / 'mmtwins/models/layers/embed.py'
+    path.parent.mkdir(parents=True)
+    path.write_text(_REVISION_OF_EMBED)
+    for args in (['init', '-q'], ['add', '.'],
+                 ['-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'revision']):
+        subprocess.run(['git', *args], cwd=tmp_path, check=True, capture_output=True)
+    return tmp_path
+
+
+def test_revision_arm_runs_the_revision_methods_and_restores_the_working_tree(revision_repo):
     embed = PatchEmbed(3, 16, 4)
     layouts = []
     embed.proj.register_forward_pre_hook(
         lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     img = torch.randn(1, 3, 16, 16)
-    expected = embed(img)[0]
-    with revision_arm(BEFORE_CHANNELS_LAST, ['mmtwins/models/layers/embed.py'])():
-        torch.testing.assert_close(embed(img)[0], expected)
-    embed(img)
+    expected, hw = embed(img)
+    with revision_arm('HEAD', ['mmtwins/models/layers/embed.py'], revision_repo)():
+        tokens, tag = embed(img)
+    torch.testing.assert_close(tokens, expected)
+    assert hw == (4, 4) and tag == CHUNK_ELEMS
+    assert embed(img)[1] == (4, 4)
     assert layouts == [True, False, True]
+    assert 'PatchEmbed' not in MODELS.module_dict
+    with pytest.raises(subprocess.CalledProcessError):
+        module_at('HEAD', 'mmtwins/models/layers/mlp.py', revision_repo)
 
 
 def test_revision_ab_tool_prints_both_arms(capsys):

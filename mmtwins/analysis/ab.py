@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import time
 import types
+from pathlib import Path
 from typing import Callable, ContextManager, Dict, List, Sequence
 
 import torch
@@ -48,16 +49,16 @@ def patched(owner, name: str, value) -> Callable[[], ContextManager]:
     return arm
 
 
-def module_at(rev: str, path: str) -> types.ModuleType:
+def module_at(rev: str, path: str, repo: Path = CHECKOUT) -> types.ModuleType:
     """The module ``path`` (e.g. ``'mmtwins/models/layers/mlp.py'``) as it is at git revision
-    ``rev``, loaded apart from the package: its relative imports resolve to the working tree's
-    modules and its registry decorators are dropped (the working tree's classes stay
-    registered).
+    ``rev`` of ``repo`` (this checkout by default), loaded apart from the package: its relative
+    imports resolve to the working tree's modules and its registry decorators are dropped (the
+    working tree's classes stay registered).
 
     Raises:
         subprocess.CalledProcessError: ``rev`` or ``path`` unknown to git.
     """
-    src = subprocess.run(['git', 'show', f'{rev}:{path}'], cwd=CHECKOUT, check=True,
+    src = subprocess.run(['git', 'show', f'{rev}:{path}'], cwd=repo, check=True,
                          capture_output=True, text=True).stdout
     package = path[:-len('.py')].replace('/', '.').split('.')[:-1]
 
@@ -72,8 +73,10 @@ def module_at(rev: str, path: str) -> types.ModuleType:
     return module
 
 
-def revision_arm(rev: str, paths: Sequence[str]) -> Callable[[], ContextManager]:
-    """An arm that runs the code of ``paths`` as it is at git revision ``rev``.
+def revision_arm(rev: str, paths: Sequence[str],
+                 repo: Path = CHECKOUT) -> Callable[[], ContextManager]:
+    """An arm that runs the code of ``paths`` as it is at git revision ``rev`` (of ``repo``, as
+    in :func:`module_at`).
 
     Every ``nn.Module`` class of those modules that the working tree also has gets the
     revision's methods (all but ``__init__``: the model is built once, by the working tree), and
@@ -82,7 +85,7 @@ def revision_arm(rev: str, paths: Sequence[str]) -> Callable[[], ContextManager]
     """
     swaps = []
     for path in paths:
-        old = module_at(rev, path)
+        old = module_at(rev, path, repo)
         current = importlib.import_module(path[:-len('.py')].replace('/', '.'))
         for name, cls in vars(old).items():
             if not (isinstance(cls, type) and issubclass(cls, nn.Module)
