@@ -29,6 +29,11 @@ TOL = 1e-4
 PAD_CASES = [(1, 224, 224), (2, 200, 224), (1, 224, 256), (3, 97, 131)]
 
 
+def dims(value_info):
+    """A graph input's or output's declared shape: ints and symbolic names."""
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
 def max_diff(results):
     return max(o['max_abs_diff'] for r in results for o in r['outputs'].values())
 
@@ -41,8 +46,11 @@ def test_backbone_one_dynamic_export_matches_pytorch_at_every_size(cls, arch, tm
     assert names == ['feat0', 'feat1', 'feat2', 'feat3']
     assert non_default_domain_ops(path) == set()
     graph = onnx.load(path).graph
-    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
-    assert (graph.input[0].name, dims) == ('images', ['batch', 3, 'height', 'width'])
+    assert graph.input[0].name == 'images'
+    assert dims(graph.input[0]) == ['batch', 3, 'height', 'width']
+    for out in graph.output:  # channels aside (the exporter names those)
+        d = dims(out)
+        assert (d[0], d[2], d[3]) == ('batch', f'{out.name}_height', f'{out.name}_width')
 
     sizes = PAD_CASES + ([(1, 800, 1344)] if cls is SVT else [])
     results = verify_onnx(path, module, sizes)
@@ -151,6 +159,9 @@ def test_detector_raw_head_outputs(tmp_path):
     levels = range(5)  # FPN: stages 1-3 + 2 extra levels
     assert names == [f'{kind}_{i}' for kind in ('cls_scores', 'bbox_preds') for i in levels]
     assert non_default_domain_ops(path) == set()
+    # the levels' sizes differ, so no two outputs may share a declared height or width
+    spatial = [d for out in onnx.load(path).graph.output for d in dims(out)[2:]]
+    assert len(set(spatial)) == len(spatial) == 2 * len(names)
     sizes = [(1, 64, 96), (2, 97, 131), (1, 200, 336)]
     results = verify_onnx(path, module, sizes)
     assert max_diff(results) <= TOL
@@ -176,6 +187,34 @@ def test_verify_sizes_need_a_dynamic_export(capsys):
     with pytest.raises(SystemExit):
         pytorch2onnx(['cfg.py', '--shape', '64', '64', '--verify', '96', '96'])
     assert '--verify H W pairs need --dynamic' in capsys.readouterr().err
+
+
+def test_opset_below_the_attentions_and_too_small_sizes_stop_the_tool_before_export(
+        capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        pytorch2onnx(['cfg.py', '--shape', '64', '64', '--opset', '13'])
+    assert 'exports from opset 14 on' in capsys.readouterr().err
+    cfg = tiny_model_config('retinanet_twins_pcpvt_s_1x.py')
+    cfg_file = str(tmp_path / 'retinanet_tiny.py')
+    cfg.dump(cfg_file)
+    out = tmp_path / 'out.onnx'
+    with pytest.raises(SystemExit, match=r'^28x96, 97x20: too small for the backbone, which '
+                       r'needs H, W >= 29$'):
+        pytorch2onnx([cfg_file, '--shape', '64', '96', '--dynamic', '--output-file', str(out),
+                      '--verify', '28', '96', '64', '64', '97', '20'])
+    assert not out.exists()
+
+
+def test_a_nan_difference_fails_the_check():
+    def diffs(*values):
+        return [dict(size=(1, 64, 64), outputs={f'feat{i}': dict(shape=(1, 8, 4, 4),
+                                                                max_abs_diff=v)
+                                                for i, v in enumerate(values)})]
+
+    check_agreement(diffs(1e-6, 2e-5))
+    for values in [(float('nan'), 1e-6), (1e-6, float('nan')), (float('inf'), 1e-6)]:
+        with pytest.raises(SystemExit, match='differs from PyTorch by (nan|inf)'):
+            check_agreement(diffs(*values))
 
 
 def test_label_mismatches_past_the_tolerance_fail_the_check(capsys):

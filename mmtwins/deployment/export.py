@@ -34,7 +34,8 @@ def export_onnx(module: ExportModule, path: str, shape: Sequence[int], batch: in
             exactly this one.
         batch (int): Example batch size (with ``dynamic`` any batch size works).
         dynamic (bool): Dynamic batch, height and width (``dynamic_axes`` named ``batch``,
-            ``height``, ``width`` on the input and ``batch`` on every output).
+            ``height``, ``width`` on the input, and ``batch``, ``<name>_height``,
+            ``<name>_width`` on its last two dims on every output ``<name>``).
         opset (int): ONNX opset (17 has ``LayerNormalization``).
 
     Returns:
@@ -46,11 +47,15 @@ def export_onnx(module: ExportModule, path: str, shape: Sequence[int], batch: in
                          f'{module.min_input_size} pixels per side')
     module = module.eval()
     example = torch.randn(batch, module.in_channels, h, w)
-    names = module.output_names(example)
+    shapes = module.output_shapes(example)
+    names = list(shapes)
     axes = None
     if dynamic:
         axes = {INPUT_NAME: {0: 'batch', 2: 'height', 3: 'width'}}
-        axes.update({name: {0: 'batch'} for name in names})
+        # Each output's map sizes get names of their own: one name shared by all would declare
+        # them equal, which the levels of a feature pyramid are not.
+        axes.update({name: {0: 'batch', len(s) - 2: f'{name}_height', len(s) - 1: f'{name}_width'}
+                     for name, s in shapes.items()})
     with torch.no_grad(), warnings.catch_warnings():
         # The exporter is chosen deliberately (module docstring): silence its deprecation notice.
         warnings.filterwarnings('ignore', 'You are using the legacy TorchScript-based ONNX',

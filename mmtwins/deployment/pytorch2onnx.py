@@ -20,6 +20,8 @@ TOLERANCE = 1e-4
 #: Largest fraction of differing labels accepted for integer outputs (segmentation labels): an
 #: argmax may flip where two classes' logits tie to within float rounding.
 LABEL_TOLERANCE = 1e-3
+#: Lowest opset torch's exporter takes ``scaled_dot_product_attention`` to.
+MIN_OPSET = 14
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -28,14 +30,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('config', help='config file (a model config of any OpenMMLab scope)')
     parser.add_argument('checkpoint', nargs='?', help='checkpoint (default: random weights)')
     parser.add_argument('--shape', type=int, nargs=2, required=True, metavar=('H', 'W'),
-                        help='example input height and width (with --dynamic any size works)')
+                        help='example input height and width (with --dynamic the graph takes any '
+                        "size the backbone does: H, W >= its min_input_size, 29 for Twins)")
     parser.add_argument('--batch', type=int, default=1, help='example batch size')
     parser.add_argument('--dynamic', action='store_true',
                         help='dynamic batch, height and width')
     parser.add_argument('--backbone-only', action='store_true', help='export model.backbone')
     parser.add_argument('--seg-output', choices=['logits', 'labels'], default='logits',
                         help='segmentors: class logits (B, K, H, W) or labels (B, H, W)')
-    parser.add_argument('--opset', type=int, default=17)
+    parser.add_argument('--opset', type=int, default=17,
+                        help=f'ONNX opset, >= {MIN_OPSET} (scaled_dot_product_attention)')
     parser.add_argument('--output-file', help='default: work_dirs/onnx/CONFIG_NAME.onnx')
     parser.add_argument(
         '--verify', type=int, nargs='*', metavar='SIZE',
@@ -45,6 +49,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.verify and len(args.verify) % 2:
         parser.error('--verify takes pairs of H W')
+    if args.opset < MIN_OPSET:
+        parser.error(f'--opset {args.opset}: the attention (scaled_dot_product_attention) '
+                     f'exports from opset {MIN_OPSET} on')
     if args.verify and not args.dynamic:
         parser.error('--verify H W pairs need --dynamic: a static graph only takes the --shape '
                      'size (plain --verify checks that one)')
@@ -65,6 +72,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     require_checkers(runtime=args.verify is not None)
     model = load_model(args.config, args.checkpoint, args.cfg_options)
     module = build_export_module(model, args.backbone_only, args.seg_output)
+    sizes = verify_sizes(args)
+    small = [f'{h}x{w}' for _, h, w in sizes if min(h, w) < module.min_input_size]
+    if small:  # said before the export, not after it
+        raise SystemExit(f'{", ".join(small)}: too small for the backbone, which needs '
+                         f'H, W >= {module.min_input_size}')
     out = args.output_file or osp.join(
         'work_dirs', 'onnx', osp.splitext(osp.basename(args.config))[0] + '.onnx')
     mkdir_or_exist(osp.dirname(osp.abspath(out)))
@@ -75,26 +87,28 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if custom:
         print(f'WARNING: operators outside the default ONNX domain: {sorted(custom)}')
     if args.verify is not None:
-        check_agreement(verify_onnx(out, module, verify_sizes(args)))
+        check_agreement(verify_onnx(out, module, sizes))
     return out
 
 
 def check_agreement(results: List[dict]) -> None:
     """Print :func:`verify_onnx`'s results; exit with an error past :data:`TOLERANCE` (float
-    outputs) or :data:`LABEL_TOLERANCE` (integer outputs)."""
+    outputs; a NaN or infinite difference fails too) or :data:`LABEL_TOLERANCE` (integer
+    outputs)."""
     worst = worst_labels = 0.
     for res in results:
         for name, o in res['outputs'].items():
             if 'max_abs_diff' in o:
                 print(f'  {res["size"]} {name} {tuple(o["shape"])}: max abs diff '
                       f'{o["max_abs_diff"]:g}')
-                worst = max(worst, o['max_abs_diff'])
+                diff = o['max_abs_diff']
+                worst = diff if math.isnan(diff) or diff > worst else worst  # max() drops NaN
             else:
                 frac = o['mismatches'] / max(1, math.prod(o['shape']))
                 print(f'  {res["size"]} {name} {tuple(o["shape"])}: {o["mismatches"]} labels '
                       f'differ ({frac:.2e} of them)')
                 worst_labels = max(worst_labels, frac)
-    if worst > TOLERANCE:
+    if not worst <= TOLERANCE:
         raise SystemExit(f'ONNX Runtime differs from PyTorch by {worst:g} > {TOLERANCE}')
     if worst_labels > LABEL_TOLERANCE:
         raise SystemExit(f'ONNX Runtime gives other labels than PyTorch for {worst_labels:.2e} '

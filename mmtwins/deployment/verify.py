@@ -56,7 +56,7 @@ def verify_onnx(path: str, module: ExportModule, sizes: Sequence[Sequence[int]],
         ``max_abs_diff`` (float outputs) or ``mismatches`` (integer outputs: differing labels).
 
     Raises:
-        AssertionError: an output's shape differs between the two.
+        ValueError: an output's shape differs between the two.
     """
     import onnxruntime as ort
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
@@ -71,8 +71,9 @@ def verify_onnx(path: str, module: ExportModule, sizes: Sequence[Sequence[int]],
         got = session.run(names, {INPUT_NAME: images.numpy()})
         outputs = {}
         for name, ref, out in zip(names, expected, got):
-            assert ref.shape == out.shape, (f'{name} at {(b, h, w)}: ONNX Runtime gives shape '
-                                            f'{out.shape}, PyTorch {ref.shape}')
+            if ref.shape != out.shape:
+                raise ValueError(f'{name} at {(b, h, w)}: ONNX Runtime gives shape {out.shape}, '
+                                 f'PyTorch {ref.shape}')
             if np.issubdtype(ref.dtype, np.floating):
                 diff = float(np.abs(ref - out).max()) if ref.size else 0.
                 outputs[name] = dict(shape=ref.shape, max_abs_diff=diff)

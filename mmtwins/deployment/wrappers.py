@@ -22,7 +22,7 @@ channel order are done by the caller, as mmdeploy does), padded or not: the Twin
 any size internally.
 """
 import inspect
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ class ExportModule(nn.Module):
     """Base of the export wrappers.
 
     Subclasses implement :meth:`named_outputs`; ``forward`` returns its tensors as a flat tuple
-    and :meth:`output_names` their names (static strings, so tracing records none of this).
+    and :meth:`output_shapes` their names (static strings, so tracing records none of this).
 
     Attributes:
         kind (str): ``'backbone'``, ``'segmentor'`` or ``'detector'``.
@@ -62,9 +62,9 @@ class ExportModule(nn.Module):
         return tuple(t for _, t in self.named_outputs(images))
 
     @torch.no_grad()
-    def output_names(self, images: torch.Tensor) -> List[str]:
-        """Names of the outputs, in order, from one forward pass on ``images``."""
-        return [name for name, _ in self.named_outputs(images)]
+    def output_shapes(self, images: torch.Tensor) -> Dict[str, Tuple[int, ...]]:
+        """Each output's name and shape, in order, from one forward pass on ``images``."""
+        return {name: tuple(t.shape) for name, t in self.named_outputs(images)}
 
 
 class BackboneExport(ExportModule):
