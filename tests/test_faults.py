@@ -306,6 +306,54 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(tmp_pat
         assert torch.equal(v, expected[k]), k
 
 
+def test_the_fallback_skips_an_earlier_runs_higher_steps(tmp_path):
+    """A reused work dir: an earlier run left iter_8000; this run saved iter_1000 and tore
+    iter_2000."""
+    for step in (8000, 1000):
+        torch.save({'state_dict': {}}, tmp_path / f'iter_{step}.pth')
+    (tmp_path / 'iter_2000.pth').write_bytes(b'PK\x03\x04 torn')
+    assert newest_intact_checkpoint(str(tmp_path), str(tmp_path / 'iter_2000.pth')) == \
+        str(tmp_path / 'iter_1000.pth')
+
+
+def _resume_check_on_rank(rank: int, work: str, store: str) -> None:
+    """Rank ``rank`` of 2 gloo processes runs the resume check, then an all-reduce (DDP's first
+    gradient sum). Rank 1 starts once the main process has rewritten the pointer to the intact
+    checkpoint, as a rank whose dataset builds slower does, so it finds nothing damaged."""
+    import datetime
+    import time
+    import types
+
+    import torch.distributed as dist
+
+    from mmtwins.engine import AtomicCheckpointHook
+    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        if rank == 1:
+            while (Path(work) / 'last_checkpoint').read_text() != f'{work}/iter_2.pth':
+                time.sleep(0.05)
+        runner = types.SimpleNamespace(cfg=Config(dict(resume=True, load_from=None)),
+                                       work_dir=work)
+        AtomicCheckpointHook(interval=2, by_epoch=False).before_run(runner)
+        total = torch.ones(1)
+        dist.all_reduce(total)  # timed out on rank 0 when only it had waited in a barrier
+        assert total.item() == 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_passes_the_resume_checks_barrier(tmp_path):
+    work = tmp_path / 'w'
+    work.mkdir()
+    torch.save({'state_dict': {}}, work / 'iter_2.pth')
+    (work / 'iter_4.pth').write_bytes(b'PK\x03\x04 torn')
+    (work / 'last_checkpoint').write_text(str(work / 'iter_4.pth'))
+    torch.multiprocessing.spawn(_resume_check_on_rank, (str(work), str(tmp_path / 'store')),
+                                nprocs=2)
+    assert (work / 'last_checkpoint').read_text() == str(work / 'iter_2.pth')
+
+
 def test_resuming_an_explicitly_named_damaged_checkpoint_fails_clearly(tmp_path):
     bad = tmp_path / 'iter_4.pth'
     bad.write_bytes(b'PK\x03\x04 not really a checkpoint')
@@ -361,6 +409,18 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypat
         atomic_write(target, b'new checkpoint, half written')
     assert target.read_bytes() == b'old checkpoint'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['iter_2.pth']  # no temporary file
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o077])
+def test_atomic_write_gives_a_new_files_permissions(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / 'iter_2.pth', b'checkpoint')
+        (tmp_path / 'plain.pth').write_bytes(b'checkpoint')
+    finally:
+        os.umask(old)
+    mode = (tmp_path / 'iter_2.pth').stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask == (tmp_path / 'plain.pth').stat().st_mode & 0o777
 
 
 def test_old_checkpoints_are_pruned_only_after_the_new_one_is_saved(tmp_path, monkeypatch):

@@ -50,19 +50,29 @@ def checkpoint_problem(path: str) -> Optional[str]:
     return None
 
 
-def newest_intact_checkpoint(directory: str, exclude: str = '',
+def newest_intact_checkpoint(directory: str, damaged: str = '',
                              filename_tmpl: str = 'iter_{}.pth') -> Optional[str]:
-    """The intact training checkpoint of the highest step in ``directory`` other than
-    ``exclude``: files named by ``filename_tmpl`` (a ``CheckpointHook``'s, e.g.
-    ``'epoch_{}.pth'``), so not ``best_*.pth`` (saved without optimizer and schedulers) nor
-    other weights kept there."""
+    """The intact training checkpoint of the highest step in ``directory``: files named by
+    ``filename_tmpl`` (a ``CheckpointHook``'s, e.g. ``'epoch_{}.pth'``), so not ``best_*.pth``
+    (saved without optimizer and schedulers) nor other weights kept there.
+
+    With ``damaged`` (the newest checkpoint of the run to resume), only steps below its step
+    count: a file of a higher step in the work dir is an earlier run's, left there when the
+    work dir was reused."""
     head, _, tail = filename_tmpl.partition('{}')
     name = re.compile(re.escape(head) + r'(\d+)' + re.escape(tail) + '$')
+
+    def step(path: str) -> Optional[int]:
+        m = name.match(osp.basename(path))
+        return int(m.group(1)) if m else None
+
+    below = step(damaged) if damaged else None
     steps = {}
     for path in glob.glob(osp.join(glob.escape(directory), '*')):
-        m = name.match(osp.basename(path))
-        if m and osp.abspath(path) != osp.abspath(exclude):
-            steps[path] = int(m.group(1))
+        s = step(path)
+        if s is not None and osp.abspath(path) != osp.abspath(damaged) and (
+                below is None or s < below):
+            steps[path] = s
     for path in sorted(steps, key=steps.get, reverse=True):
         if checkpoint_problem(path) is None:
             return path
@@ -115,8 +125,16 @@ class AtomicCheckpointHook(CheckpointHook):
                                       'newest intact one of the work dir')
             return
         latest = find_latest_checkpoint(runner.work_dir)
-        if latest is None or '://' in latest:
-            return  # nothing saved yet (MMEngine starts from scratch), or saved remotely
+        # Nothing saved yet (MMEngine starts from scratch), or saved remotely: nothing to check.
+        if latest is not None and '://' not in latest:
+            self._replace_damaged_latest(runner, latest)
+        # Every rank, whatever it found: another rank may have read the pointer after the main
+        # process rewrote it, and all of them read it again when they load the checkpoint.
+        barrier()
+
+    def _replace_damaged_latest(self, runner, latest: str) -> None:
+        """Point ``last_checkpoint`` at the newest intact checkpoint if ``latest`` is damaged
+        (the main process writes it; the others decide alike and only warn)."""
         problem = checkpoint_problem(latest)
         if problem is None:
             return
@@ -132,7 +150,6 @@ class AtomicCheckpointHook(CheckpointHook):
                   'intact checkpoint, instead', logger='current', level=logging.WARNING)
         if is_main_process():
             atomic_write(pointer, fallback)
-        barrier()
 
     # ------------------------------------------------------------------ saving
     def _save_checkpoint_with_step(self, runner, step, meta) -> None:

@@ -2,12 +2,14 @@
 
 The data goes to a hidden temporary file in the target's directory, is flushed to disk, and
 replaces the target with ``os.replace`` (atomic on POSIX and Windows within one file system).
-A crash mid-write leaves at most a stray ``.NAME.tmp-*`` file, which nothing ever loads.
+A crash mid-write leaves at most a stray ``.NAME.tmp-*`` file, which nothing ever loads. The
+file gets the permissions of any new file (0666 less the umask), as a plain ``open(path, 'wb')``
+would give it, so the group's readers of a shared work dir can read the checkpoints.
 """
 import io
 import os
 import os.path as osp
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Union
 
@@ -24,7 +26,7 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str], encoding: str 
     os.makedirs(directory, exist_ok=True)
     if isinstance(data, str):
         data = data.encode(encoding)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.tmp-', dir=directory)
+    fd, tmp = _new_temp_file(path)
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
@@ -36,6 +38,18 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str], encoding: str 
             os.remove(tmp)
         raise
     _fsync_dir(directory)
+
+
+def _new_temp_file(path: str):
+    """(fd, name) of a new file beside ``path``, opened for writing with mode 0666 less the
+    umask (``tempfile.mkstemp`` would give 0600, which ``os.replace`` keeps)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0)
+    while True:
+        tmp = f'{osp.dirname(path)}/.{osp.basename(path)}.tmp-{secrets.token_hex(6)}'
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_torch_save(obj, path: Union[str, Path]) -> None:
