@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from mmengine.config import Config
 
+from mmtwins.apis import train as train_api
 from mmtwins.engine import ConfigError, preflight_check
-from mmtwins.engine.preflight import check_data, check_model
+from mmtwins.engine.preflight import check_data, check_model, train_dataloaders
 from mmtwins.models import SVT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,6 +229,55 @@ def coco_config(root: Path) -> Config:
         cfg[loader].dataset.data_root = str(root) + '/'
     cfg.val_evaluator.ann_file = cfg.test_evaluator.ann_file = str(root / 'val.json')
     return cfg
+
+
+def test_training_is_checked_without_the_test_data(tmp_path, monkeypatch):
+    """As with mmdet's and mmseg's train.py, a test set not yet downloaded (COCO test-dev) does
+    not stop training; validation data does, where ``val_cfg`` turns validation on."""
+    root = tmp_path / 'coco'
+    cfg = coco_config(root)
+    cfg.model.backbone.init_cfg = None
+    for split in ('train', 'val'):
+        (root / 'annotations' / f'instances_{split}2017.json').write_text(
+            json.dumps(dict(images=[], annotations=[], categories=[])))
+    cfg.test_dataloader.dataset.ann_file = 'annotations/image_info_test-dev2017.json'
+    assert train_dataloaders(cfg) == ('train_dataloader', 'val_dataloader')
+    preflight_check(cfg, train_dataloaders(cfg))
+    with pytest.raises(ConfigError, match=r'test_dataloader.dataset.ann_file: file .*test-dev'):
+        preflight_check(cfg)  # all three, as for tools/test.py
+
+    class Built(Exception):
+        pass
+
+    def build_runner(cfg):
+        raise Built
+
+    monkeypatch.setattr(train_api, 'build_runner', build_runner)
+    cfg.dump(tmp_path / 'retinanet.py')
+    with pytest.raises(Built):  # tools/train.py gets past its check to building the runner
+        train_api.main([str(tmp_path / 'retinanet.py'), '--work-dir', str(tmp_path / 'w')])
+    (root / 'val2017').rmdir()
+    with pytest.raises(ConfigError, match=r'val_dataloader.dataset.data_prefix.img: directory'):
+        preflight_check(cfg, train_dataloaders(cfg))
+    cfg.val_cfg = None
+    assert train_dataloaders(cfg) == ('train_dataloader', )
+    preflight_check(cfg, train_dataloaders(cfg))
+
+
+def test_coco_keys_are_asked_of_coco_detection_datasets_only(tmp_path):
+    """mmdet's CocoCaptionDataset and mmpretrain's COCOCaption/COCORetrieval read JSON lists."""
+    ann = tmp_path / 'captions.json'
+    ann.write_text(json.dumps([dict(img_id=1, image='a.jpg', caption='a cat')]))
+    for dataset_type in ('CocoCaptionDataset', 'mmpretrain.COCOCaption', 'COCORetrieval'):
+        cfg = Config(dict(test_dataloader=dict(dataset=dict(type=dataset_type,
+                                                             ann_file=str(ann)))))
+        assert check_data(cfg) == [], dataset_type
+    for dataset_type in ('CocoDataset', 'mmdet.CocoPanopticDataset', 'MyCocoDataset'):
+        cfg = Config(dict(test_dataloader=dict(dataset=dict(type=dataset_type,
+                                                            ann_file=str(ann)))))
+        assert check_data(cfg) == [f"test_dataloader.dataset.ann_file: '{ann}' holds a JSON "
+                                   "list, not the COCO object with keys ['images', "
+                                   "'annotations', 'categories']"], dataset_type
 
 
 def test_malformed_and_non_coco_annotation_files_are_named(tmp_path):

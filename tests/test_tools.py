@@ -41,6 +41,10 @@ def test_train_options_map_to_config(tmp_path):
     assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=16)
     assert (cfg.resume, cfg.load_from) == (True, None)  # latest checkpoint of the work dir
 
+    with pytest.raises(ValueError, match=r'--auto-scale-lr needs auto_scale_lr=dict\('):
+        train_api.build_train_cfg(train_api.parse_args(
+            [RETINANET, '--auto-scale-lr', '--cfg-options', 'auto_scale_lr=None']))
+
     cfg = train_api.build_train_cfg(train_api.parse_args([RETINANET, '--resume', 'x/epoch_3.pth']))
     assert (cfg.resume, cfg.load_from) == (True, 'x/epoch_3.pth')
     assert cfg.work_dir == os.path.join('./work_dirs', 'retinanet_twins_svt_s_1x')

@@ -12,7 +12,7 @@ from mmengine.device import (is_cuda_available, is_mlu_available, is_musa_availa
                              is_npu_available)
 from mmengine.logging import print_log
 
-from mmtwins.engine import preflight_check
+from mmtwins.engine import preflight_check, train_dataloaders
 from .config import add_common_args, load_config
 from .runner import build_runner, owned_process_group
 
@@ -50,7 +50,7 @@ def build_train_cfg(args: argparse.Namespace) -> Config:
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.loss_scale = 'dynamic'
     if args.auto_scale_lr:
-        if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
+        if 'base_batch_size' not in (cfg.get('auto_scale_lr') or {}):
             raise ValueError('--auto-scale-lr needs auto_scale_lr=dict(enable=False, '
                              'base_batch_size=N) in the config')
         cfg.auto_scale_lr.enable = True
@@ -87,6 +87,7 @@ def check_amp_device(cfg: Config) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = build_train_cfg(parse_args(argv))
     check_amp_device(cfg)
-    preflight_check(cfg)  # unknown types, misspelled arguments, missing data: before any build
+    # unknown types, misspelled arguments, missing data: before any build
+    preflight_check(cfg, train_dataloaders(cfg))
     with owned_process_group():
         build_runner(cfg).train()

@@ -10,11 +10,11 @@ from .checkpoint_hook import AtomicCheckpointHook, checkpoint_problem, newest_in
 from .fileio import AtomicLocalBackend, atomic_torch_save, atomic_write
 from .logger_hook import AtomicLoggerHook
 from .loss_guard import NonFiniteLossHook
-from .preflight import ConfigError, preflight_check
+from .preflight import ConfigError, preflight_check, train_dataloaders
 from mmtwins.registry import HOOKS
 
 __all__ = [
     'AtomicCheckpointHook', 'AtomicLocalBackend', 'AtomicLoggerHook', 'ConfigError', 'HOOKS',
     'NonFiniteLossHook', 'atomic_torch_save', 'atomic_write', 'checkpoint_problem',
-    'newest_intact_checkpoint', 'preflight_check'
+    'newest_intact_checkpoint', 'preflight_check', 'train_dataloaders'
 ]

@@ -13,7 +13,8 @@ import difflib
 import inspect
 import json
 import os.path as osp
-from typing import Iterator, List, Optional, Set, Tuple
+import re
+from typing import Iterator, List, Optional, Sequence, Set, Tuple
 
 from mmengine.config import Config
 from mmengine.registry import MODELS, Registry, init_default_scope
@@ -24,20 +25,24 @@ DATALOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 # Annotation files up to this size are parsed here; larger ones when the dataset loads them.
 MAX_JSON_CHECK_BYTES = 64 * 2**20
 COCO_KEYS = ('images', 'annotations', 'categories')
+# Dataset types that read COCO's object (mmdet's CocoDataset, CocoPanopticDataset and their
+# subclasses); COCO caption, retrieval and VQA datasets read JSON lists.
+_COCO_INSTANCES = re.compile(r'coco(panoptic)?dataset$', re.IGNORECASE)
 
 
 class ConfigError(ValueError):
     """A config that would fail once the runner builds it, found beforehand."""
 
 
-def preflight_check(cfg: Config) -> None:
+def preflight_check(cfg: Config, dataloaders: Sequence[str] = DATALOADERS) -> None:
     """Check ``cfg``'s model (registered types, arguments, ``arch`` names, ``Pretrained``
-    checkpoint files) and the data of its dataloaders (directories, annotation files).
+    checkpoint files) and the data of the ``dataloaders`` named (directories, annotation files;
+    :func:`train_dataloaders` for a training run).
 
     Raises:
         ConfigError: listing every problem found, each with its config key.
     """
-    problems = check_model(cfg) + check_data(cfg)
+    problems = check_model(cfg) + check_data(cfg, dataloaders)
     if len(problems) == 1:
         raise ConfigError(f'{problems[0]} (config {cfg.filename})')
     if problems:
@@ -169,11 +174,19 @@ def _did_you_mean(word: str, choices) -> str:
 
 
 # --------------------------------------------------------------------------- data
-def check_data(cfg: Config) -> List[str]:
-    """Problems of the datasets of ``cfg``'s dataloaders: missing ``data_root``,
-    ``data_prefix`` directories or ``ann_file``; unparsable or non-COCO JSON annotations."""
+def train_dataloaders(cfg: Config) -> Tuple[str, ...]:
+    """The dataloaders ``Runner.train()`` builds: the training one, and the validation one where
+    ``val_cfg`` turns validation on; not the test one (a test set not yet downloaded, such as
+    COCO test-dev, does not stop mmdet's or mmseg's training either)."""
+    return ('train_dataloader', ) + (('val_dataloader', ) if cfg.get('val_cfg') else ())
+
+
+def check_data(cfg: Config, dataloaders: Sequence[str] = DATALOADERS) -> List[str]:
+    """Problems of the datasets of ``cfg``'s ``dataloaders``: missing ``data_root``,
+    ``data_prefix`` directories or ``ann_file``; unparsable JSON annotations, or, for COCO
+    detection datasets, JSON without the COCO keys."""
     problems = []
-    for loader in DATALOADERS:
+    for loader in dataloaders:
         loader_cfg = cfg.get(loader)
         if isinstance(loader_cfg, dict) and isinstance(loader_cfg.get('dataset'), dict):
             for key, dataset in _leaf_datasets(f'{loader}.dataset', loader_cfg['dataset']):
@@ -227,7 +240,7 @@ def _check_json(key: str, path: str, dataset_type: str) -> List[str]:
                 f'column {e.colno}']
     except UnicodeDecodeError as e:
         return [f'{key}.ann_file: {path!r} is not UTF-8 text ({e.reason} at byte {e.start})']
-    if 'coco' in dataset_type.lower():
+    if _COCO_INSTANCES.search(dataset_type.split('.')[-1]):
         if not isinstance(content, dict):
             return [f'{key}.ann_file: {path!r} holds a JSON {type(content).__name__}, not the '
                     f'COCO object with keys {list(COCO_KEYS)}']
