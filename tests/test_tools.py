@@ -26,6 +26,7 @@ from coco_toy import REPO, load_tiny_config, make_coco_toy, write_tiny_det_confi
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 RETINANET = str(REPO / 'configs' / 'retinanet_twins_svt_s_1x.py')
+UPERNET = str(REPO / 'configs' / 'upernet_twins_svt_s_160k_ade20k.py')
 
 
 def test_train_options_map_to_config(tmp_path):
@@ -69,12 +70,20 @@ def test_test_amp_enables_autocast_and_warns_where_bf16_is_emulated(monkeypatch)
     warnings = []
     monkeypatch.setattr(config_api, 'print_log', lambda msg, **kw: warnings.append(msg))
     monkeypatch.setattr(config_api, 'cpu_amp_is_emulated', lambda: True)
-    cfg = test_api.build_test_cfg(test_api.parse_args([RETINANET, 'c.pth', '--amp']))
+    monkeypatch.setattr(test_api, 'get_device', lambda: 'cpu')
+    cfg = test_api.build_test_cfg(test_api.parse_args([UPERNET, 'c.pth', '--amp']))
     assert cfg.test_cfg.type == 'TestLoop' and cfg.test_cfg.fp16 is True
     assert len(warnings) == 1 and 'bf16 autocast is emulated' in warnings[0]
     monkeypatch.setattr(config_api, 'cpu_amp_is_emulated', lambda: False)
-    test_api.build_test_cfg(test_api.parse_args([RETINANET, 'c.pth', '--amp']))
+    test_api.build_test_cfg(test_api.parse_args([UPERNET, 'c.pth', '--amp']))
     assert len(warnings) == 1
+    # detectors: mmcv's CPU NMS has no bf16 kernel (RuntimeError: expected scalar type Float
+    # but found BFloat16), so the tool refuses on a CPU and goes on on a GPU
+    with pytest.raises(ValueError, match="--amp on a CPU .* mmcv's CPU NMS takes float32"):
+        test_api.build_test_cfg(test_api.parse_args([RETINANET, 'c.pth', '--amp']))
+    monkeypatch.setattr(test_api, 'get_device', lambda: 'cuda')
+    cfg = test_api.build_test_cfg(test_api.parse_args([RETINANET, 'c.pth', '--amp']))
+    assert cfg.test_cfg.fp16 is True
 
 
 def test_test_option_errors():

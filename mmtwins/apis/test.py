@@ -12,6 +12,7 @@ import argparse
 from typing import Optional, Sequence
 
 from mmengine.config import Config
+from mmengine.device import get_device
 from mmengine.runner import Runner
 
 from .config import add_common_args, load_config, warn_if_cpu_amp_is_emulated
@@ -146,6 +147,10 @@ def build_test_cfg(args: argparse.Namespace) -> Config:
     if args.tta:
         apply_tta(cfg)
     if args.amp:
+        if cfg.get('default_scope') == 'mmdet' and get_device() == 'cpu':
+            raise ValueError("--amp on a CPU autocasts to bf16, and mmcv's CPU NMS takes float32 "
+                             'boxes only, so a detector fails in its post-processing: test '
+                             'detectors on a CPU without --amp (with it on a GPU)')
         warn_if_cpu_amp_is_emulated()
         cfg.test_cfg = dict(cfg.get('test_cfg') or dict(type='TestLoop'), fp16=True)
     if args.out and cfg.get('default_scope') == 'mmseg':
