@@ -18,6 +18,9 @@ from mmtwins.analysis import plot_logs
 from mmtwins.analysis.peers import randomize_parameters_
 from mmtwins.checkpoint import CheckpointError
 from mmtwins.classification import classifier_state_dict
+from mmtwins.apis.test import build_test_cfg
+from mmtwins.apis.test import main as test_main
+from mmtwins.apis.test import parse_args as parse_test_args
 from mmtwins.classification.convert import main as convert_main
 from mmtwins.models import PCPVT, SVT
 
@@ -172,6 +175,37 @@ def test_train_and_evaluate_top1(trained):
     pngs = plot_logs([str(trained['work_dir'])], str(trained['work_dir'] / 'plots'))
     names = sorted(os.path.basename(p) for p in pngs)
     assert names == ['accuracy_top1.png', 'loss.png', 'lr.png']
+
+
+def test_tta_averages_the_scores_of_each_image_and_its_flip(trained, tmp_path):
+    """tools/test.py --tta on a classifier config without tta_model/tta_pipeline (as the
+    ImageNet configs): mmpretrain's default, checked against the scores computed by hand."""
+    work = trained['work_dir']
+    weights = torch.load(work / 'epoch_1.pth', weights_only=False)['state_dict']
+    torch.save({'state_dict': weights, 'meta': {}}, tmp_path / 'model.pth')
+    cfg = tiny_classifier_config(work.parent / 'data', tmp_path / 'tta')
+    cfg.dump(tmp_path / 'cls.py')
+    argv = [str(tmp_path / 'cls.py'), str(tmp_path / 'model.pth'), '--tta']
+    tta = build_test_cfg(parse_test_args(argv))
+    assert tta.model.type == 'mmpretrain.AverageClsScoreTTA'
+    assert tta.model.module.type == 'ImageClassifier'
+    last = tta.test_dataloader.dataset.pipeline[-1]
+    assert last.type == 'TestTimeAug' and [t.prob for t in last.transforms[0]] == [1., 0.]
+    metrics = test_main(argv)
+    runner = Runner.from_cfg(cfg)
+    model = runner.model.eval()
+    model.load_state_dict(weights)
+    correct = total = 0
+    with torch.no_grad():
+        for batch in runner.test_dataloader:
+            data = model.data_preprocessor(batch, False)
+            x = data['inputs']
+            scores = sum(model(v, mode='tensor').softmax(1) for v in (x, x.flip(-1))) / 2
+            truth = torch.tensor([s.gt_label.item() for s in data['data_samples']])
+            correct += (scores.argmax(1) == truth).sum().item()
+            total += len(truth)
+    assert total == 6
+    assert metrics['accuracy/top1'] == pytest.approx(100 * correct / total, abs=1e-4)
 
 
 def _assert_backbone_loaded(backbone, classifier_sd):

@@ -2,13 +2,14 @@
 
 Scope-agnostic (the config's ``default_scope`` decides): ``--tta`` is OpenMMLab's standard swap
 to the config's ``tta_model``/``tta_pipeline`` (mmdet's ``DetTTAModel``, mmseg's
-``SegTTAModel``), and ``--out`` saves predictions the way each codebase's own ``tools/test.py``
-does: a pickle of ``DumpDetResults`` (mmdet), prediction maps in a directory through
+``SegTTAModel``; for mmpretrain configs without them, mmpretrain's flip averaging), and
+``--out`` saves predictions the way each codebase's own ``tools/test.py`` does: a pickle of ``DumpDetResults`` (mmdet), prediction maps in a directory through
 ``test_evaluator.output_dir`` (mmseg), a pickle of mmengine's ``DumpResults`` (others).
 ``--show``/``--show-dir``/``--wait-time`` (and mmpretrain's ``--interval``) turn on the config's
 visualization hook as each codebase's ``tools/test.py`` does (:func:`trigger_visualization_hook`).
 """
 import argparse
+import copy
 from typing import Optional, Sequence
 
 from mmengine.config import Config
@@ -54,15 +55,19 @@ def _contains_key(node, key: str) -> bool:
 
 
 def apply_tta(cfg: Config) -> None:
-    """Swap ``cfg`` to test-time augmentation, as mmdet's and mmseg's ``tools/test.py`` do.
+    """Swap ``cfg`` to test-time augmentation, as the config's scope's ``tools/test.py`` does.
 
     The test pipeline becomes ``cfg.tta_pipeline`` and the model is wrapped as
-    ``cfg.tta_model`` (with ``module=cfg.model``).
+    ``cfg.tta_model`` (with ``module=cfg.model``). mmpretrain configs without them get
+    mmpretrain's default (:func:`_default_cls_tta`); mmdet and mmseg configs need their own.
     """
-    if cfg.get('default_scope') == 'mmdet' and _contains_key(cfg.model, 'mask_head'):
+    scope = cfg.get('default_scope')
+    if scope == 'mmdet' and _contains_key(cfg.model, 'mask_head'):
         raise ValueError('--tta: mmdet 3.x has no test-time augmentation for instance masks (its '
                          'DetTTAModel merges boxes only), so the Mask R-CNN configs define none. '
                          'Test without --tta; RetinaNet configs support it.')
+    if scope == 'mmpretrain':
+        _default_cls_tta(cfg)
     missing = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
     if missing:
         raise ValueError(f'--tta needs {" and ".join(missing)} in the config '
@@ -70,6 +75,19 @@ def apply_tta(cfg: Config) -> None:
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
     cfg.tta_model.module = cfg.model
     cfg.model = cfg.tta_model
+
+
+def _default_cls_tta(cfg: Config) -> None:
+    """mmpretrain's ``tools/test.py`` default where the config has none: the class scores of
+    each image and of its horizontal flip, averaged (``AverageClsScoreTTA``), the flips made
+    before the test pipeline's last step (``PackInputs``)."""
+    if 'tta_model' not in cfg:
+        cfg.tta_model = dict(type='mmpretrain.AverageClsScoreTTA')
+    if 'tta_pipeline' not in cfg:
+        pipeline = copy.deepcopy(cfg.test_dataloader.dataset.pipeline)
+        flips = [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)]
+        pipeline[-1] = dict(type='TestTimeAug', transforms=[flips, [pipeline[-1]]])
+        cfg.tta_pipeline = pipeline
 
 
 def set_seg_output(cfg: Config, out_dir: str) -> None:
