@@ -3,8 +3,9 @@
 Scope-agnostic (the config's ``default_scope`` decides): ``--tta`` is OpenMMLab's standard swap
 to the config's ``tta_model``/``tta_pipeline`` (mmdet's ``DetTTAModel``, mmseg's
 ``SegTTAModel``; for mmpretrain configs without them, mmpretrain's flip averaging), and
-``--out`` saves predictions the way each codebase's own ``tools/test.py`` does: a pickle of ``DumpDetResults`` (mmdet), prediction maps in a directory through
-``test_evaluator.output_dir`` (mmseg), a pickle of mmengine's ``DumpResults`` (others).
+``--out`` saves predictions the way each codebase's own ``tools/test.py`` does: a pickle of
+``DumpDetResults`` (mmdet), prediction maps in a directory through ``test_evaluator.output_dir``
+(mmseg), a pickle of mmengine's ``DumpResults`` (others).
 ``--show``/``--show-dir``/``--wait-time`` (and mmpretrain's ``--interval``) turn on the config's
 visualization hook as each codebase's ``tools/test.py`` does (:func:`trigger_visualization_hook`).
 """
