@@ -4,7 +4,8 @@ in alternating order.
 
     python tools/analysis_tools/revision_ab.py --against HEAD~1               # training 512x512 b2
     python tools/analysis_tools/revision_ab.py --against HEAD~1 --mode infer --size 224 --batch 8
-    python tools/analysis_tools/revision_ab.py --against 2c49855 --files mmtwins/models/layers/embed.py
+    python tools/analysis_tools/revision_ab.py --against 2c49855 \
+        --files mmtwins/models/layers/embed.py
 
 The model is built by the working tree (the revision's ``__init__`` is not run), so the revision
 must have the same parameters. Prints the median step time (ms) of each, after 5 untimed steps,
@@ -18,7 +19,8 @@ from mmtwins.analysis.ab import add_step_args, revision_arm, run_variants
 from mmtwins.analysis.peers import CHECKOUT
 
 MODEL_FILES = sorted(str(p.relative_to(CHECKOUT))
-                     for p in (CHECKOUT / 'mmtwins/models').rglob('*.py') if p.name != '__init__.py')
+                     for p in (CHECKOUT / 'mmtwins' / 'models').rglob('*.py')
+                     if p.name != '__init__.py')
 
 
 def parse_args(argv=None):
