@@ -363,11 +363,21 @@ def convert_checkpoint(src: str, dst: str, prefix: Optional[str] = None,
     Returns:
         ``(state_dict, meta)``: what was written; ``meta`` names the source, its layout, variant,
         the prefix that was stripped and the classifier's tensors kept (``keep_head``).
+
+    Raises:
+        CheckpointError: not a Twins checkpoint; ``keep_head`` where ``src`` has no head (under
+            the prefix), rather than writing a file without one.
     """
     from mmtwins.engine.fileio import atomic_torch_save  # mmtwins.engine imports this module
     sd, prefix = unwrap_state_dict(read_checkpoint(src), prefix)
     layout = detect_layout(sd)
     backbone, head = convert_state_dict(sd, layout)
+    if keep_head and not head:
+        where = f' under the prefix {prefix!r}' if prefix else ''
+        raise CheckpointError(
+            f'--keep-head: {src} has no ImageNet head (head.*){where}. A whole classifier '
+            "(mmpretrain's ImageClassifier) keeps its head outside the backbone: it loads into "
+            "mmpretrain as it is, or convert it without --keep-head for the backbone alone")
     out = {**backbone, **head} if keep_head else backbone
     meta = dict(source=os.path.abspath(src), layout=layout, variant=describe_variant(backbone),
                 prefix=prefix, kept_head=sorted(head) if keep_head else [])

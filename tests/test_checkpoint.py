@@ -122,6 +122,21 @@ def test_prefix_found_automatically_and_given(tmp_path):
                                                      src.state_dict().values()))
 
 
+def test_keep_head_without_a_head_under_the_prefix_fails(tmp_path):
+    """A whole mmpretrain classifier: its head (head.fc.*) lies outside the backbone prefix."""
+    peer = _peer('mmpretrain', SVT)
+    sd = {f'backbone.{k}': v for k, v in peer.state_dict().items()}
+    sd.update({'head.fc.weight': torch.zeros(10, 512), 'head.fc.bias': torch.zeros(10)})
+    src, dst = tmp_path / 'classifier.pth', tmp_path / 'out.pth'
+    torch.save({'state_dict': sd, 'meta': {}}, src)
+    with pytest.raises(CheckpointError, match=r"--keep-head: .* has no ImageNet head \(head\.\*\) "
+                       r"under the prefix 'backbone\.'"):
+        convert_checkpoint(str(src), str(dst), keep_head=True)
+    assert not dst.exists()
+    out, meta = convert_checkpoint(str(src), str(dst))
+    assert meta['prefix'] == 'backbone.' and meta['kept_head'] == [] and out
+
+
 def test_init_cfg_pretrained_loads_any_layout(tmp_path):
     """A whole mmseg segmentor's checkpoint (``backbone.`` keys beside the heads') through
     ``init_cfg``, the prefix given without its final dot as mmengine allows: the stage maps are
