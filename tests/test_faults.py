@@ -306,6 +306,13 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(tmp_pat
         assert torch.equal(v, expected[k]), k
 
 
+def test_a_directory_checkpoint_is_left_to_its_engine(tmp_path):
+    """DeepSpeed saves each checkpoint as a directory; resuming one is not refused as missing."""
+    (tmp_path / 'iter_2.pth').mkdir()
+    assert checkpoint_problem(str(tmp_path / 'iter_2.pth')) is None
+    assert checkpoint_problem(str(tmp_path / 'iter_4.pth')) == 'the file does not exist'
+
+
 def test_the_fallback_skips_an_earlier_runs_higher_steps(tmp_path):
     """A reused work dir: an earlier run left iter_8000; this run saved iter_1000 and tore
     iter_2000."""

@@ -28,10 +28,13 @@ def checkpoint_problem(path: str) -> Optional[str]:
     """What is wrong with the checkpoint file ``path``, or None if it is intact.
 
     A checkpoint in torch's zip format is checked against the CRC of every member (a truncated
-    file has no zip directory at all); a legacy-format file is loaded.
+    file has no zip directory at all); a legacy-format file is loaded. A directory (DeepSpeed's
+    checkpoints, which this hook also saves and prunes) is left to the engine that loads it.
     """
     if not path:
         return 'the path is empty'
+    if osp.isdir(path):
+        return None
     if not osp.isfile(path):
         return 'the file does not exist'
     if osp.getsize(path) == 0:
