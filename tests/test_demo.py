@@ -81,6 +81,25 @@ def test_a_smaller_toy_set_replaces_a_larger_one(tmp_path):
     assert len(_read_coco(tmp_path, 'train')['images']) == 3
 
 
+def test_a_real_ade20k_copy_is_never_written_over(tmp_path):
+    """The toy ADE20K layout has the real names: a copy under OUT/ade is left as it is."""
+    training = tmp_path / 'ade' / 'ADEChallengeData2016' / 'images' / 'training'
+    training.mkdir(parents=True)
+    for name in ('ADE_train_00000001.jpg', 'ADE_train_00020210.jpg'):
+        (training / name).write_bytes(b'a real image')
+    with pytest.raises(FileExistsError, match=r'training holds files that the toy data writer '
+                       r'did not make \(no \.mmtwins_toy_data in'):
+        make_toy_data(str(tmp_path), num_train=2, num_val=1)
+    assert sorted(p.read_bytes() for p in training.iterdir()) == [b'a real image'] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ade']  # nothing written
+
+    toy = tmp_path / 'toy'
+    make_toy_data(str(toy), num_train=2, num_val=1)
+    (toy / '.mmtwins_toy_data').unlink()  # a toy set written before the marker: known by its
+    make_toy_data(str(toy), num_train=1, num_val=1)  # COCO classes, and written over
+    assert (toy / '.mmtwins_toy_data').exists()
+
+
 def test_list_images_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match='no image file or folder'):
         list_images([str(tmp_path / 'missing.jpg')])

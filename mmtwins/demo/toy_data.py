@@ -44,6 +44,8 @@ SPLITS = {'train': ('training', 0), 'val': ('validation', 1)}  # name -> (ADE fo
 # The COCO layout under its data root (what the configs under configs/demo/ read).
 COCO_ANN_FILE = 'annotations/instances_{split}.json'
 COCO_IMG_DIR = '{split}/'
+#: The file that marks a directory as a toy data set, which a new toy set may overwrite.
+MARKER = '.mmtwins_toy_data'
 
 
 @dataclass
@@ -162,6 +164,40 @@ def toy_data_paths(out_dir: str) -> Dict[str, str]:
                 ade=osp.join(out_dir, 'ade', 'ADEChallengeData2016'))
 
 
+def _check_not_a_real_ade20k(out_dir: str, ade_root: str) -> None:
+    """Refuse to write where the ADE20K layout holds files this writer did not make.
+
+    The toy ADE20K layout has the real data set's directory and file names, so a real copy at
+    ``OUT/ade/ADEChallengeData2016`` (as under ``data/``) would have its images overwritten and
+    those numbered above the toy count deleted. A toy set is known by the :data:`MARKER` file
+    in ``out_dir`` (written first), or, written before the marker existed, by its COCO
+    annotation file with the toy classes.
+
+    Raises:
+        FileExistsError: ``ade_root`` holds files, and ``out_dir`` is no toy set.
+    """
+    if osp.exists(osp.join(out_dir, MARKER)) or _has_toy_coco_annotations(out_dir):
+        return
+    for sub in ('images', 'annotations'):
+        for split, _ in SPLITS.values():
+            folder = osp.join(ade_root, sub, split)
+            if osp.isdir(folder) and os.listdir(folder):
+                raise FileExistsError(
+                    f'{folder} holds files that the toy data writer did not make (no {MARKER} '
+                    f'in {out_dir}): a real ADE20K copy would lose images to the toy set. Write '
+                    'the toy data to another directory')
+
+
+def _has_toy_coco_annotations(out_dir: str) -> bool:
+    path = osp.join(out_dir, 'coco', COCO_ANN_FILE.format(split='train'))
+    try:
+        with open(path) as f:
+            categories = json.load(f)['categories']
+        return [c['name'] for c in categories] == list(CLASSES)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _remove_numbered_above(folder: str, pattern: str, count: int) -> None:
     """Delete the files of ``folder`` whose names match ``pattern`` with a number (its group)
     above ``count``: what an earlier, larger toy set left there. Other files stay."""
@@ -189,6 +225,10 @@ def make_toy_data(out_dir: str, num_train: int = 400, num_val: int = 100, size: 
     if num_train < 1 or num_val < 1:
         raise ValueError(f'both splits need images, got num_train={num_train}, num_val={num_val}')
     paths = toy_data_paths(out_dir)
+    _check_not_a_real_ade20k(out_dir, paths['ade'])
+    mkdir_or_exist(out_dir)
+    with open(osp.join(out_dir, MARKER), 'w') as f:
+        f.write('written by mmtwins.demo.toy_data: a toy data set, safe to overwrite\n')
     counts = {'train': num_train, 'val': num_val}
     jobs = [(split, i) for split in SPLITS for i in range(1, counts[split] + 1)]
     shapes: Dict[str, List[List[Shape]]] = {split: [] for split in SPLITS}
