@@ -18,9 +18,7 @@ from mmtwins.analysis import plot_logs
 from mmtwins.analysis.peers import randomize_parameters_
 from mmtwins.checkpoint import CheckpointError
 from mmtwins.classification import classifier_state_dict
-from mmtwins.apis.test import build_test_cfg
-from mmtwins.apis.test import main as test_main
-from mmtwins.apis.test import parse_args as parse_test_args
+from mmtwins.apis import test as test_tool
 from mmtwins.classification.convert import main as convert_main
 from mmtwins.models import PCPVT, SVT
 
@@ -186,12 +184,12 @@ def test_tta_averages_the_scores_of_each_image_and_its_flip(trained, tmp_path):
     cfg = tiny_classifier_config(work.parent / 'data', tmp_path / 'tta')
     cfg.dump(tmp_path / 'cls.py')
     argv = [str(tmp_path / 'cls.py'), str(tmp_path / 'model.pth'), '--tta']
-    tta = build_test_cfg(parse_test_args(argv))
+    tta = test_tool.build_test_cfg(test_tool.parse_args(argv))
     assert tta.model.type == 'mmpretrain.AverageClsScoreTTA'
     assert tta.model.module.type == 'ImageClassifier'
     last = tta.test_dataloader.dataset.pipeline[-1]
     assert last.type == 'TestTimeAug' and [t.prob for t in last.transforms[0]] == [1., 0.]
-    metrics = test_main(argv)
+    metrics = test_tool.main(argv)
     runner = Runner.from_cfg(cfg)
     model = runner.model.eval()
     model.load_state_dict(weights)

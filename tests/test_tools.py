@@ -89,7 +89,8 @@ def test_test_amp_enables_autocast_and_warns_where_bf16_is_emulated(monkeypatch)
 def test_test_option_errors():
     with pytest.raises(ValueError, match=r'--out must name a \.pkl/\.pickle file for mmdet'):
         test_api.build_test_cfg(test_api.parse_args([RETINANET, 'c.pth', '--out', 'r.json']))
-    cfg = Config(dict(default_scope='mmpretrain', model=dict(type='ImageClassifier')))
+    # mmseg and mmdet configs need their own (mmpretrain's get its default flip averaging)
+    cfg = Config(dict(default_scope='mmseg', model=dict(type='EncoderDecoder')))
     with pytest.raises(ValueError, match='--tta needs tta_model and tta_pipeline'):
         apply_tta(cfg)
 
