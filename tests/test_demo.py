@@ -2,6 +2,7 @@
 (tools/train.py, tools/test.py with and without --tta, tools/infer.py, curves, summary)."""
 import json
 import math
+import os
 import pickle
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PIL import Image
 from ade_toy import miou_from_maps, read_label_maps
 from coco_toy import coco_stats
 from mmtwins.demo import CLASSES, SEG_CLASSES, make_toy_data
+from mmtwins.demo.toy_data import toy_data_paths
 from mmtwins.demo.inference import infer, list_images
 from mmtwins.demo.pipeline import main as demo_main
 
@@ -98,6 +100,44 @@ def test_a_real_ade20k_copy_is_never_written_over(tmp_path):
     (toy / '.mmtwins_toy_data').unlink()  # a toy set written before the marker: known by its
     make_toy_data(str(toy), num_train=1, num_val=1)  # COCO classes, and written over
     assert (toy / '.mmtwins_toy_data').exists()
+
+
+def test_the_demo_keeps_its_metrics_when_a_later_step_fails(tmp_path, monkeypatch):
+    """metrics.json is written after each evaluation; --num-vis 0 draws nothing. The training
+    and test runs are faked here (test_demo_pipeline_shortened runs them for real)."""
+    from mmtwins.demo import pipeline
+    demo = pipeline.Demo(pipeline.parse_args(['--out-dir', str(tmp_path), '--num-vis', '0']))
+
+    def train(task, config, work_dir):
+        os.makedirs(work_dir, exist_ok=True)
+        (Path(work_dir) / 'last_checkpoint').write_text(f'{work_dir}/epoch_1.pth')
+        return work_dir
+
+    scores = iter([{'coco/bbox_mAP': 0.25}, {'mIoU': 40.0}, {'mIoU': 42.0}])
+    monkeypatch.setattr(demo, 'make_data', lambda: toy_data_paths(str(tmp_path / 'data')))
+    monkeypatch.setattr(demo, 'train', train)
+    monkeypatch.setattr(demo, 'test', lambda *args, **kwargs: next(scores))
+
+    def plot_fails(*args, **kwargs):
+        raise RuntimeError('the plot failed')
+
+    monkeypatch.setattr(pipeline, 'plot_logs', plot_fails)
+    with pytest.raises(RuntimeError, match='the plot failed'):
+        demo.run()
+    saved = json.loads((tmp_path / 'metrics.json').read_text())
+    assert saved['finished'] is False and 'wall_time_s' not in saved
+    assert saved['detection']['box_AP'] == 25.0
+    assert (saved['segmentation']['mIoU'], saved['segmentation']['mIoU_tta']) == (40.0, 42.0)
+    assert not (tmp_path / 'summary.md').exists()
+
+    scores = iter([{'coco/bbox_mAP': 0.25}, {'mIoU': 40.0}, {'mIoU': 42.0}])
+    monkeypatch.setattr(pipeline, 'plot_logs', lambda *args, **kwargs: [])
+    result = demo.run()
+    assert result['finished'] is True and result['detection']['images'] == []
+    assert json.loads((tmp_path / 'metrics.json').read_text()) == json.loads(json.dumps(result))
+    assert '| 25.0 |' in (tmp_path / 'summary.md').read_text()
+    with pytest.raises(SystemExit):
+        pipeline.parse_args(['--num-vis', '-1'])
 
 
 def test_list_images_errors(tmp_path):

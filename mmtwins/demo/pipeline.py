@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from mmtwins.analysis import plot_logs
-from .toy_data import COCO_ANN_FILE, COCO_IMG_DIR, make_toy_data
+from mmtwins.engine.fileio import atomic_write
+from .toy_data import COCO_ANN_FILE, COCO_IMG_DIR, make_toy_data, toy_data_paths
 
 DET_CONFIG = 'configs/demo/retinanet_twins_svt_toy.py'
 SEG_CONFIG = 'configs/demo/fpn_twins_svt_toy.py'
@@ -85,7 +86,8 @@ class Demo:
     # ---------------------------------------------------------------- running tools
     def _header(self, title: str) -> None:
         elapsed = time.time() - self.start
-        print(f'\n==> [{len(self.steps) + 1}/{NUM_STEPS}] {title}  (demo time so far '
+        total = NUM_STEPS - (0 if self.opts.num_vis else 2)
+        print(f'\n==> [{len(self.steps) + 1}/{total}] {title}  (demo time so far '
               f'{int(elapsed // 60)}:{int(elapsed % 60):02d})', flush=True)
 
     def _record(self, title: str, since: float, command: Optional[List[str]] = None) -> None:
@@ -117,14 +119,12 @@ class Demo:
     def cfg_options(self, task: str) -> List[str]:
         """``--cfg-options`` of a task's runs: the toy data under ``data_dir``, then the user's
         overrides."""
-        if task == 'det':
-            root = osp.join(self.data_dir, 'coco', '')
-            ann = root + COCO_ANN_FILE.format(split='val')
-            options = ([f'{loader}.dataset.data_root={root}' for loader in LOADERS] +
-                       [f'{ev}.ann_file={ann}' for ev in ('val_evaluator', 'test_evaluator')])
-            return options + list(self.opts.det_options)
-        root = osp.join(self.data_dir, 'ade', 'ADEChallengeData2016')
+        root = toy_data_paths(self.data_dir)['coco' if task == 'det' else 'ade']
         options = [f'{loader}.dataset.data_root={root}' for loader in LOADERS]
+        if task == 'det':
+            ann = root + COCO_ANN_FILE.format(split='val')
+            options += [f'{ev}.ann_file={ann}' for ev in ('val_evaluator', 'test_evaluator')]
+            return options + list(self.opts.det_options)
         return options + list(self.opts.seg_options)
 
     def train(self, task: str, config: str, work_dir: str) -> str:
@@ -148,8 +148,12 @@ class Demo:
         with open(osp.join(run_dir, f'{osp.basename(run_dir)}.json')) as f:
             return json.load(f)
 
-    def draw(self, task: str, config: str, checkpoint: str, images: List[str]) -> List[str]:
-        """Draw the predictions on ``images`` with ``tools/infer.py``; returns the PNGs."""
+    def draw(self, task: str, config: str, checkpoint: str, folder: str) -> List[str]:
+        """Draw the predictions on the first ``num_vis`` images of ``folder`` with
+        ``tools/infer.py`` (none with ``num_vis`` 0); returns the PNGs."""
+        if not self.opts.num_vis:
+            return []
+        images = [osp.join(folder, n) for n in sorted(os.listdir(folder))[:self.opts.num_vis]]
         out_dir = osp.join(self.out_dir, 'vis', task)
         name = 'detections' if task == 'det' else 'segmentation'
         options = self.opts.det_options if task == 'det' else self.opts.seg_options
@@ -169,52 +173,57 @@ class Demo:
         return paths
 
     def run(self) -> dict:
-        """Run every step; returns what ``metrics.json`` holds."""
+        """Run every step; returns what ``metrics.json`` holds.
+
+        ``metrics.json`` is rewritten after each evaluation (with ``finished`` false until the
+        last step), so a step that fails keeps the metrics and times of those before it.
+        """
         det_config, seg_config = project_file(DET_CONFIG), project_file(SEG_CONFIG)
         det_dir, seg_dir = osp.join(self.out_dir, 'det'), osp.join(self.out_dir, 'seg')
         paths = self.make_data()
+        det, seg = dict(config=det_config), dict(config=seg_config)
+        result = dict(detection=det, segmentation=seg,
+                      data=dict(paths, num_train=self.opts.num_train, num_val=self.opts.num_val),
+                      options=asdict(self.opts), steps=self.steps, finished=False)
 
         det_run = self.train('det', det_config, det_dir)
-        det_ckpt = last_checkpoint(det_dir)
-        det = self.test('det', det_config, det_ckpt, osp.join(det_dir, 'test'),
-                        out=osp.join(det_dir, 'test', 'predictions.pkl'))
+        det['checkpoint'] = last_checkpoint(det_dir)
+        det['test'] = self.test('det', det_config, det['checkpoint'], osp.join(det_dir, 'test'),
+                                out=osp.join(det_dir, 'test', 'predictions.pkl'))
+        det['box_AP'] = box_ap(det['test'])
+        self.save(result)
 
         seg_run = self.train('seg', seg_config, seg_dir)
-        seg_ckpt = last_checkpoint(seg_dir)
-        seg = self.test('seg', seg_config, seg_ckpt, osp.join(seg_dir, 'test'),
-                        out=osp.join(seg_dir, 'test', 'pred_maps'))
-        seg_tta = self.test('seg', seg_config, seg_ckpt, osp.join(seg_dir, 'test_tta'), tta=True)
+        seg['checkpoint'] = last_checkpoint(seg_dir)
+        seg['test'] = self.test('seg', seg_config, seg['checkpoint'], osp.join(seg_dir, 'test'),
+                                out=osp.join(seg_dir, 'test', 'pred_maps'))
+        seg['mIoU'] = seg['test'][SEG_METRIC]
+        self.save(result)
+        seg['test_tta'] = self.test('seg', seg_config, seg['checkpoint'],
+                                    osp.join(seg_dir, 'test_tta'), tta=True)
+        seg['mIoU_tta'] = seg['test_tta'][SEG_METRIC]
+        self.save(result)
 
-        coco_val = osp.join(paths['coco'], COCO_IMG_DIR.format(split='val'))
-        det_images = sorted(os.listdir(coco_val))[:self.opts.num_vis]
-        det_vis = self.draw('det', det_config, det_ckpt,
-                            [osp.join(coco_val, n) for n in det_images])
-        ade_val = osp.join(paths['ade'], 'images', 'validation')
-        seg_images = sorted(os.listdir(ade_val))[:self.opts.num_vis]
-        seg_vis = self.draw('seg', seg_config, seg_ckpt, [osp.join(ade_val, n) for n in seg_images])
+        det['images'] = self.draw('det', det_config, det['checkpoint'],
+                                  osp.join(paths['coco'], COCO_IMG_DIR.format(split='val')))
+        seg['images'] = self.draw('seg', seg_config, seg['checkpoint'],
+                                  osp.join(paths['ade'], 'images', 'validation'))
 
         self._header('Plot the training curves and write the summary')
         since = time.time()
-        curves = dict(
-            det=plot_logs([train_log(det_run)], osp.join(self.out_dir, 'curves', 'det'),
-                          legends=['RetinaNet, Twins-SVT (toy)']),
-            seg=plot_logs([train_log(seg_run)], osp.join(self.out_dir, 'curves', 'seg'),
-                          legends=['Semantic FPN, Twins-SVT (toy)']))
+        det['curves'] = plot_logs([train_log(det_run)], osp.join(self.out_dir, 'curves', 'det'),
+                                  legends=['RetinaNet, Twins-SVT (toy)'])
+        seg['curves'] = plot_logs([train_log(seg_run)], osp.join(self.out_dir, 'curves', 'seg'),
+                                  legends=['Semantic FPN, Twins-SVT (toy)'])
         self._record('Plot the training curves and write the summary', since)
-        result = dict(
-            detection=dict(config=det_config, checkpoint=det_ckpt, test=det,
-                           box_AP=box_ap(det), images=det_vis,
-                           curves=curves['det']),
-            segmentation=dict(config=seg_config, checkpoint=seg_ckpt, test=seg, test_tta=seg_tta,
-                              mIoU=seg[SEG_METRIC], mIoU_tta=seg_tta[SEG_METRIC],
-                              images=seg_vis, curves=curves['seg']),
-            data=dict(paths, num_train=self.opts.num_train, num_val=self.opts.num_val),
-            options=asdict(self.opts),
-            steps=self.steps,
-            wall_time_s=round(time.time() - self.start, 1))
-        check_finite(result)
+        result.update(wall_time_s=round(time.time() - self.start, 1), finished=True)
         self.write_summary(result)
+        check_finite(result)
         return result
+
+    def save(self, result: dict) -> None:
+        """Write ``result`` to ``metrics.json`` (atomically: the previous one or this one)."""
+        atomic_write(osp.join(self.out_dir, 'metrics.json'), json.dumps(result, indent=2))
 
     def write_summary(self, result: dict) -> None:
         """Print the summary table; write it to ``summary.md`` and everything to
@@ -238,10 +247,8 @@ class Demo:
         ]
         text = '\n'.join(lines)
         print('\n' + text, flush=True)
-        with open(osp.join(self.out_dir, 'summary.md'), 'w') as f:
-            f.write(text + '\n')
-        with open(osp.join(self.out_dir, 'metrics.json'), 'w') as f:
-            json.dump(result, f, indent=2)
+        atomic_write(osp.join(self.out_dir, 'summary.md'), text + '\n')
+        self.save(result)
 
 
 def child_env() -> Dict[str, str]:
@@ -308,8 +315,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoOptions:
                         help='config overrides for every run of the segmentor, e.g. '
                         'train_cfg.val_interval=50')
     parser.add_argument('--num-vis', type=int, default=defaults.num_vis,
-                        help='held-out images to draw predictions on (default: %(default)s)')
-    return DemoOptions(**vars(parser.parse_args(argv)))
+                        help='held-out images to draw predictions on, 0 for none (default: '
+                        '%(default)s)')
+    args = parser.parse_args(argv)
+    if args.num_vis < 0:
+        parser.error(f'--num-vis must be 0 or more, got {args.num_vis}')
+    return DemoOptions(**vars(args))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
