@@ -4,13 +4,15 @@ The config's ``default_scope`` picks the inferencer: mmdet's ``DetInferencer`` f
 (``mmdet``), mmseg's ``MMSegInferencer`` for segmentors (``mmseg``). For every input image
 ``NAME.EXT`` it writes, under ``OUT_DIR``:
 
-* ``vis/NAME.png``: the predictions drawn on the image (boxes above the score threshold with their
+* ``vis/NAME.png``: the predictions drawn on the image (boxes scoring above the threshold with their
   class and score; or the class colours blended half-and-half with the image);
 * ``pred/NAME.json`` (detection): every predicted box, ``bboxes`` as ``[x1, y1, x2, y2]`` in the
   input image's pixels, ``labels`` (class indices), ``scores`` and ``classes`` (the class names
   of the checkpoint's data set);
 * ``pred/NAME.png`` (segmentation): the (H, W) map of class indices at the input's size (8-bit;
-  16-bit for more than 256 classes).
+  16-bit for more than 256 classes): the model's classes from 0, so with ADE20K's
+  ``reduce_zero_label`` class ``i`` is the data set's label ``i + 1``, the value
+  ``tools/test.py --out`` writes.
 """
 import argparse
 import json
@@ -99,7 +101,7 @@ def infer(config: str,
         inputs: image files and/or folders.
         out_dir: where ``vis/`` and ``pred/`` go.
         device: e.g. ``'cpu'``, ``'cuda:0'``; default: a GPU if there is one.
-        score_thr: boxes scoring below this are not drawn (all are saved); detection only.
+        score_thr: only boxes scoring above this are drawn (all are saved); detection only.
         batch_size: images per forward pass.
         cfg_options: config overrides, e.g. ``{'model.test_cfg.score_thr': 0.}``.
 
@@ -150,7 +152,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--out-dir', default='outputs/infer', help='where vis/ and pred/ go')
     parser.add_argument('--device', help='e.g. cpu, cuda:0 (default: a GPU if there is one)')
     parser.add_argument('--score-thr', type=float, default=0.3,
-                        help='detection: draw boxes scoring at least this (all are saved)')
+                        help='detection: draw the boxes scoring above this (all are saved)')
     parser.add_argument('--batch-size', type=int, default=1)
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
                         help='override config settings, e.g. model.test_cfg.score_thr=0.01')
