@@ -8,8 +8,9 @@ attention matmuls. :func:`sdpa_flop_jit` counts them and :func:`count_complexity
 
 Convention (the one that reproduces the Twins paper's Table 1 within 1.5 %, see the README): one
 multiply-accumulate is one FLOP; convolutions, linear layers and both attention matmuls
-(``q @ k^T`` and ``attn @ v``) are counted; norms and pooling are counted by MMEngine's estimates
-(a few multiples of their element count); activations, softmax and residual additions are not.
+(``q @ k^T`` and ``attn @ v``) are counted; norms, pooling and bilinear/nearest upsampling are
+counted by MMEngine's estimates (a few multiples of their element count); activations, softmax
+and residual additions are not.
 """
 from collections import Counter
 from dataclasses import dataclass, field
