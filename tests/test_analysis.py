@@ -197,6 +197,13 @@ def test_plot_logs_tool(tmp_path, capsys):
     assert [os.path.basename(p) for p in out] == ['mIoU.png', 'loss.png']
     assert load_json_log(str(log)).curves['mIoU'] == ([50, 100], [30.5, 35.5])
     assert all(os.path.getsize(p) > 1000 for p in out)
+    tool = analysis_tool('plot_logs')  # a user's mistakes end in a one-line message
+    with pytest.raises(SystemExit, match=r"^plot_logs.py: error: key\(s\) \['mAP'\] are in none"):
+        tool.main([str(log), '--keys', 'mAP'])
+    with pytest.raises(SystemExit, match=r'^plot_logs.py: error: 2 legends for 1 logs$'):
+        tool.main([str(log), '--legend', 'a', 'b'])
+    with pytest.raises(SystemExit, match=r'^plot_logs.py: error: no log file or work directory'):
+        tool.main([str(tmp_path / 'missing.json')])
 
 
 def test_peak_live_mb_counts_live_tensor_bytes_not_the_heap():

@@ -20,7 +20,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    for path in plot_logs(args.logs, args.out_dir, args.keys, args.legend):
+    try:
+        paths = plot_logs(args.logs, args.out_dir, args.keys, args.legend)
+    except (FileNotFoundError, KeyError, ValueError) as e:  # the logs or the options given
+        raise SystemExit(f'plot_logs.py: error: {e.args[0] if isinstance(e, KeyError) else e}')
+    for path in paths:
         print(path)
 
 
