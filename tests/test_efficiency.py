@@ -5,11 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.utils import prune
 from conftest import TINY_PCPVT, TINY_SVT
 from probes import CountOps
 
 from mmtwins.analysis.peers import build_impl, saved_tensor_mb
 from mmtwins.models.layers import Mlp
+from mmtwins.models.layers.mlp import _ChunkedMlpFunction
 
 # 64 hidden channels: a chunk bound of 7 * 64 elements gives chunks of 7 token rows, so 2 x 10
 # tokens run as 7 + 7 + 6 rows; None computes the hidden tensor whole.
@@ -97,6 +99,71 @@ def test_chunked_mlp_under_bf16_autocast_keeps_dtypes_and_fp32_accuracy(chunk_el
         y_plain = mlp.fc2(mlp.act(mlp.fc1(x if ln is None else ln(x))))
     assert y.dtype == y_plain.dtype == torch.bfloat16
     torch.testing.assert_close(y, y_plain)
+
+
+def _uses_chunks(mlp, x, norm=None) -> bool:
+    """Whether ``mlp(x, norm)`` ran as the chunked function (in eval mode: no dropout)."""
+    mlp.eval()
+    grad_fn = mlp(x.clone().requires_grad_(), norm=norm).grad_fn
+    mlp.train()
+    return type(grad_fn) is _ChunkedMlpFunction._backward_cls
+
+
+@pytest.mark.filterwarnings('ignore:torch.quantize_per_tensor:UserWarning')  # torch's own
+def test_hooked_or_replaced_layers_take_the_plain_composition():
+    """The chunked path reads fc1/fc2/norm's weights without calling them: a hook (forward or
+    backward, the layer's own or global), pruning, dynamic quantisation or mmpretrain's LoRA
+    would be skipped or broken by it, so those get the plain composition of the modules."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 16)
+    mlp, ln = _mlp(7 * 64, norm=True)
+    assert _uses_chunks(mlp, x, ln)
+    calls = []
+    for layer in (mlp.fc1, mlp.fc2, ln):
+        handle = layer.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+        assert not _uses_chunks(mlp, x, ln)
+        handle.remove()
+    assert calls == ['Linear', 'Linear', 'LayerNorm']
+    handle = mlp.fc1.register_full_backward_hook(lambda *args: None)
+    assert not _uses_chunks(mlp, x, ln)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    assert not _uses_chunks(mlp, x, ln)
+    handle.remove()
+    assert _uses_chunks(mlp, x, ln)  # every hook removed: chunks again
+
+    # pruning: its pre-hook recomputes the weight from weight_orig, which an optimiser updates
+    prune.l1_unstructured(mlp.fc1, 'weight', amount=0.5)
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        mlp(x, norm=ln).square().sum().backward()
+        opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x, norm=ln), mlp.fc2(mlp.act(mlp.fc1(ln(x)))))
+        assert (mlp.fc1.weight == 0).float().mean() == 0.5
+
+    from mmpretrain.models.peft.lora import LoRALinear
+    mlp, _ = _mlp(7 * 64, norm=False)
+    mlp.fc1 = LoRALinear(mlp.fc1, alpha=1, rank=2)
+    mlp(x).sum().backward()  # 'LoRALinear' object has no attribute 'out_features' before
+    assert mlp.fc1.lora_up.weight.grad is not None
+
+    mlp, _ = _mlp(7 * 64, norm=False)
+    quantised = torch.ao.quantization.quantize_dynamic(mlp.eval(), {torch.nn.Linear})
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(quantised(x).flatten(), mlp(x).flatten(), 0)
+    assert cos > 0.99
+
+
+def test_chunked_mlp_refuses_a_second_derivative():
+    """Its backward uses the pre-activations saved in forward, which carry no graph: a second
+    derivative (a gradient penalty) would be silently wrong, so it raises."""
+    mlp, ln = _mlp(7 * 64, norm=True)
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    g, = torch.autograd.grad(mlp(x, norm=ln).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='marked with @once_differentiable'):
+        g.square().sum().backward()
 
 
 def test_chunked_mlp_in_bf16_sums_the_norm_gradients_in_fp32():

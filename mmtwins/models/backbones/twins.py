@@ -64,7 +64,8 @@ class Twins(BaseModule):
     Shapes:
         (B, in_channels, H, W) with H, W >= :attr:`min_input_size` -> a tuple with one
         (B, embed_dims[i], ceil(H / s_i), ceil(W / s_i)) map per ``out_indices`` entry, where
-        s_i = 4, 8, 16, 32.
+        s_i = 4, 8, 16, 32. The maps are channels-last views of the stage tokens (no copy):
+        while gradients are recorded, change them out of place (an in-place op raises).
     """
     arch_zoo: Dict[str, dict] = {}
     default_norm_after_stage = False

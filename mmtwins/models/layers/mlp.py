@@ -21,6 +21,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _module
 
 from .embed import is_exporting
 
@@ -140,6 +142,7 @@ class _ChunkedMlpFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # its saved h carries no graph: a second derivative would be wrong
     def backward(ctx, grad):
         x2, norm_w, norm_b, w1, b1, w2, *hidden = ctx.saved_tensors
         dtype = ctx.dtype
@@ -196,6 +199,21 @@ class _ChunkedMlpFunction(torch.autograd.Function):
                 cast(gw2, w2), cast(gb2, w2), None, None)
 
 
+_HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
+
+
+def _plain_layers(fc1: nn.Module, fc2: nn.Module, norm: Optional[nn.Module]) -> bool:
+    """True where the chunked path may read the layers' weights instead of calling them: each
+    is exactly ``nn.Linear`` (the norm ``nn.LayerNorm``) and no module hook, its own or global,
+    would be skipped."""
+    if any(getattr(_module, f'_global{h}', None) for h in _HOOKS):
+        return False
+    layers = [(fc1, nn.Linear), (fc2, nn.Linear)]
+    if norm is not None:
+        layers.append((norm, nn.LayerNorm))
+    return all(type(m) is cls and not any(getattr(m, h) for h in _HOOKS) for m, cls in layers)
+
+
 class Mlp(nn.Module):
     """Linear -> GELU -> dropout -> Linear -> dropout, on (B, N, C) tokens.
 
@@ -211,8 +229,12 @@ class Mlp(nn.Module):
             backbone's ``with_cp``: inside a checkpointed block the hidden tensor is otherwise
             the largest thing the recomputed forward keeps.
 
-    The chunked path is used unless hidden dropout is active in training or a graph is being
-    recorded for export (which get the plain composition).
+    The chunked path reads the weights of ``fc1``, ``fc2`` and the pre-norm and calls none of
+    them, and its backward is once differentiable (a second derivative, as in a gradient
+    penalty, raises). It is used unless hidden dropout is active in training, a graph is being
+    recorded for export, or one of those layers is not the plain ``nn.Linear``/``nn.LayerNorm``
+    or has forward hooks (quantised, LoRA-wrapped, pruned or hooked layers), which all get the
+    plain composition of the modules.
 
     Shapes:
         (B, N, C) -> (B, N, C).
@@ -233,7 +255,8 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
         """``mlp(norm(x))``: a block's pre-norm passed as ``norm`` runs inside the chunks, so the
         normalised tokens are never materialised whole nor kept for backward."""
-        if is_exporting() or (self.training and self.drop1.p > 0):
+        if (is_exporting() or (self.training and self.drop1.p > 0)
+                or not _plain_layers(self.fc1, self.fc2, norm)):
             x = x if norm is None else norm(x)
             return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
         rows = _chunk_rows(self.fc1.out_features, self.chunk_elems, x.device)
