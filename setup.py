@@ -15,6 +15,10 @@ from setuptools import find_packages, setup
 
 ROOT = osp.dirname(osp.abspath(__file__))
 MIM_FILES = ('configs', 'tools', 'model-index.yml')
+# Tools that need this repository (its requirements/, its git history, a dev machine) and cannot
+# run from an installed package: left out of it.
+CHECKOUT_ONLY = ('tools/setup_env.sh', 'tools/misc/offline_stack.sh', 'tools/misc/gpu_checks.sh',
+                 'tools/analysis_tools/revision_ab.py')
 
 
 def read_version() -> str:
@@ -55,6 +59,21 @@ def add_mim_extension() -> None:
             shutil.copyfile(src, dst)
 
 
+def mim_package_data() -> list:
+    """The files of ``mmtwins/.mim`` (configs, tools, model index) one by one, as paths from
+    ``mmtwins/``: setuptools before 62.3 reads no recursive ``**`` in ``package_data``."""
+    package = osp.join(ROOT, 'mmtwins')
+    files = []
+    for dirpath, dirnames, names in os.walk(osp.join(package, '.mim'), followlinks=True):
+        dirnames[:] = [d for d in dirnames if d != '__pycache__']
+        for name in names:
+            path = osp.relpath(osp.join(dirpath, name), package)
+            if (name.endswith(('.py', '.yml', '.sh'))
+                    and osp.relpath(path, '.mim') not in CHECKOUT_ONLY):
+                files.append(path)
+    return sorted(files)
+
+
 if __name__ == '__main__':
     add_mim_extension()
     setup(
@@ -62,14 +81,9 @@ if __name__ == '__main__':
         version=read_version(),
         description='Twins-PCPVT and Twins-SVT backbones for OpenMMLab 3.x '
         '(mmdet, mmsegmentation, mmpretrain)',
-        python_requires='>=3.8',
+        python_requires='>=3.10',  # torch 2.7 and later
         packages=find_packages(include=['mmtwins', 'mmtwins.*']),
-        package_data={
-            'mmtwins': [
-                '.mim/model-index.yml', '.mim/configs/**/*.py', '.mim/configs/**/*.yml',
-                '.mim/tools/**/*.py', '.mim/tools/**/*.sh'
-            ]
-        },
+        package_data={'mmtwins': mim_package_data()},
         install_requires=read_requirements('requirements/runtime.txt'),
         extras_require={
             'deploy': read_requirements('requirements/deploy.txt'),

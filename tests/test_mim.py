@@ -1,8 +1,11 @@
 """The model zoo for mim: the metafiles, the files packed into ``mmtwins/.mim``, and mim itself."""
 import glob
 import os
+import runpy
+import shutil
 import subprocess
 import sys
+import zipfile
 
 import mmtwins
 import pytest
@@ -58,6 +61,31 @@ def test_package_carries_configs_tools_and_model_index():
         assert os.path.exists(os.path.join(MIM_DIR, name)), f'{name} missing from {MIM_DIR}'
     assert os.path.isfile(os.path.join(MIM_DIR, 'tools', 'train.py'))
     assert os.path.isfile(os.path.join(MIM_DIR, 'configs', 'twins_svt_s_in1k.py'))
+
+
+def test_wheel_carries_every_config_and_tool_but_the_checkout_only_ones(tmp_path):
+    """A wheel built from the tracked files (as pip builds one) holds each config, tool and the
+    model index under mmtwins/.mim, listed one by one in setup.py (setuptools before 62.3 reads
+    no ``**``), without the tools that need this repository."""
+    tracked = subprocess.run(['git', 'ls-files', '-z'], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout.split('\0')
+    src = tmp_path / 'src'
+    for path in filter(None, tracked):
+        (src / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, path), src / path)
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
+                    '--no-build-isolation', '-w', str(tmp_path / 'dist'), str(src)],
+                   check=True, capture_output=True)
+    wheel, = (tmp_path / 'dist').glob('mmtwins-*.whl')
+    with zipfile.ZipFile(wheel) as z:
+        packed = {n[len('mmtwins/.mim/'):] for n in z.namelist() if n.startswith('mmtwins/.mim/')}
+    setup = runpy.run_path(str(src / 'setup.py'), run_name='setup')  # its helpers, no build
+    expected = {p for p in tracked
+                if p.startswith(('configs/', 'tools/')) or p == 'model-index.yml'}
+    assert packed == expected - set(setup['CHECKOUT_ONLY'])
+    assert {'tools/train.py', 'tools/dist_train.sh', 'configs/_base_/segmentation/ade20k.py',
+            'configs/demo/fpn_twins_svt_toy.py'} <= packed
+    assert 'tools/setup_env.sh' not in packed
 
 
 def _mim(*args, cwd=ROOT):

@@ -48,3 +48,11 @@ def test_mmseg_config_with_custom_imports_builds_mmtwins_backbone():
     with DefaultScope.overwrite_default_scope('mmseg'):
         seg = SEG_MODELS.build(cfg.model)
     assert type(seg.backbone) is ours.SVT
+
+
+def test_a_torch_older_than_2_7_is_named_at_import():
+    from mmtwins.models import check_torch_version
+    for version in ('2.7.0', '2.13.0+cu130', '2.8.0a0+git1234'):
+        check_torch_version(version)
+    with pytest.raises(ImportError, match=r'mmtwins needs torch >= 2\.7\.0 .*found torch 2\.6\.0'):
+        check_torch_version('2.6.0+cpu')

@@ -7,8 +7,9 @@
 # mmcv 2.1.0 has no wheel for torch 2.13: it is built once from source with its compiled ops
 # (about 12 minutes on 2 cores) and the wheel is cached in $MMTWINS_WHEEL_CACHE
 # (default ~/.cache/mmtwins/wheels), outside the work tree, for every later set-up with the same
-# torch version (CPU or CUDA build) and Python: a folder per torch version, the Python's tag in
-# the wheel's name.
+# torch version, kind of ops and Python: a folder per torch version and kind of ops (`cuda` where
+# mmcv's build compiles CUDA kernels: torch sees a GPU, or FORCE_CUDA=1; else `cpu`), the
+# Python's tag in the wheel's name.
 # A stamp file makes a re-run that has nothing to do take a second.
 set -euo pipefail
 
@@ -31,6 +32,11 @@ if [[ ! -x $venv/bin/python ]]; then
     log "creating virtual environment $venv"
     "$python" -m venv "$venv"
 fi
+if ! "$venv/bin/python" -m pip --version > /dev/null 2>&1; then
+    log "$venv has no pip (a virtual environment whose creation failed, e.g. without the"
+    log "python3-venv package): remove it, or name another with MMTWINS_VENV, and run this again"
+    exit 1
+fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # pip, minus the "Location ... is ignored" line that a machine-wide pip.conf naming missing local
 # indexes prints for every package
@@ -43,8 +49,12 @@ pip install -q -c "$constraints" 'setuptools' wheel ninja 'numpy' packaging
 pip install -q -c "$constraints" torch torchvision
 
 mmcv_version=$(sed -n 's/^mmcv==//p' "$constraints")
-# The compiled ops hold torch's C++ ABI: a torch pin change must not reuse an older build.
-wheels=$wheels/torch-$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
+# The compiled ops hold torch's C++ ABI: a torch pin change must not reuse an older build. And
+# mmcv compiles its CUDA kernels only where torch sees a GPU or FORCE_CUDA=1 is set: a wheel built
+# without them must not be reused on a GPU machine sharing the cache.
+wheels=$wheels/torch-$("$venv/bin/python" -c 'import os, torch
+ops = "cuda" if torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1" else "cpu"
+print(torch.__version__.split("+")[0] + "-" + ops)')
 py_tag=$("$venv/bin/python" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
 mmcv_wheel=$(ls "$wheels"/mmcv-"$mmcv_version"-"$py_tag"-*.whl 2>/dev/null | head -n1 || true)
 if [[ -z $mmcv_wheel ]]; then
