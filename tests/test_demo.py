@@ -140,6 +140,22 @@ def test_the_demo_keeps_its_metrics_when_a_later_step_fails(tmp_path, monkeypatc
         pipeline.parse_args(['--num-vis', '-1'])
 
 
+def test_an_installed_package_runs_its_own_tools(tmp_path, monkeypatch):
+    """Installed from a wheel, mmtwins' parent is site-packages: the tools come from its .mim
+    copy (not a stray site-packages/tools/), and site-packages is not put first on PYTHONPATH."""
+    from mmtwins.demo import pipeline
+    assert pipeline.source_checkout() == Path(pipeline.__file__).resolve().parents[2]
+    site = tmp_path / 'site-packages'
+    for path in ('mmtwins/.mim/tools/train.py', 'tools/train.py'):
+        (site / path).parent.mkdir(parents=True, exist_ok=True)
+        (site / path).write_text('')
+    monkeypatch.setattr(pipeline, 'PACKAGE', site / 'mmtwins')
+    monkeypatch.delenv('PYTHONPATH', raising=False)
+    assert pipeline.source_checkout() is None
+    assert pipeline.project_file('tools/train.py') == str(site / 'mmtwins/.mim/tools/train.py')
+    assert 'PYTHONPATH' not in pipeline.child_env()
+
+
 def test_list_images_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match='no image file or folder'):
         list_images([str(tmp_path / 'missing.jpg')])

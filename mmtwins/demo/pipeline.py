@@ -48,15 +48,23 @@ DET_METRIC, SEG_METRIC = 'coco/bbox_mAP', 'mIoU'
 NUM_STEPS = 9  # data; train, test (det); train, test, test --tta (seg); draw det, seg; curves
 
 
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def source_checkout() -> Optional[Path]:
+    """The repository this mmtwins is imported from, or None for an installed package (whose
+    parent directory is site-packages)."""
+    root = PACKAGE.parent
+    return root if (root / 'setup.py').is_file() and (root / 'configs').is_dir() else None
+
+
 def project_file(relpath: str) -> str:
     """A file of the project's ``configs/`` or ``tools/``: from the source checkout, else from
     the installed package's ``mmtwins/.mim`` copy."""
-    package = Path(__file__).resolve().parents[1]
-    for root in (package.parent, package / '.mim'):
-        if (root / relpath).is_file():
-            return str(root / relpath)
-    raise FileNotFoundError(f'{relpath} is neither in the source checkout ({package.parent}) nor '
-                            f'in the installed package ({package / ".mim"})')
+    root = source_checkout() or PACKAGE / '.mim'
+    if (root / relpath).is_file():
+        return str(root / relpath)
+    raise FileNotFoundError(f'{relpath} is not in {root}')
 
 
 @dataclass
@@ -252,14 +260,16 @@ class Demo:
 
 
 def child_env() -> Dict[str, str]:
-    """The environment of the tools run: this one, with the directory this mmtwins is imported
-    from first on PYTHONPATH (as ``tools/dist_train.sh`` does), so they run the same code, and
-    one OpenMP thread per process unless ``OMP_NUM_THREADS`` is set: the toy models' ops are too
-    small to gain from more, and on a busy 2-core machine a second thread waiting for a core made
-    each training iteration up to 35x slower here (the data loader worker takes the other core)."""
+    """The environment of the tools run: this one, with the source checkout this mmtwins is
+    imported from first on PYTHONPATH (as ``tools/dist_train.sh`` does), so they run the same code
+    (an installed package is found as it is), and one OpenMP thread per process unless
+    ``OMP_NUM_THREADS`` is set: the toy models' ops are too small to gain from more, and on a busy
+    2-core machine a second thread waiting for a core made each training iteration up to 35x
+    slower here (the data loader worker takes the other core)."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    env['PYTHONPATH'] = os.pathsep.join(p for p in (root, env.get('PYTHONPATH')) if p)
+    root = source_checkout()
+    if root is not None:
+        env['PYTHONPATH'] = os.pathsep.join(p for p in (str(root), env.get('PYTHONPATH')) if p)
     env.setdefault('OMP_NUM_THREADS', '1')
     return env
 
