@@ -259,6 +259,8 @@ def test_training_is_checked_without_the_test_data(tmp_path, monkeypatch):
     (root / 'val2017').rmdir()
     with pytest.raises(ConfigError, match=r'val_dataloader.dataset.data_prefix.img: directory'):
         preflight_check(cfg, train_dataloaders(cfg))
+    cfg.val_cfg = dict()  # a ValLoop of the defaults: validation runs
+    assert train_dataloaders(cfg) == ('train_dataloader', 'val_dataloader')
     cfg.val_cfg = None
     assert train_dataloaders(cfg) == ('train_dataloader', )
     preflight_check(cfg, train_dataloaders(cfg))

@@ -178,7 +178,8 @@ def train_dataloaders(cfg: Config) -> Tuple[str, ...]:
     """The dataloaders ``Runner.train()`` builds: the training one, and the validation one where
     ``val_cfg`` turns validation on; not the test one (a test set not yet downloaded, such as
     COCO test-dev, does not stop mmdet's or mmseg's training either)."""
-    return ('train_dataloader', ) + (('val_dataloader', ) if cfg.get('val_cfg') else ())
+    validates = cfg.get('val_cfg') is not None  # as the Runner decides: an empty dict validates
+    return ('train_dataloader', ) + (('val_dataloader', ) if validates else ())
 
 
 def check_data(cfg: Config, dataloaders: Sequence[str] = DATALOADERS) -> List[str]:
