@@ -30,6 +30,34 @@ def test_every_peer_is_installed_for_the_comparison():
     assert available_peers() == list(PEERS)
 
 
+def test_a_peer_that_fails_to_import_is_left_out_and_named(monkeypatch):
+    import importlib
+    real = importlib.import_module
+
+    def mmseg_asserts(name, *args):
+        if name.startswith('mmseg'):
+            raise AssertionError('MMCV==2.2.0 is used but incompatible')
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, 'import_module', mmseg_asserts)
+    said = []
+    assert available_peers(log=said.append) == ['timm', 'mmpretrain']
+    assert said == ['mmseg is installed but does not import (AssertionError: MMCV==2.2.0 is '
+                    'used but incompatible): left out']
+
+
+@pytest.mark.parametrize('family', ['pcpvt', 'svt'])
+def test_every_implementation_trains_without_dropout_or_drop_path(family):
+    """The timed training steps compute the same function in all four: no stochastic depth
+    (mmseg's SVT defaults to drop_path_rate 0.2) or dropout, so two steps give equal maps."""
+    x = torch.randn(1, 3, 64, 64)
+    for impl in ('mmtwins', *PEERS):
+        model = peers.build_impl(impl, family, 'small').train()
+        with torch.no_grad():
+            first, second = model(x), model(x)
+        assert all(torch.equal(a, b) for a, b in zip(first, second)), impl
+
+
 @pytest.mark.parametrize('peer', PEERS)
 def test_every_peer_computes_mmtwins_function_in_float64(peer):
     # float64 leaves only a real difference of function: mmseg's and mmpretrain's block norms
@@ -85,6 +113,9 @@ def test_compare_peers_short_mode_asserts_agreement(tmp_path):
     data = json.loads(out.read_text())
     assert data['peers'] == list(PEERS) and data['machine']['threads'] >= 1
     assert data['code'] == peers.code_version()  # the commit that ran
+    ran = data['args']  # what --short ran, not the defaults it replaced
+    assert (ran['cases'], ran['warmup'], ran['repeats'], ran['no_memory']) == (
+        ['infer224'], 1, 1, True)
     assert [c['variant'] for c in data['cases']] == ['pcpvt-small', 'svt-small']
     for case in data['cases']:
         assert set(case['max_abs_diff']) == set(PEERS)
@@ -226,6 +257,13 @@ def test_rounds_start_fresh_processes_and_report_the_median_and_the_spread(monke
     assert [ln for ln in lines if 'round ' in ln] == [
         f'svt-small infer 1x3x64x64: round {i} of 3' for i in (1, 2, 3)]
     assert f'({spread} over 3 rounds)' in lines[-1]
+    # the headline is the median round, each round's times paired with each other only
+    assert res.speedup() == statistics.median(ups)
+    three = peers.CaseResult('svt-small', 'infer', [1], 'fp32', round_seconds={
+        'mmtwins': [1.0, 2.0, 1.0], 'timm': [1.1, 2.2, 1.4], 'mmseg': [3.0, 3.0, 1.05]})
+    three.seconds = {n: statistics.median(ts) for n, ts in three.round_seconds.items()}
+    assert three.round_speedups() == pytest.approx([1.1, 1.1, 1.05])
+    assert three.speedup() == pytest.approx(1.1)  # medians of the times would give 1.4
     assert f'{res.speedup():.2f}x ({spread})' in format_markdown([res])
     assert json.loads(peers.to_json([res], {}))['cases'][0]['round_speedups'] == ups
     with pytest.raises(ValueError, match='rounds must be >= 1'):
@@ -245,8 +283,9 @@ def test_rounds_option_reaches_every_case_but_the_short_one(monkeypatch):
     tool.main(['--rounds', '4', '--peers', 'timm', '--short'])
     assert [{j[3]['rounds'] for j in jobs} for jobs in planned] == [{4}, {1}]
     assert len(planned[0]) == 2 * len(peers.DEFAULT_CASES)
-    with pytest.raises(SystemExit, match='--rounds must be >= 1'):
-        tool.main(['--rounds', '0'])
+    for option in (['--rounds', '0'], ['--repeats', '0'], ['--warmup', '-1']):
+        with pytest.raises(SystemExit):
+            tool.parse_args(option)
 
 
 def test_kernel_breakdown_categories_add_up_and_count_matmul_flops():

@@ -108,14 +108,16 @@ def build_impl(impl: str, family: str, arch: str, **kwargs) -> nn.Module:
         from mmseg.models.backbones import twins
         if family == 'svt':
             spec['windiow_sizes'] = s['window_sizes']  # mmseg's spelling
-        model = getattr(twins, cls.__name__)(**spec, qkv_bias=True, norm_after_stage=False)
+        # mmseg's SVT defaults to drop_path_rate 0.2: a training step would skip branches
+        model = getattr(twins, cls.__name__)(**spec, qkv_bias=True, norm_after_stage=False,
+                                             drop_path_rate=0.)
     elif impl == 'mmpretrain':
         from mmpretrain.models.backbones import twins
         spec.update(patch_sizes=[4, 2, 2, 2], strides=[4, 2, 2, 2])
         if family == 'svt':
             spec['window_sizes'] = s['window_sizes']
         model = getattr(twins, cls.__name__)(arch=spec, out_indices=(0, 1, 2, 3), qkv_bias=True,
-                                             norm_after_stage=False)
+                                             norm_after_stage=False, drop_path_rate=0.)
     else:
         raise ValueError(f'unknown implementation {impl!r}; choose mmtwins or one of {PEERS}')
     model.init_weights()
@@ -139,11 +141,24 @@ def _with_block_norm_eps(model: nn.Module, eps: float) -> nn.Module:
     return model
 
 
-def available_peers() -> List[str]:
-    """The peers whose package imports here."""
+def available_peers(log=print) -> List[str]:
+    """The peers whose Twins backbones import here; an installed one that fails to import (say,
+    mmseg 1.2 beside an mmcv it asserts against) is left out with its error logged."""
+    import importlib
     import importlib.util
-    names = {'timm': 'timm', 'mmseg': 'mmseg', 'mmpretrain': 'mmpretrain'}
-    return [p for p in PEERS if importlib.util.find_spec(names[p]) is not None]
+    modules = {'timm': 'timm.models.twins', 'mmseg': 'mmseg.models.backbones.twins',
+               'mmpretrain': 'mmpretrain.models.backbones.twins'}
+    found = []
+    for p in PEERS:
+        if importlib.util.find_spec(p) is None:  # not installed: nothing to say
+            continue
+        try:
+            importlib.import_module(modules[p])
+        except Exception as e:  # noqa: BLE001 - any import failure leaves the peer out
+            log(f'{p} is installed but does not import ({type(e).__name__}: {e}): left out')
+            continue
+        found.append(p)
+    return found
 
 
 def randomize_parameters_(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
@@ -453,9 +468,14 @@ class _Workers:
             raise RuntimeError(f'{name} failed in its worker process:\n{value}')
         return value
 
-    @staticmethod
-    def _died(name: str) -> RuntimeError:
-        return RuntimeError(f'the worker process of {name} died (out of memory?)')
+    def _died(self, name: str) -> RuntimeError:
+        proc = self.procs[list(self.conns).index(name)]
+        proc.join(timeout=5)
+        code = proc.exitcode
+        how = (f'killed by signal {-code}' + (' (SIGKILL: out of memory?)' if code == -9 else '')
+               if code is not None and code < 0 else f'exit code {code}')
+        return RuntimeError(f'the worker process of {name} died ({how}; its own error, if it '
+                            'printed one, is on stderr above)')
 
     def ask(self, name: str, cmd):
         """Send ``cmd`` (a command name, or ``('peak', steps)``) to ``name``'s worker; its
@@ -554,8 +574,11 @@ class CaseResult:
 
     def speedup(self) -> Optional[float]:
         """Fastest peer's median time over mmtwins' (> 1: mmtwins is faster); for an autocast
-        case, mmtwins' fp32 time over its autocast time."""
-        return _speedup(self.seconds)
+        case, mmtwins' fp32 time over its autocast time. Over several rounds, the median of the
+        rounds' speed-ups, each from the times of one round's processes (the medians of the
+        entries' times over the rounds would pair times of different rounds)."""
+        ups = self.round_speedups()
+        return statistics.median(ups) if ups else _speedup(self.seconds)
 
     def round_speedups(self) -> List[float]:
         """The speed-up of each round, each from that round's fresh processes (empty for a
@@ -941,6 +964,9 @@ CASES = {
     'amp-train512': ('train', (2, 3, 512, 512), 'peers'),
 }
 DEFAULT_CASES = ('infer224', 'infer512', 'train512', 'amp512')
+#: ``--short`` (CI): per variant, the agreement check and one timed inference of one image.
+SHORT_SHAPE = (1, 3, 224, 224)
+SHORT = dict(warmup=1, repeats=1, memory=False, rounds=1)
 SMALL_VARIANTS = ('pcpvt-small', 'svt-small')
 ALL_VARIANTS = tuple(f'{f}-{a}' for f in FAMILIES for a in ('small', 'base', 'large'))
 
@@ -957,8 +983,7 @@ def plan(variants: Sequence[str], cases: Sequence[str], kw: dict, batch: Optiona
     jobs = []
     for v in variants:
         if short:
-            jobs.append((v, 'infer', (1, 3, 224, 224), dict(kw, warmup=1, repeats=1,
-                                                             memory=False, rounds=1)))
+            jobs.append((v, 'infer', SHORT_SHAPE, dict(kw, **SHORT)))
             continue
         for case in cases:
             mode, shape, amp = CASES[case]

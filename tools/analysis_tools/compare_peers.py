@@ -39,7 +39,9 @@ def parse_args(argv=None):
                    'the first and of all of them; the heap of a training process takes a few '
                    'steps to settle (measured: the '
                    "peers' first 3-4 training steps at 512x512 are slower than the later ones)")
-    p.add_argument('--repeats', type=int, default=7, help='timed steps per implementation')
+    p.add_argument('--repeats', type=int, default=8,
+                   help='timed steps per implementation (a multiple of 4 gives each of four '
+                   'implementations every turn position equally often)')
     p.add_argument('--rounds', type=int, default=1,
                    help='run every case this many times, each with fresh worker processes, and '
                    "report the median of the rounds and the speed-up's spread over them: a "
@@ -66,7 +68,11 @@ def parse_args(argv=None):
     p.add_argument('--out', help='write the results as JSON here (rewritten after every case, '
                    'so an interrupted run keeps the cases it finished)')
     p.add_argument('--markdown', help='write the results as a Markdown table here (likewise)')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, least in (('warmup', 0), ('repeats', 1), ('rounds', 1)):
+        if getattr(args, name) < least:
+            p.error(f'--{name} must be at least {least}, got {getattr(args, name)}')
+    return args
 
 
 def main(argv=None):
@@ -74,8 +80,6 @@ def main(argv=None):
     if args.keep_freed_memory:
         P.keep_freed_memory()  # before the workers spawn: glibc reads it at process start
     peers = args.peers or P.available_peers()
-    if args.rounds < 1:
-        raise SystemExit(f'--rounds must be >= 1, got {args.rounds}')
     kw = dict(peers=peers, device=args.device, warmup=args.warmup, repeats=args.repeats,
               rounds=args.rounds,
               memory=not args.no_memory, kernels=args.kernels,
@@ -87,7 +91,12 @@ def main(argv=None):
               + (' with uncommitted changes to mmtwins/' if code['dirty'] else ''))
     variants = P.ALL_VARIANTS if args.variants == ['all'] else args.variants
     jobs = P.plan(variants, args.cases, kw, batch=args.batch, short=args.short)
-    P.run_plan(jobs, dict(machine=machine, code=code, peers=peers, args=vars(args)),
+    ran = vars(args)
+    if args.short:  # what plan() runs instead of the cases and counts given
+        short = dict(P.SHORT)
+        ran.update(cases=['infer224'], batch=P.SHORT_SHAPE[0],
+                   no_memory=not short.pop('memory'), **short)
+    P.run_plan(jobs, dict(machine=machine, code=code, peers=peers, args=ran),
                out=args.out, markdown=args.markdown)
     for path in filter(None, [args.out, args.markdown]):
         print(f'wrote {path}')
