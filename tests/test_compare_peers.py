@@ -58,6 +58,20 @@ def test_every_implementation_trains_without_dropout_or_drop_path(family):
         assert all(torch.equal(a, b) for a, b in zip(first, second)), impl
 
 
+def test_a_disagreeing_peer_stops_the_comparison_before_any_timing(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 224, 224)
+    peer = peers.build_impl('timm', 'svt', 'small')
+    assert peers.max_abs_diff_with_peer(peer, 'svt', 'small', x) < 1e-4
+    peer.model.blocks[0][0].norm1.eps = 1e-3  # another function, the same weights: seen
+    assert peers.max_abs_diff_with_peer(peer, 'svt', 'small', x) > 1e-4
+    monkeypatch.setattr(peers, 'peer_agreement', lambda p, *args: 2e-4 if p == 'mmseg' else 0.)
+    monkeypatch.setattr(peers, '_Workers', None)  # nothing may be timed
+    with pytest.raises(AssertionError, match=r'mmtwins disagrees with mmseg on svt-small: max '
+                       r'abs difference 0\.0002 > 0\.0001'):
+        compare_case('svt', 'small', 'infer', (1, 3, 64, 64), peers=['timm', 'mmseg'])
+
+
 @pytest.mark.parametrize('peer', PEERS)
 def test_every_peer_computes_mmtwins_function_in_float64(peer):
     # float64 leaves only a real difference of function: mmseg's and mmpretrain's block norms

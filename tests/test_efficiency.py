@@ -10,6 +10,10 @@ from conftest import TINY_PCPVT, TINY_SVT
 from probes import CountOps
 
 from mmtwins.analysis.peers import build_impl, saved_tensor_mb
+
+# One thread: these small ops gain nothing from two, and on a loaded 2-core machine a second
+# thread waiting for a core made a test's computation 10-50x slower (measured).
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 from mmtwins.models.layers import Mlp
 from mmtwins.models.layers.mlp import _ChunkedMlpFunction
 
@@ -154,6 +158,24 @@ def test_hooked_or_replaced_layers_take_the_plain_composition():
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(quantised(x).flatten(), mlp(x).flatten(), 0)
     assert cos > 0.99
+
+
+def test_hidden_dropout_drops_in_training_only():
+    """With drop > 0 a training call runs the plain composition, whose dropouts drop (after the
+    GELU and after fc2); an eval call is the chunked path, without them."""
+    torch.manual_seed(0)
+    mlp, x = Mlp(16, 64, drop=0.5, chunk_elems=7 * 64), torch.randn(2, 10, 16)
+    with torch.no_grad():
+        plain = mlp.fc2(mlp.act(mlp.fc1(x)))
+        first, second = mlp(x), mlp(x)
+        assert not torch.allclose(first, plain) and not torch.allclose(first, second)
+        hidden = []
+        handle = mlp.drop1.register_forward_hook(lambda m, args, out: hidden.append(out))
+        mlp(x)
+        handle.remove()
+        assert (hidden[0] == 0).float().mean() > 0.3  # about half of the hidden units dropped
+        mlp.eval()
+        torch.testing.assert_close(mlp(x), plain)
 
 
 def test_chunked_mlp_refuses_a_second_derivative():

@@ -333,9 +333,12 @@ def _resume_check_on_rank(rank: int, work: str, store: str) -> None:
 
     import torch.distributed as dist
 
-    from mmtwins.engine import AtomicCheckpointHook
+    from mmtwins.engine import AtomicCheckpointHook, checkpoint_hook
     dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=30))
+    barriers = []
+    real_barrier = checkpoint_hook.barrier
+    checkpoint_hook.barrier = lambda: (barriers.append(rank), real_barrier())
     try:
         if rank == 1:
             while (Path(work) / 'last_checkpoint').read_text() != f'{work}/iter_2.pth':
@@ -345,7 +348,7 @@ def _resume_check_on_rank(rank: int, work: str, store: str) -> None:
         AtomicCheckpointHook(interval=2, by_epoch=False).before_run(runner)
         total = torch.ones(1)
         dist.all_reduce(total)  # timed out on rank 0 when only it had waited in a barrier
-        assert total.item() == 2
+        assert total.item() == 2 and barriers == [rank]  # each rank waited for the others
     finally:
         dist.destroy_process_group()
 

@@ -105,12 +105,19 @@ def test_segmentor_logits_and_labels_via_the_tool(tmp_path, capsys):
         module = build_export_module(model)
         torch.testing.assert_close(module(images)[0], expected, rtol=0, atol=1e-6)
 
-    # The label map: one export, compared pixel by pixel.
+    # The label map: mmseg's prediction (the argmax of its logits); one export, compared pixel
+    # by pixel, and a model of other weights differs in some pixels.
     module = build_export_module(model, seg_output='labels')
+    with torch.no_grad():
+        torch.testing.assert_close(module(images)[0], expected.argmax(dim=1), rtol=0, atol=0)
     path = str(tmp_path / 'labels.onnx')
     assert export_onnx(module, path, (64, 96)) == ['seg_labels']
     [res] = verify_onnx(path, module, [(2, 97, 131)])
     assert res['outputs']['seg_labels'] == dict(shape=(2, 97, 131), mismatches=0)
+    other = build_export_module(randomize_parameters_(load_model(cfg_file), seed=1),
+                                seg_output='labels')
+    [res] = verify_onnx(path, other, [(2, 97, 131)])
+    assert res['outputs']['seg_labels']['mismatches'] > 0
 
 
 def test_upernet_pyramid_pooling_exports_with_dynamic_sizes(tmp_path):
