@@ -91,7 +91,7 @@ def main(argv=None):
               + (' with uncommitted changes to mmtwins/' if code['dirty'] else ''))
     variants = P.ALL_VARIANTS if args.variants == ['all'] else args.variants
     jobs = P.plan(variants, args.cases, kw, batch=args.batch, short=args.short)
-    ran = vars(args)
+    ran = dict(vars(args))
     if args.short:  # what plan() runs instead of the cases and counts given
         short = dict(P.SHORT)
         ran.update(cases=['infer224'], batch=P.SHORT_SHAPE[0],
