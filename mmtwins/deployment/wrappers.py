@@ -41,7 +41,8 @@ class ExportModule(nn.Module):
     """Base of the export wrappers.
 
     Subclasses implement :meth:`named_outputs`; ``forward`` returns its tensors as a flat tuple
-    and :meth:`output_shapes` their names (static strings, so tracing records none of this).
+    and :meth:`output_shapes` their names (static strings, so tracing records none of this) and
+    shapes.
 
     Attributes:
         kind (str): ``'backbone'``, ``'segmentor'`` or ``'detector'``.

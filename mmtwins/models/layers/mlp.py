@@ -233,8 +233,8 @@ class Mlp(nn.Module):
     them, and its backward is once differentiable (a second derivative, as in a gradient
     penalty, raises). It is used unless hidden dropout is active in training, a graph is being
     recorded for export, or one of those layers is not the plain ``nn.Linear``/``nn.LayerNorm``
-    or has forward hooks (quantised, LoRA-wrapped, pruned or hooked layers), which all get the
-    plain composition of the modules.
+    or has module hooks, forward or backward, its own or global (quantised, LoRA-wrapped, pruned
+    or hooked layers), which all get the plain composition of the modules.
 
     Shapes:
         (B, N, C) -> (B, N, C).
