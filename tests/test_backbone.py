@@ -261,6 +261,10 @@ def test_init_weights_random():
     assert torch.all(attn.qkv.bias == 0)
     conv = model.patch_embeds[0].proj  # normal(0, sqrt(2 / fan_out)), fan_out = 4 * 4 * 16
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / 256), rel=0.2)
+    # the PEG's depthwise 3x3 conv: fan_out = 3 * 3 * C / C (groups = C) = 9
+    peg = torch.cat([m.proj[0].weight.flatten() for m in model.pos_block])
+    assert peg.std().item() == pytest.approx(math.sqrt(2 / 9), rel=0.1)
+    assert torch.all(model.pos_block[0].proj[0].bias == 0)
     assert torch.all(model.blocks[0][0].norm1.weight == 1)
 
 

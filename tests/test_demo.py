@@ -59,6 +59,8 @@ def test_toy_data_layouts_agree_and_are_deterministic(tmp_path):
         for ann in by_image[img['id']]:
             x, y, w, h = ann['bbox']
             assert 0 <= x and 0 <= y and x + w <= SIZE and y + h <= SIZE and min(w, h) >= 8
+            xs, ys = ann['segmentation'][0][0::2], ann['segmentation'][0][1::2]
+            assert [x, y, x + w, y + h] == pytest.approx([min(xs), min(ys), max(xs), max(ys)])
             inside = label_map[int(y):math.ceil(y + h) + 1, int(x):math.ceil(x + w) + 1]
             # the polygon's pixels in the map match its area (up to the rasterised border)
             pixels = np.count_nonzero(inside == ann['category_id'] + 1)

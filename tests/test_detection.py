@@ -84,13 +84,16 @@ def test_config_has_paper_settings_and_builds(name, no_default_init):
         assert set(cfg.optim_wrapper.paramwise_cfg.custom_keys) == {'pos_block', 'norm'}
     epochs, milestones = (12, [8, 11]) if sched == '1x' else (36, [27, 33])
     warmup, steps = cfg.param_scheduler
-    assert (warmup.type, warmup.by_epoch, warmup.end) == ('LinearLR', False, 500)
+    assert (warmup.type, warmup.by_epoch, warmup.start_factor, warmup.end) == (
+        'LinearLR', False, 0.001, 500)
     assert (steps.type, steps.milestones, steps.gamma) == ('MultiStepLR', milestones, 0.1)
     assert cfg.train_cfg.max_epochs == epochs and steps.end == epochs
     assert cfg.auto_scale_lr == dict(enable=False, base_batch_size=16)
     assert cfg.train_dataloader.batch_size == 2  # x 8 GPUs = the paper's 16
 
     pipeline = cfg.train_dataloader.dataset.pipeline
+    flip = pipeline[2 if sched == '3x' else 3]
+    assert (flip.type, flip.prob) == ('RandomFlip', 0.5)
     if sched == '1x':
         assert (pipeline[2].type, pipeline[2].scale, pipeline[2].keep_ratio) == (
             'Resize', (1333, 800), True)

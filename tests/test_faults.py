@@ -201,10 +201,11 @@ class FaultToyModel(BaseModel):
 
 @DATASETS.register_module(force=True)
 class FaultToyDataset(BaseDataset):
-    """8 samples in a fixed order; ``nan_at`` makes that sample's input NaN."""
+    """8 samples in a fixed order; ``nan_at`` (an index or a list of them) makes those samples'
+    inputs NaN."""
 
     def __init__(self, nan_at=-1, **kwargs):
-        self.nan_at = nan_at
+        self.nan_at = {nan_at} if isinstance(nan_at, int) else set(nan_at)
         super().__init__(serialize_data=False, **kwargs)
 
     def load_data_list(self):
@@ -212,14 +213,14 @@ class FaultToyDataset(BaseDataset):
         data = []
         for i in range(8):
             x = torch.randn(2, generator=gen)
-            if i == self.nan_at:
+            if i in self.nan_at:
                 x[0] = float('nan')
             data.append(dict(inputs=x, targets=x.sum(0, keepdim=True)))
         return data
 
 
 def toy_runner(work_dir: Path, max_iters=8, nan_at=-1, skip=False, resume=False,
-               load_from=None, max_keep_ckpts=-1) -> Runner:
+               load_from=None, max_keep_ckpts=-1, max_consecutive_skips=10) -> Runner:
     cfg = Config(dict(
         model=dict(type='FaultToyModel'),
         work_dir=str(work_dir),
@@ -232,7 +233,8 @@ def toy_runner(work_dir: Path, max_iters=8, nan_at=-1, skip=False, resume=False,
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9)),
         default_hooks=dict(checkpoint=dict(type='mmtwins.AtomicCheckpointHook', interval=2,
                                            by_epoch=False, max_keep_ckpts=max_keep_ckpts)),
-        custom_hooks=[dict(type='mmtwins.NonFiniteLossHook', skip=skip)],
+        custom_hooks=[dict(type='mmtwins.NonFiniteLossHook', skip=skip,
+                           max_consecutive_skips=max_consecutive_skips)],
         default_scope='mmengine', resume=resume, load_from=load_from,
         randomness=dict(seed=0), log_level='WARNING'))
     return build_runner(cfg)  # the Runner of tools/train.py
@@ -275,6 +277,56 @@ def test_nan_loss_skip_mode_drops_the_step_and_trains_on(tmp_path):
         assert torch.equal(saved[5][k], saved[4][k])  # the NaN step changed nothing
         assert not torch.equal(saved[6][k], saved[5][k])  # training went on
         assert torch.isfinite(saved[8][k]).all()
+    # after training the optimizer wrapper is the plain one again (no guard left behind)
+    assert 'update_params' not in vars(runner.optim_wrapper) and hook._wrapper is None
+
+
+def test_nan_loss_skip_mode_stops_after_max_consecutive_skips(tmp_path):
+    runner = toy_runner(tmp_path / 'w', nan_at=[2, 3, 4], skip=True, max_consecutive_skips=2)
+    saved = {}
+    runner.register_hook(_Snapshot(saved), priority='VERY_LOW')
+    with pytest.raises(FloatingPointError, match=r'at iteration 5: nan; 3 consecutive steps had '
+                       r'a non-finite loss \(max_consecutive_skips=2\): the run has diverged'):
+        runner.train()
+    hook = next(h for h in runner.hooks if type(h).__name__ == 'NonFiniteLossHook')
+    assert hook.skipped_iters == [3, 4, 5]
+    for k, v in weights(runner).items():
+        assert torch.equal(v, saved[2][k])  # none of the three NaN steps changed the weights
+
+
+def test_nan_loss_skip_mode_counts_only_consecutive_steps(tmp_path):
+    runner = toy_runner(tmp_path / 'w', nan_at=[1, 3, 5], skip=True, max_consecutive_skips=1)
+    runner.train()  # a finite step between the NaN ones resets the count
+    hook = next(h for h in runner.hooks if type(h).__name__ == 'NonFiniteLossHook')
+    assert hook.skipped_iters == [2, 4, 6] and runner.iter == 8
+
+
+def _loss_guard_on_rank(rank: int, store: str) -> None:
+    """Rank ``rank`` of 2 gloo processes checks its loss: NaN on rank 1 only."""
+    import datetime
+    import types
+
+    import torch.distributed as dist
+
+    from mmtwins.engine import NonFiniteLossHook
+    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        loss = torch.tensor(float('nan') if rank == 1 else 1.5)
+        assert not NonFiniteLossHook._all_finite(loss)  # every rank sees the NaN
+        hook = NonFiniteLossHook()
+        runner = types.SimpleNamespace(iter=2, epoch=0, train_loop=None)
+        own = 'nan' if rank == 1 else '1.5 here, not on another rank'
+        with pytest.raises(FloatingPointError, match=f'at iteration 3: {own}\\. Training stopped'):
+            hook._on_non_finite(runner, loss)
+        assert NonFiniteLossHook._all_finite(torch.tensor(2.0))  # all finite: no rank stops
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
+    """A rank stopping alone would leave the others waiting in DDP's gradient all-reduce."""
+    torch.multiprocessing.spawn(_loss_guard_on_rank, (str(tmp_path / 'store'), ), nprocs=2)
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path):
@@ -311,6 +363,21 @@ def test_a_directory_checkpoint_is_left_to_its_engine(tmp_path):
     (tmp_path / 'iter_2.pth').mkdir()
     assert checkpoint_problem(str(tmp_path / 'iter_2.pth')) is None
     assert checkpoint_problem(str(tmp_path / 'iter_4.pth')) == 'the file does not exist'
+
+
+def test_a_flipped_byte_inside_a_member_is_found_by_its_crc(tmp_path):
+    """The zip directory and sizes are intact, so only the members' CRCs tell."""
+    path = tmp_path / 'iter_2.pth'
+    weights_ = torch.arange(1000, dtype=torch.float32)
+    torch.save({'state_dict': {'w': weights_}}, path)
+    assert checkpoint_problem(str(path)) is None
+    data = bytearray(path.read_bytes())
+    at = data.find(weights_.numpy().tobytes()) + 2000  # inside the tensor's storage
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    problem = checkpoint_problem(str(path))
+    assert problem is not None and problem.endswith('is corrupt (CRC mismatch)'), problem
+    assert 'data/0' in problem  # names the tensor's storage
 
 
 def test_the_fallback_skips_an_earlier_runs_higher_steps(tmp_path):

@@ -157,30 +157,58 @@ def test_segmentor_checkpoint_is_loaded_strictly(tmp_path):
         load_model(cfg_file, str(ckpt))
 
 
-def test_detector_raw_head_outputs(tmp_path):
-    cfg = tiny_model_config('retinanet_twins_pcpvt_s_1x.py')
+def export_detector(name: str, tmp_path: Path, sizes):
+    """Export the tiny ``configs/<name>`` detector at 64x96 and run it at ``sizes`` ((B, H, W)
+    each) -> (config, output names, ONNX path, per-size results), checked within TOL."""
+    cfg = tiny_model_config(name)
     torch.manual_seed(0)
     module = build_export_module(load_model(cfg))
-    path = str(tmp_path / 'retinanet.onnx')
+    path = str(tmp_path / 'detector.onnx')
     names = export_onnx(module, path, (64, 96))
+    results = verify_onnx(path, module, sizes)
+    assert max_diff(results) <= TOL
+    return cfg, names, path, results
+
+
+def level_hw(h: int, w: int, stride: int) -> tuple:
+    return -(-h // stride), -(-w // stride)
+
+
+def test_detector_raw_head_outputs(tmp_path):
+    sizes = [(1, 64, 96), (2, 97, 131), (1, 200, 336)]
+    cfg, names, path, results = export_detector('retinanet_twins_pcpvt_s_1x.py', tmp_path, sizes)
     levels = range(5)  # FPN: stages 1-3 + 2 extra levels
     assert names == [f'{kind}_{i}' for kind in ('cls_scores', 'bbox_preds') for i in levels]
     assert non_default_domain_ops(path) == set()
     # the levels' sizes differ, so no two outputs may share a declared height or width
     spatial = [d for out in onnx.load(path).graph.output for d in dims(out)[2:]]
     assert len(set(spatial)) == len(spatial) == 2 * len(names)
-    sizes = [(1, 64, 96), (2, 97, 131), (1, 200, 336)]
-    results = verify_onnx(path, module, sizes)
-    assert max_diff(results) <= TOL
     anchors = cfg.model.bbox_head.anchor_generator
     per_loc = len(anchors.ratios) * anchors.scales_per_octave
     num_classes = cfg.model.bbox_head.num_classes
     for (b, h, w), res in zip(sizes, results):
         for i in levels:
-            stride = 8 * 2**i
-            hw = (-(-h // stride), -(-w // stride))
+            hw = level_hw(h, w, 8 * 2**i)
             assert res['outputs'][f'cls_scores_{i}']['shape'] == (b, per_loc * num_classes, *hw)
             assert res['outputs'][f'bbox_preds_{i}']['shape'] == (b, per_loc * 4, *hw)
+
+
+def test_two_stage_detector_exports_fpn_features_and_rpn_outputs(tmp_path):
+    """Mask R-CNN: the RoI heads need the FPN levels (exported) and the proposals."""
+    sizes = [(1, 64, 96), (2, 97, 131)]
+    cfg, names, _, results = export_detector('mask_rcnn_twins_svt_s_1x.py', tmp_path, sizes)
+    levels = range(5)  # FPN: stages 1-4 + 1 max-pooled level
+    assert names == [f'feat{i}' for i in levels] + [
+        f'{kind}_{i}' for kind in ('cls_scores', 'bbox_preds') for i in levels]
+    anchors = cfg.model.rpn_head.anchor_generator
+    per_loc = len(anchors.ratios) * len(anchors.scales)
+    for (b, h, w), res in zip(sizes, results):
+        outputs = res['outputs']
+        for i in levels:
+            hw = level_hw(h, w, 4 * 2**i)
+            assert outputs[f'feat{i}']['shape'] == (b, 16, *hw)
+            assert outputs[f'cls_scores_{i}']['shape'] == (b, per_loc, *hw)  # objectness
+            assert outputs[f'bbox_preds_{i}']['shape'] == (b, per_loc * 4, *hw)
 
 
 def test_export_rejects_a_too_small_example(tmp_path):

@@ -243,6 +243,17 @@ def test_seg_tta_model_averages_probabilities_and_keeps_original_meta(with_gt):
     assert not hasattr(merged, 'seg_logits')
 
 
+def test_seg_tta_model_averages_probabilities_not_logits():
+    from mmtwins.segmentation import SegTTAModel
+    # Two views sure of class 0, one surer of class 1. Mean logits (2.67, 3): class 1; mean
+    # probabilities (0.65, 0.35): class 0, mmseg's choice too (it sums softmax outputs).
+    views = [torch.tensor([4., 0.]).view(2, 1, 1)] * 2 + [torch.tensor([0., 9.]).view(2, 1, 1)]
+    assert torch.stack(views).mean(dim=0).argmax() == 1
+    tta = SegTTAModel(module=_StubSegmentor(out_channels=2))
+    merged, = tta.merge_preds([[_view(v, False) for v in views]])
+    assert merged.pred_sem_seg.data.tolist() == [[[0]]]
+
+
 def test_seg_tta_model_binary_head_thresholds_the_mean_probability_once():
     from mmtwins.segmentation import SegTTAModel
     # mmseg stores sigmoid probabilities for a binary head: mean 0.275 < 0.3 is background.

@@ -258,8 +258,10 @@ def saved_tensor_mb(model: nn.Module, x: torch.Tensor) -> float:
 
 
 #: Operator categories of :func:`kernel_breakdown`: (category, operator names, name substrings),
-#: matched in this order; everything else is ``other`` (element-wise ops, reductions such as the
-#: bias gradients, softmax of unfused attention, autograd and Python overhead). On CUDA the
+#: matched in this order; every other operator is ``other`` (element-wise ops, reductions such as
+#: the bias gradients, softmax of unfused attention, the autograd engine's own time around each
+#: backward function). Python time between operators is in no category: it is part of the gap
+#: between ``total`` and ``wall_ms``. On CUDA the
 #: fused attention's kernels are launched by ``aten::_efficient_attention_forward`` and
 #: ``aten::_flash_attention_backward`` and the like, below ``scaled_dot_product_*``.
 KERNEL_CATEGORIES = (
