@@ -178,12 +178,15 @@ def test_page_faults_are_counted_and_keep_freed_memory_spares_later_steps_them()
 def test_machine_info_tells_amx_cpus_apart(tmp_path, monkeypatch, flags, amx):
     cpuinfo = tmp_path / 'cpuinfo'
     if flags is not None:
-        cpuinfo.write_text(f'processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\n'
-                           'processor\t: 1\nmodel name\t: Some CPU\nflags\t\t: fpu\n')
+        cpuinfo.write_text(f'processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\n'
+                           f'model name\t: Some CPU\nflags\t\t: {flags}\n\n'
+                           'processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\n'
+                           'model name\t: Some CPU\nflags\t\t: fpu\n')
     monkeypatch.setattr(peers, '_CPUINFO', str(cpuinfo))
     info = peers.machine_info()
     assert info['cpu_amx'] is amx
     assert (info['cpu'] == 'Some CPU') is (flags is not None)
+    assert info['cpu_family_model'] == ('26/2' if flags is not None else None)
 
 
 def test_code_version_names_the_checkout_commit_and_nothing_elsewhere(tmp_path):

@@ -5,12 +5,7 @@ _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
     'mmdet::_base_/datasets/coco_instance.py',
     './det_twins_runtime.py',  # mmdet's runtime, mmtwins' modules and hooks
-    './twins_imagenet.py',
+    './twins_dense_backbone.py',  # the backbone settings and ImageNet checkpoints
 ]
 
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.2,
-        init_cfg=dict(type='Pretrained')))
+model = dict(backbone=dict(_delete_=True, **_base_.twins_dense_backbone))

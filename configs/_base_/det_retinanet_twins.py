@@ -7,12 +7,7 @@ _base_ = [
     'mmdet::_base_/datasets/coco_detection.py',
     './det_twins_runtime.py',  # mmdet's runtime, mmtwins' modules and hooks
     'mmdet::retinanet/retinanet_tta.py',  # multi-scale + flip test (tools/test.py --tta)
-    './twins_imagenet.py',
+    './twins_dense_backbone.py',  # the backbone settings and ImageNet checkpoints
 ]
 
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.2,
-        init_cfg=dict(type='Pretrained')))
+model = dict(backbone=dict(_delete_=True, **_base_.twins_dense_backbone))

@@ -796,24 +796,33 @@ def machine_info(device: str = 'cpu') -> dict:
     GPU.
 
     ``cpu_amx`` (the ``amx_bf16`` flag of ``/proc/cpuinfo``; None where that file is missing)
-    tells apart CPUs that ``cpu_capability`` reports alike, whose bf16 speed differs (measured in
-    docs/benchmarks.md: autocast inference 2.1-2.4x fp32 with AMX, 1.45-1.57x with AVX512-BF16
-    alone). On a GPU also its name, the CUDA and cuDNN versions and whether fp32 matmuls and
-    convolutions may use TF32 (PyTorch's defaults: matmuls no, cuDNN convolutions yes).
+    and ``cpu_family_model`` (its x86 ``cpu family/model``, e.g. ``26/2``, a Zen 5 EPYC; None
+    where it lacks them) tell apart CPUs that ``cpu_capability`` and a virtual machine's CPU name
+    (``AMD EPYC``) report alike, whose bf16 speed differs (measured in docs/benchmarks.md:
+    autocast inference 2.0-2.8x fp32 with AMX, 1.45-1.57x with AVX512-BF16 alone on an older
+    EPYC, 2.24-2.48x on the Zen 5 one). On a GPU also its name, the CUDA and cuDNN versions and
+    whether fp32 matmuls and convolutions may use TF32 (PyTorch's defaults: matmuls no, cuDNN
+    convolutions yes).
     """
     cpu, flags = platform.processor() or platform.machine(), None
+    family_model = {}
     try:
         with open(_CPUINFO) as f:
             for line in f:
                 key, _, value = line.partition(':')
                 if key.strip() == 'model name':
                     cpu = value.strip()
+                elif key.strip() in ('cpu family', 'model'):
+                    family_model[key.strip()] = value.strip()
                 elif key.strip() == 'flags':
                     flags = value.split()
                     break
     except OSError:
         pass
-    info = dict(cpu=cpu, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+    info = dict(cpu=cpu,
+                cpu_family_model=(f"{family_model['cpu family']}/{family_model['model']}"
+                                  if len(family_model) == 2 else None),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 cpu_amx=None if flags is None else 'amx_bf16' in flags,
                 cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                 glibc_tunables=os.environ.get('GLIBC_TUNABLES'),

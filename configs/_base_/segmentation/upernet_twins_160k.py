@@ -5,16 +5,12 @@
 _base_ = [
     'mmseg::_base_/models/upernet_swin.py', './ade20k.py', './runtime.py',
     'mmseg::_base_/schedules/schedule_160k.py',
-    '../twins_imagenet.py',  # the ImageNet checkpoints: one place for all configs
+    '../twins_dense_backbone.py',  # the backbone settings and ImageNet checkpoints
 ]
 crop_size = (512, 512)
 model = dict(
     data_preprocessor=dict(size=crop_size),  # pad training crops to 512x512
-    backbone=dict(
-        _delete_=True,
-        out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.2,
-        init_cfg=dict(type='Pretrained')),
+    backbone=dict(_delete_=True, **_base_.twins_dense_backbone),
     decode_head=dict(num_classes=150),
     auxiliary_head=dict(num_classes=150))
 
