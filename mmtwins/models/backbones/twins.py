@@ -289,11 +289,12 @@ class Twins(BaseModule):
         for i, embed in enumerate(self.patch_embeds):
             # The stage's tokens reach the next stage and the outputs through separate map
             # views, so their gradients are summed as tokens (see tokens_to_map).
-            x, hw = self._checkpointed(embed, x if i == 0 else tokens_to_map(x, hw))
+            x, hw = self._checkpointed(
+                embed, x if i == 0 else tokens_to_map(x, hw, self.embed_dims[i - 1]))
             for j in range(len(self.blocks[i])):
                 x = self._checkpointed(functools.partial(self._stage_segment, i, j, hw=hw), x)
             if i in self.out_indices:
-                outs.append(tokens_to_map(x, hw))
+                outs.append(tokens_to_map(x, hw, self.embed_dims[i]))
         return tuple(outs)
 
 

@@ -51,8 +51,11 @@ class _TokenMajorGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int], channels: int) -> torch.Tensor:
     """Tokens (B, H*W, C) -> feature map (B, C, H, W), a view in channels-last layout.
+
+    ``channels`` is C as a Python int (the stage's embedding dim), so an exported graph
+    declares the map's channels as a number, not as a dimension it computes.
 
     In training the map's gradient is handed back to the tokens contiguous. A gradient that
     arrives in NCHW order (from a loss on the map, or from a neck's convolution or
@@ -65,7 +68,7 @@ def tokens_to_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     """
     if x.requires_grad and not is_exporting():
         x = _TokenMajorGrad.apply(x)
-    return x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
+    return x.transpose(1, 2).reshape(x.shape[0], channels, hw[0], hw[1])
 
 
 class PatchEmbed(nn.Module):
