@@ -359,8 +359,9 @@ def test_a_worker_killed_between_steps_is_an_error():
                   'cpu') as workers:
         seconds, faults = workers.ask('mmtwins', 'step')
         assert seconds > 0 and faults >= 0
-        os.kill(workers.procs[0].pid, signal.SIGKILL)
-        workers.procs[0].join()
+        _, proc = workers.workers['mmtwins']
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
         with _fails_within(60), pytest.raises(RuntimeError,
                                               match='the worker process of mmtwins died'):
             workers.ask('mmtwins', 'step')

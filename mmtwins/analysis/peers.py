@@ -60,6 +60,8 @@ import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -444,7 +446,8 @@ class _Workers:
     def __init__(self, entries: Sequence[Entry], family: str, arch: str, mode: str, shape,
                  device: str):
         ctx = multiprocessing.get_context('spawn')
-        self.conns, self.procs = {}, []
+        #: entry name -> (this process's end of its pipe, its worker process)
+        self.workers: Dict[str, Tuple[Connection, BaseProcess]] = {}
         try:
             for e in entries:
                 parent, child = ctx.Pipe()
@@ -453,9 +456,8 @@ class _Workers:
                                          torch.get_num_threads()))
                 proc.start()
                 child.close()  # the worker's end: once the worker exits, recv() raises EOFError
-                self.conns[e.name] = parent
-                self.procs.append(proc)
-            for name in self.conns:
+                self.workers[e.name] = parent, proc
+            for name in self.workers:
                 self._reply(name)
         except BaseException:
             self.close()
@@ -463,7 +465,7 @@ class _Workers:
 
     def _reply(self, name: str):
         try:
-            status, value = self.conns[name].recv()
+            status, value = self.workers[name][0].recv()
         except EOFError:
             raise self._died(name) from None
         if status == 'error':
@@ -471,7 +473,7 @@ class _Workers:
         return value
 
     def _died(self, name: str) -> RuntimeError:
-        proc = self.procs[list(self.conns).index(name)]
+        proc = self.workers[name][1]
         proc.join(timeout=5)
         code = proc.exitcode
         how = (f'killed by signal {-code}' + (' (SIGKILL: out of memory?)' if code == -9 else '')
@@ -483,18 +485,18 @@ class _Workers:
         """Send ``cmd`` (a command name, or ``('peak', steps)``) to ``name``'s worker; its
         answer."""
         try:
-            self.conns[name].send(cmd)
+            self.workers[name][0].send(cmd)
         except (BrokenPipeError, ConnectionResetError):
             raise self._died(name) from None
         return self._reply(name)
 
     def close(self):
-        for conn in self.conns.values():
+        for conn, _ in self.workers.values():
             try:
                 conn.send('stop')
             except (BrokenPipeError, OSError):
                 pass
-        for proc in self.procs:
+        for _, proc in self.workers.values():
             proc.join(timeout=60)
             if proc.is_alive():
                 proc.kill()
