@@ -367,6 +367,16 @@ def test_a_worker_killed_between_steps_is_an_error():
             workers.ask('mmtwins', 'step')
 
 
+def test_workers_refuse_two_entries_of_one_name(monkeypatch):
+    """The second would replace the first, whose process would then never be stopped."""
+    monkeypatch.setattr(peers, '_worker', None)  # nothing may start
+    with pytest.raises(ValueError, match='each entry needs its own name'):
+        _Workers([Entry('timm', 'timm'), Entry('timm', 'timm')], 'svt', 'small', 'infer',
+                 (1, 3, 64, 64), 'cpu')
+    with pytest.raises(SystemExit):  # and the tool takes only the peers it knows
+        analysis_tool('compare_peers').parse_args(['--peers', 'detectron2'])
+
+
 def test_batch_option_sets_every_cases_batch():
     tool = analysis_tool('compare_peers')
     kw = dict(peers=['timm'])

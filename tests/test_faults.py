@@ -372,7 +372,9 @@ def test_a_flipped_byte_inside_a_member_is_found_by_its_crc(tmp_path):
     torch.save({'state_dict': {'w': weights_}}, path)
     assert checkpoint_problem(str(path)) is None
     data = bytearray(path.read_bytes())
-    at = data.find(weights_.numpy().tobytes()) + 2000  # inside the tensor's storage
+    start = data.find(weights_.numpy().tobytes())
+    assert start > 0
+    at = start + 2000  # inside the tensor's storage
     data[at] ^= 0xFF
     path.write_bytes(bytes(data))
     problem = checkpoint_problem(str(path))

@@ -193,7 +193,8 @@ def test_detector_raw_head_outputs(tmp_path):
 
 
 def test_two_stage_detector_exports_fpn_features_and_rpn_outputs(tmp_path):
-    """Mask R-CNN: the RoI heads need the FPN levels (exported) and the proposals."""
+    """Mask R-CNN: the FPN levels, which its RoI heads read, and the RPN's raw outputs, from
+    which the caller decodes the proposals."""
     sizes = [(1, 64, 96), (2, 97, 131)]
     cfg, names, _, results = export_detector('mask_rcnn_twins_svt_s_1x.py', tmp_path, sizes)
     levels = range(5)  # FPN: stages 1-4 + 1 max-pooled level

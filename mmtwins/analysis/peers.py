@@ -263,9 +263,9 @@ def saved_tensor_mb(model: nn.Module, x: torch.Tensor) -> float:
 #: matched in this order; every other operator is ``other`` (element-wise ops, reductions such as
 #: the bias gradients, softmax of unfused attention, the autograd engine's own time around each
 #: backward function). Python time between operators is in no category: it is part of the gap
-#: between ``total`` and ``wall_ms``. On CUDA the
-#: fused attention's kernels are launched by ``aten::_efficient_attention_forward`` and
-#: ``aten::_flash_attention_backward`` and the like, below ``scaled_dot_product_*``.
+#: between ``total`` and ``wall_ms``. On CUDA the fused attention's kernels are launched by
+#: ``aten::_efficient_attention_forward`` and ``aten::_flash_attention_backward`` and the like,
+#: below ``scaled_dot_product_*``.
 KERNEL_CATEGORIES = (
     ('matmul', ('aten::mm', 'aten::addmm', 'aten::addmm_', 'aten::bmm', 'aten::baddbmm',
                 'aten::baddbmm_'), ()),
@@ -445,6 +445,9 @@ class _Workers:
 
     def __init__(self, entries: Sequence[Entry], family: str, arch: str, mode: str, shape,
                  device: str):
+        names = [e.name for e in entries]
+        if len(set(names)) < len(names):
+            raise ValueError(f'each entry needs its own name, got {names}')
         ctx = multiprocessing.get_context('spawn')
         #: entry name -> (this process's end of its pipe, its worker process)
         self.workers: Dict[str, Tuple[Connection, BaseProcess]] = {}

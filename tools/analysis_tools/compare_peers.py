@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--variants', nargs='+', default=list(P.SMALL_VARIANTS),
                    help="e.g. svt-small pcpvt-base, or 'all' (default: the two small variants)")
-    p.add_argument('--peers', nargs='+', default=None, help='default: every installed peer')
+    p.add_argument('--peers', nargs='+', choices=list(P.PEERS), default=None,
+                   help='default: every installed peer')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--warmup', type=int, default=5,
                    help='untimed steps per implementation, which measure the peak memory of '
@@ -79,7 +80,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.keep_freed_memory:
         P.keep_freed_memory()  # before the workers spawn: glibc reads it at process start
-    peers = args.peers or P.available_peers()
+    peers = list(dict.fromkeys(args.peers)) if args.peers else P.available_peers()
     kw = dict(peers=peers, device=args.device, warmup=args.warmup, repeats=args.repeats,
               rounds=args.rounds,
               memory=not args.no_memory, kernels=args.kernels,
