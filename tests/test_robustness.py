@@ -159,6 +159,14 @@ def test_model_mistakes_are_named_with_a_suggestion(override, message, tmp_path)
         preflight_check(cfg)
 
 
+@pytest.mark.parametrize('arch', ['Small', 'S', 'base', TINY_SVT])
+def test_archs_the_backbone_takes_pass_the_check(arch):
+    """The zoo's keys in any case and its short names, as the backbone takes them, and
+    custom dicts."""
+    SVT(arch=arch)
+    assert check_model(seg_config(arch=arch, init_cfg=None)) == []
+
+
 def test_missing_pretrained_checkpoint_is_named_with_the_fix(tmp_path):
     cfg = with_data_root(seg_config(), make_ade_dirs(tmp_path / 'ade'))
     with pytest.raises(ConfigError, match=re.escape(
