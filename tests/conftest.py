@@ -9,6 +9,18 @@ TINY_SVT = dict(embed_dims=[16, 32, 32, 64], num_heads=[1, 2, 2, 4], mlp_ratios=
 TINY_PCPVT = dict(TINY_SVT, window_sizes=[None] * 4, depths=[1, 1, 1, 1])
 
 
+def projected_loss(outs) -> torch.Tensor:
+    """A loss with a gradient behind every stage: the maps' sum with fixed random weights.
+
+    Neither a plain nor a squared sum will do behind a LayerNorm at its init (unit weight, zero
+    bias, as SVT's stage norms): its outputs sum to zero over the channels and their squares to
+    about C, so the gradient into the stage is rounding noise, which AdamW's normalised step
+    turns into full-size updates or, where it is exactly zero, none.
+    """
+    g = torch.Generator().manual_seed(0)
+    return sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

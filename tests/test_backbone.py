@@ -7,7 +7,7 @@ from torch import nn
 from mmtwins.models import PCPVT, SVT, Twins
 from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention
 
-from conftest import TINY_PCPVT, TINY_SVT
+from conftest import TINY_PCPVT, TINY_SVT, projected_loss
 
 # Paper Table 1 parameters (millions), backbone + ImageNet head.
 PAPER_PARAMS = {
@@ -89,18 +89,6 @@ def test_bad_out_indices(bad):
     or repeated (a neck's in_channels would no longer line up): one clear error."""
     with pytest.raises(ValueError, match='out_indices must be increasing stage indices'):
         SVT(arch=TINY_SVT, out_indices=bad)
-
-
-def projected_loss(outs) -> torch.Tensor:
-    """A loss with a gradient behind every stage: the maps' sum with fixed random weights.
-
-    Neither a plain nor a squared sum will do behind a LayerNorm at its init (unit weight, zero
-    bias, as SVT's stage norms): its outputs sum to zero over the channels and their squares to
-    about C, so the gradient into the stage is rounding noise, which AdamW's normalised step
-    turns into full-size updates or, where it is exactly zero, none.
-    """
-    g = torch.Generator().manual_seed(0)
-    return sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
 
 
 @pytest.mark.parametrize('cls,arch', [(PCPVT, TINY_PCPVT), (SVT, TINY_SVT)])

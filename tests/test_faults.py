@@ -244,6 +244,11 @@ def weights(runner: Runner):
     return {k: v.clone() for k, v in runner.model.state_dict().items()}
 
 
+def hook_of(runner: Runner, name: str) -> Hook:
+    """The runner's hook of class ``name``."""
+    return next(h for h in runner.hooks if type(h).__name__ == name)
+
+
 class _Snapshot(Hook):
     """Records the weights after every iteration."""
 
@@ -271,7 +276,7 @@ def test_nan_loss_skip_mode_drops_the_step_and_trains_on(tmp_path):
     saved = {}
     runner.register_hook(_Snapshot(saved), priority='VERY_LOW')
     runner.train()
-    hook = next(h for h in runner.hooks if type(h).__name__ == 'NonFiniteLossHook')
+    hook = hook_of(runner, 'NonFiniteLossHook')
     assert hook.skipped_iters == [5] and runner.iter == 8
     for k in saved[4]:
         assert torch.equal(saved[5][k], saved[4][k])  # the NaN step changed nothing
@@ -288,7 +293,7 @@ def test_nan_loss_skip_mode_stops_after_max_consecutive_skips(tmp_path):
     with pytest.raises(FloatingPointError, match=r'at iteration 5: nan; 3 consecutive steps had '
                        r'a non-finite loss \(max_consecutive_skips=2\): the run has diverged'):
         runner.train()
-    hook = next(h for h in runner.hooks if type(h).__name__ == 'NonFiniteLossHook')
+    hook = hook_of(runner, 'NonFiniteLossHook')
     assert hook.skipped_iters == [3, 4, 5]
     for k, v in weights(runner).items():
         assert torch.equal(v, saved[2][k])  # none of the three NaN steps changed the weights
@@ -297,7 +302,7 @@ def test_nan_loss_skip_mode_stops_after_max_consecutive_skips(tmp_path):
 def test_nan_loss_skip_mode_counts_only_consecutive_steps(tmp_path):
     runner = toy_runner(tmp_path / 'w', nan_at=[1, 3, 5], skip=True, max_consecutive_skips=1)
     runner.train()  # a finite step between the NaN ones resets the count
-    hook = next(h for h in runner.hooks if type(h).__name__ == 'NonFiniteLossHook')
+    hook = hook_of(runner, 'NonFiniteLossHook')
     assert hook.skipped_iters == [2, 4, 6] and runner.iter == 8
 
 
@@ -458,7 +463,7 @@ def test_a_remote_checkpoint_is_left_to_mmengine(tmp_path):
     """The integrity check reads local files only: a remote checkpoint to resume from is not
     refused as missing (mmengine's file backends load it)."""
     runner = toy_runner(tmp_path / 'w', resume=True, load_from='s3://bucket/run/iter_4.pth')
-    hook = next(h for h in runner.hooks if type(h).__name__ == 'AtomicCheckpointHook')
+    hook = hook_of(runner, 'AtomicCheckpointHook')
     hook.before_run(runner)  # raised CheckpointError ('the file does not exist') before
     assert runner.cfg.load_from == 's3://bucket/run/iter_4.pth'
     with pytest.raises(CheckpointError, match='does not exist'):  # a local one is checked
