@@ -23,7 +23,7 @@ from ade_toy import (REPO, load_config, make_ade_toy, miou_from_maps, read_label
                      tiny_seg_config)
 from probes import norm_and_peg_params, weight_decay_split
 from mmtwins.apis.runner import build_runner
-from mmtwins.apis.test import build_test_cfg, parse_args
+from mmtwins.apis.test import build_test_cfg, make_output_dirs, parse_args
 
 FRAMEWORKS = {'fpn': ('80k', 80000), 'upernet': ('160k', 160000)}
 # The paper's Table 2, "Param (M)" as printed: Semantic FPN, UperNet.
@@ -405,6 +405,16 @@ def _launch(script: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def test_every_process_makes_the_maps_folder_before_testing(tmp_path):
+    """mmseg's IoUMetric makes its output_dir in the main process only: in a distributed test
+    another process could save its first map before the folder exists."""
+    cfg = Config(dict(test_evaluator=[dict(type='IoUMetric', output_dir=str(tmp_path / 'a' / 'b')),
+                                      dict(type='IoUMetric')]))
+    make_output_dirs(cfg)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob('*')) == ['a', 'a/b']
+    make_output_dirs(Config(dict(test_evaluator=dict(type='IoUMetric'))))  # none asked for
 
 
 def test_dist_train_and_dist_test_two_cpu_processes(ade_root, tmp_path):

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from mmengine.config import Config
 from mmengine.device import get_device
 from mmengine.runner import Runner
+from mmengine.utils import mkdir_or_exist
 
 from .config import add_common_args, load_config, warn_if_cpu_amp_is_emulated
 from .runner import build_runner, owned_process_group
@@ -91,12 +92,28 @@ def _default_cls_tta(cfg: Config) -> None:
         cfg.tta_pipeline = pipeline
 
 
+def _test_metrics(cfg: Config) -> list:
+    evaluator = cfg.get('test_evaluator') or []
+    return evaluator if isinstance(evaluator, list) else [evaluator]
+
+
 def set_seg_output(cfg: Config, out_dir: str) -> None:
     """mmseg: write prediction maps to ``out_dir`` (as mmseg's ``tools/test.py --out``)."""
-    evaluator = cfg.test_evaluator
-    for metric in (evaluator if isinstance(evaluator, list) else [evaluator]):
+    for metric in _test_metrics(cfg):
         metric['output_dir'] = out_dir
         metric['keep_results'] = True
+
+
+def make_output_dirs(cfg: Config) -> None:
+    """Create the test metrics' ``output_dir`` (``--out`` or the config's) in every process.
+
+    mmseg's ``IoUMetric`` creates it in the main process only, when that process builds it, so
+    in a distributed test another process could write its first map before the folder exists
+    (``FileNotFoundError``).
+    """
+    for metric in _test_metrics(cfg):
+        if metric.get('output_dir'):
+            mkdir_or_exist(metric['output_dir'])
 
 
 def add_dump_metric(runner: Runner, scope: Optional[str], out_file: str) -> None:
@@ -189,4 +206,5 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         runner = build_runner(cfg)
         if args.out and scope != 'mmseg':
             add_dump_metric(runner, scope, args.out)
+        make_output_dirs(cfg)
         return runner.test()
