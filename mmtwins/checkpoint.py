@@ -22,14 +22,16 @@ and reports every key it did not use; :func:`convert_checkpoint` writes a conver
 :func:`main` is its command line (``tools/model_converters/twins2mmtwins.py``).
 """
 import argparse
+import copyreg
 import os
 import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
-from mmengine.logging import MMLogger, print_log
+from mmengine.logging import HistoryBuffer, MMLogger, print_log
 from torch import nn
 
 StateDict = Dict[str, torch.Tensor]
@@ -42,28 +44,73 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------- reading
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file that pickles objects torch's weights-only loader does not allow."""
+
+
+def _reduce_history_buffer(buffer: HistoryBuffer) -> tuple:
+    # mmengine's own pickling adds the class's statistics functions, which pickle as
+    # getattr(HistoryBuffer, 'min') etc.; allow-listing getattr would let a checkpoint reach any
+    # attribute. The constructor re-registers those functions anyway.
+    return HistoryBuffer, (buffer._log_history, buffer._count_history, buffer.max_length)
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` read the training checkpoints mmengine writes.
+
+    Only the non-tensor classes of such a checkpoint are allow-listed: the message hub's
+    ``HistoryBuffer`` and numpy arrays, dtypes and scalars (object arrays excluded).
+    ``HistoryBuffer`` is saved from now on as its constructor arguments, so checkpoints written
+    by this process load; older mmengine checkpoints (which pickle ``getattr``) still need
+    ``weights_only=False``, e.g. ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` for a file you trust.
+    """
+    copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
+    dtypes = [getattr(np.dtypes, name) for name in np.dtypes.__all__ if name != 'ObjectDType']
+    torch.serialization.add_safe_globals([
+        HistoryBuffer, np.ndarray, np.dtype, np.core.multiarray._reconstruct,
+        np.core.multiarray.scalar, *dtypes
+    ])
+
+
 def read_checkpoint(path: str) -> dict:
-    """Load a checkpoint file to CPU with a clear error for missing or damaged files."""
+    """Load a checkpoint file to CPU with torch's weights-only unpickler.
+
+    Tensors, plain Python containers and the objects of mmengine's training checkpoints
+    (:func:`allow_mmengine_checkpoints`) are read. A file that pickles anything else is refused
+    with :class:`UnsafeCheckpointError`, not loaded: unpickling it could run code that the
+    file carries. ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` in the environment loads such a file in
+    full (torch's own switch, which mmengine's loaders obey too): for files you trust.
+
+    Raises:
+        FileNotFoundError: no such local file.
+        UnsafeCheckpointError: the file holds objects the weights-only loader refuses.
+        CheckpointError: the file is truncated, damaged or not a PyTorch checkpoint.
+    """
+    allow_mmengine_checkpoints()
     if '://' in path:
         from mmengine.runner import CheckpointLoader
         return CheckpointLoader.load_checkpoint(path, map_location='cpu')
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint file not found: {path}')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        # weights_only left to torch's default (True), so that the environment can override it
+        return torch.load(path, map_location='cpu')
     except pickle.UnpicklingError as e:
-        if 'weights_only' not in str(e).lower() and 'weights only' not in str(e).lower():
-            raise CheckpointError(f'cannot read checkpoint {path}: it is truncated or not a '
-                                  f'PyTorch checkpoint ({e})') from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = str(e)
+        if 'weights only' in reason.lower() or 'weights_only' in reason.lower():
+            # torch's line that names the refused object, without its advice on allow-listing
+            detail = next((line.strip() for line in reason.splitlines() if 'GLOBAL' in line),
+                          reason.splitlines()[0]).split(' Please use')[0]
+            raise UnsafeCheckpointError(
+                f'checkpoint {path} was not loaded: it pickles objects other than tensors and '
+                f'those of mmengine checkpoints, and unpickling them could run code ({detail}). '
+                'If you trust the file, load it with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 set, or '
+                're-save its state dict alone.') from e
+        raise CheckpointError(f'cannot read checkpoint {path}: it is truncated or not a '
+                              f'PyTorch checkpoint ({e})') from e
+    except Exception as e:  # noqa: BLE001 - any failure to read the file is a bad file
         raise CheckpointError(f'cannot read checkpoint {path}: it is truncated or not a PyTorch '
                               f'checkpoint ({type(e).__name__}: {e})') from e
-    # An mmengine training checkpoint also pickles its message hub and optimizer state: a file
-    # the user named for their own model is trusted, as mmengine itself does.
-    try:
-        return torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:  # noqa: BLE001 - report any unpickling failure as a bad file
-        raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from e
 
 
 def unwrap_state_dict(ckpt: dict, prefix: Optional[str] = None) -> Tuple[StateDict, str]:
@@ -118,7 +165,8 @@ def detect_layout(sd: StateDict) -> str:
     return layout
 
 
-def _num_stages(sd: StateDict) -> int:
+def num_stages(sd: StateDict) -> int:
+    """Stages of a flat mmtwins-layout state dict (its highest ``patch_embeds`` index + 1)."""
     return 1 + max(int(m.group(1)) for k in sd
                    for m in [re.match(r'patch_embeds\.(\d+)\.', k)] if m)
 
@@ -171,7 +219,7 @@ def convert_state_dict(sd: StateDict, layout: Optional[str] = None) -> Tuple[Sta
     if layout not in _RULES:
         raise CheckpointError(f'unknown layout {layout!r}; expected one of {LAYOUTS}')
     sd = _PREPROCESS.get(layout, dict)(sd)
-    last = _num_stages(sd) - 1
+    last = num_stages(sd) - 1
     backbone, head = {}, {}
     for key, value in sd.items():
         if key.startswith(HEAD_PREFIXES):
@@ -217,7 +265,7 @@ def _block_attention(sd: StateDict) -> Dict[str, str]:
 def describe_variant(sd: StateDict) -> str:
     """A short description of the variant a converted state dict holds, e.g. ``SVT-small``."""
     from mmtwins.models.backbones import PCPVT, SVT
-    n = _num_stages(sd)
+    n = num_stages(sd)
     dims = [sd[f'patch_embeds.{i}.proj.weight'].shape[0] for i in range(n)]
     stage_depths = _stage_depths(sd)
     depths = [stage_depths.get(i, 0) for i in range(n)]

@@ -1,18 +1,21 @@
 """One loader for every Twins checkpoint layout, proven numerically against the peers."""
 import argparse
-import pickle
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from mmengine.logging import HistoryBuffer
 
 from mmtwins.analysis.peers import randomize_parameters_
-from mmtwins.checkpoint import (CheckpointError, convert_checkpoint, convert_state_dict,
-                                detect_layout, load_twins_checkpoint, read_checkpoint)
+from mmtwins.checkpoint import (CheckpointError, UnsafeCheckpointError, allow_mmengine_checkpoints,
+                                convert_checkpoint, convert_state_dict, detect_layout,
+                                load_twins_checkpoint, read_checkpoint)
 from mmtwins.models import PCPVT, SVT
 
 from conftest import TINY_SVT
@@ -186,18 +189,57 @@ def test_missing_file():
         load_twins_checkpoint(SVT(arch=TINY_SVT), '/no/such.pth')
 
 
-def test_a_training_checkpoint_with_pickled_objects_is_read(tmp_path):
-    """A file torch's weights-only loader refuses (mmengine pickles its message hub and the
-    like beside the weights) is read in full: the user named it for their own model."""
+class _Payload:
+    """Unpickles by calling ``os.makedirs(marker)``: stands for code a malicious file runs."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker, )
+
+
+def test_a_mmengine_training_checkpoint_is_read_weights_only(tmp_path, monkeypatch):
+    """Message hub (HistoryBuffer) and numpy values beside the weights, as mmengine saves them
+    from a process that built its Runner through mmtwins, load without the environment's
+    override."""
+    monkeypatch.delenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', raising=False)
+    allow_mmengine_checkpoints()  # as build_runner does before the run saves anything
     path = tmp_path / 'epoch_1.pth'
     src = randomize_parameters_(SVT(arch=TINY_SVT))
-    torch.save({'state_dict': src.state_dict(), 'meta': argparse.Namespace(epoch=1)}, path)
-    with pytest.raises(pickle.UnpicklingError):
-        torch.load(path, weights_only=True)
-    assert read_checkpoint(str(path))['meta'].epoch == 1
+    buffer = HistoryBuffer()
+    buffer.update(0.5)
+    torch.save({'state_dict': src.state_dict(), 'message_hub': {'loss': buffer},
+                'meta': {'seed': np.int64(7), 'mean': np.zeros(3)}}, path)
+    ckpt = read_checkpoint(str(path))
+    assert ckpt['meta']['seed'] == 7 and ckpt['message_hub']['loss'].current() == 0.5
     model = SVT(arch=TINY_SVT)
     load_twins_checkpoint(model, path, strict=True)  # a pathlib.Path as well as a str
     assert all(torch.equal(model.state_dict()[k], v) for k, v in src.state_dict().items())
+
+
+def test_a_checkpoint_pickling_other_objects_is_refused_unless_trusted(tmp_path, monkeypatch):
+    """Unpickling could run code: such a file is refused, naming the object and the way to
+    load a file one trusts; with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 it is read in full."""
+    monkeypatch.delenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', raising=False)
+    marker = tmp_path / 'code_ran'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {}, 'x': _Payload(str(marker))}, evil)
+    with pytest.raises(UnsafeCheckpointError, match='TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1') as e:
+        read_checkpoint(str(evil))
+    assert 'GLOBAL os.makedirs' in str(e.value)
+    with pytest.raises(UnsafeCheckpointError):
+        load_twins_checkpoint(SVT(arch=TINY_SVT), evil)
+    assert not marker.exists()
+
+    path = tmp_path / 'epoch_1.pth'
+    src = SVT(arch=TINY_SVT)
+    torch.save({'state_dict': src.state_dict(), 'meta': argparse.Namespace(epoch=1)}, path)
+    with pytest.raises(UnsafeCheckpointError, match='argparse.Namespace'):
+        read_checkpoint(str(path))
+    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+    with pytest.warns(UserWarning, match='TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'):
+        assert read_checkpoint(str(path))['meta'].epoch == 1
 
 
 def test_truncated_file(tmp_path):

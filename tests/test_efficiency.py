@@ -115,19 +115,27 @@ def _uses_chunks(mlp, x, norm=None) -> bool:
 
 @pytest.mark.filterwarnings('ignore:torch.quantize_per_tensor:UserWarning')  # torch's own
 def test_hooked_or_replaced_layers_take_the_plain_composition():
-    """The chunked path reads fc1/fc2/norm's weights without calling them: a hook (forward or
-    backward, the layer's own or global), pruning, dynamic quantisation or mmpretrain's LoRA
-    would be skipped or broken by it, so those get the plain composition of the modules."""
+    """The chunked path reads fc1/fc2/norm's weights without calling them and computes the
+    exact GELU in place of act: a hook (forward or backward, the layer's own or global) on any
+    of them or on drop1, another activation, pruning, dynamic quantisation or mmpretrain's
+    LoRA would be skipped or broken by it, so those get the plain composition of the modules."""
     torch.manual_seed(0)
     x = torch.randn(2, 10, 16)
     mlp, ln = _mlp(7 * 64, norm=True)
     assert _uses_chunks(mlp, x, ln)
     calls = []
-    for layer in (mlp.fc1, mlp.fc2, ln):
+    for layer in (mlp.fc1, mlp.act, mlp.drop1, mlp.fc2, ln):
         handle = layer.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
         assert not _uses_chunks(mlp, x, ln)
         handle.remove()
-    assert calls == ['Linear', 'Linear', 'LayerNorm']
+    assert calls == ['Linear', 'GELU', 'Dropout', 'Linear', 'LayerNorm']
+    gelu = mlp.act
+    for act in (torch.nn.ReLU(), torch.nn.GELU(approximate='tanh')):
+        mlp.act = act
+        assert not _uses_chunks(mlp, x, ln)
+        with torch.no_grad():
+            torch.testing.assert_close(mlp(x, norm=ln), mlp.fc2(act(mlp.fc1(ln(x)))))
+    mlp.act = gelu
     handle = mlp.fc1.register_full_backward_hook(lambda *args: None)
     assert not _uses_chunks(mlp, x, ln)
     handle.remove()
@@ -158,6 +166,19 @@ def test_hooked_or_replaced_layers_take_the_plain_composition():
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(quantised(x).flatten(), mlp(x).flatten(), 0)
     assert cos > 0.99
+
+
+@pytest.mark.parametrize('chunk_elems', CHUNKINGS)
+def test_chunked_mlp_takes_linears_without_bias(chunk_elems):
+    """``nn.Linear(bias=False)`` is a plain linear too: same values and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 16)
+    mlp, ln = _mlp(chunk_elems, norm=True)
+    mlp.fc1 = torch.nn.Linear(16, 64, bias=False)
+    mlp.fc2 = torch.nn.Linear(64, 16, bias=False)
+    assert _uses_chunks(mlp, x, ln)
+    for got, want in zip(_grads(mlp, x, plain=False, norm=ln), _grads(mlp, x, plain=True, norm=ln)):
+        torch.testing.assert_close(got, want)
 
 
 def test_hidden_dropout_drops_in_training_only():

@@ -5,6 +5,7 @@ The first tests drive the real ``tools/train.py`` / ``tools/dist_train.sh`` on a
 mmpretrain classifier (tiny SVT, 32x32 images, no random augmentation: deterministic on CPU);
 the others run MMEngine's Runner in-process on a toy regression model.
 """
+import argparse
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Tuple
 
@@ -387,6 +389,19 @@ def test_a_flipped_byte_inside_a_member_is_found_by_its_crc(tmp_path):
     assert 'data/0' in problem  # names the tensor's storage
 
 
+def test_a_legacy_format_checkpoint_is_checked_by_reading_it(tmp_path):
+    """Not a zip: read with the weights-only loader. Torn, it is damaged; holding an object that
+    loader refuses, it counts as intact (nothing is unpickled to find out; resuming decides)."""
+    path, other = tmp_path / 'iter_2.pth', tmp_path / 'iter_4.pth'
+    torch.save({'state_dict': {'w': torch.ones(1000)}}, path, _use_new_zipfile_serialization=False)
+    torch.save({'state_dict': {'w': torch.ones(1000)}, 'meta': argparse.Namespace(epoch=1)},
+               other, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    assert checkpoint_problem(str(path)) is None and checkpoint_problem(str(other)) is None
+    path.write_bytes(path.read_bytes()[:-100])
+    assert 'truncated' in checkpoint_problem(str(path))
+
+
 def test_the_fallback_skips_an_earlier_runs_higher_steps(tmp_path):
     """A reused work dir: an earlier run left iter_8000; this run saved iter_1000 and tore
     iter_2000."""
@@ -395,6 +410,16 @@ def test_the_fallback_skips_an_earlier_runs_higher_steps(tmp_path):
     (tmp_path / 'iter_2000.pth').write_bytes(b'PK\x03\x04 torn')
     assert newest_intact_checkpoint(str(tmp_path), str(tmp_path / 'iter_2000.pth')) == \
         str(tmp_path / 'iter_1000.pth')
+
+
+def test_the_fallback_reads_step_numbers_through_a_format_spec(tmp_path):
+    """CheckpointHook names files by ``filename_tmpl.format(step)``, so ``'epoch_{:03d}.pth'``
+    is a template too; other files beside them are not training checkpoints."""
+    for name in ('epoch_001.pth', 'epoch_002.pth', 'epoch_9.pt', 'best_epoch_004.pth'):
+        torch.save({'state_dict': {}}, tmp_path / name)
+    (tmp_path / 'epoch_003.pth').write_bytes(b'PK\x03\x04 torn')
+    assert newest_intact_checkpoint(str(tmp_path), str(tmp_path / 'epoch_003.pth'),
+                                    'epoch_{:03d}.pth') == str(tmp_path / 'epoch_002.pth')
 
 
 def _resume_check_on_rank(rank: int, work: str, store: str) -> None:

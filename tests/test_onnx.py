@@ -18,6 +18,7 @@ from conftest import TINY_PCPVT, TINY_SVT
 from mmengine.config import Config
 
 from mmtwins.analysis.peers import randomize_parameters_
+from mmtwins.checkpoint import CheckpointError
 from mmtwins.deployment import (build_export_module, export_onnx, load_model,
                                 non_default_domain_ops, verify_onnx)
 from mmtwins.deployment.pytorch2onnx import check_agreement
@@ -153,6 +154,12 @@ def test_segmentor_checkpoint_is_loaded_strictly(tmp_path):
     torch.save({'state_dict': {k: v for k, v in model.state_dict().items()
                                if not k.startswith('decode_head')}}, ckpt)
     with pytest.raises(ValueError, match=r'does not fit .* missing key\(s\)'):
+        load_model(cfg_file, str(ckpt))
+    other_classes = model.state_dict()  # a checkpoint of a head with one more class
+    other_classes['decode_head.conv_seg.weight'] = torch.cat(
+        [other_classes['decode_head.conv_seg.weight']] * 2)[:model.decode_head.num_classes + 1]
+    torch.save({'state_dict': other_classes}, ckpt)
+    with pytest.raises(CheckpointError, match=r'1 of another shape .*conv_seg\.weight \(151, '):
         load_model(cfg_file, str(ckpt))
 
 

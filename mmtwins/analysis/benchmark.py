@@ -136,7 +136,8 @@ def peak_live_mb(fn: Callable[[], None]) -> float:
 
 
 # --------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on a CPU, whose ops return when done)."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
@@ -187,12 +188,12 @@ def benchmark(module: nn.Module,
     with autocast:
         for _ in range(warmup):
             module(inputs)
-        _sync(device)
+        sync_device(device)
         with PeakMemory(device) as mem:
             for _ in range(repeats):
                 start = time.perf_counter()
                 module(inputs)
-                _sync(device)
+                sync_device(device)
                 runs.append(batch / (time.perf_counter() - start))
     return BenchmarkResult(images_per_s=statistics.median(runs), runs=runs, batch_size=batch,
                            input_shape=tuple(inputs.shape), device=str(device),

@@ -22,15 +22,17 @@ PAPER_INPUT_SHAPES = {'mmpretrain': (224, 224), 'mmdet': (600, 800), 'mmseg': (5
 
 
 def load_config(config: Union[str, Config], cfg_options: Optional[dict] = None) -> Config:
-    """Read a config file (its ``custom_imports`` are imported) and merge ``cfg_options``."""
-    cfg = config if isinstance(config, Config) else Config.fromfile(config)
+    """Read a config file (its ``custom_imports`` are imported), or copy a given ``Config``,
+    and merge ``cfg_options`` into it; a given ``Config`` is left as it was."""
+    cfg = config.copy() if isinstance(config, Config) else Config.fromfile(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     return cfg
 
 
-def build_model(cfg: Config) -> BaseModel:
-    """Build ``cfg.model`` as the Runner does, in eval mode, SyncBN reverted to BN.
+def build_module(cfg: Config) -> nn.Module:
+    """Build ``cfg.model`` as the Runner does, in eval mode, SyncBN reverted to BN: any model,
+    a bare backbone too.
 
     ``init_weights`` is not called: counts and speed do not depend on the weights, and no
     pretrained checkpoint named by an ``init_cfg`` is needed.
@@ -38,15 +40,20 @@ def build_model(cfg: Config) -> BaseModel:
     As in :class:`mmengine.runner.Runner`, the config's default scope is used and a top-level
     ``data_preprocessor`` (mmpretrain's configs keep it there) goes into the model.
     """
-    init_default_scope(cfg.get('default_scope', 'mmengine'))
+    init_default_scope(cfg.get('default_scope') or 'mmengine')
     model_cfg = cfg.model.copy()
     if cfg.get('data_preprocessor') is not None:
         model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
-    model = MODELS.build(model_cfg)
+    return revert_sync_batchnorm(MODELS.build(model_cfg)).eval()
+
+
+def build_model(cfg: Config) -> BaseModel:
+    """:func:`build_module` for an OpenMMLab model (classifier, detector or segmentor)."""
+    model = build_module(cfg)
     if not isinstance(model, BaseModel):
         raise TypeError(f'the config builds a {type(model).__name__}, not an OpenMMLab model '
                         '(classifier, detector or segmentor); the analysis tools need one')
-    return revert_sync_batchnorm(model).eval()
+    return model
 
 
 def model_family(model: nn.Module) -> str:

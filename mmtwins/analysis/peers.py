@@ -69,15 +69,17 @@ import torch
 from torch import nn
 
 from mmtwins.checkpoint import load_twins_checkpoint
+from mmtwins.apis.config import cpu_has_native_bf16
 from mmtwins.models import PCPVT, SVT
+from mmtwins.models.backbones.twins import ARCH_KEYS
+from mmtwins.models.layers.block import NORM_EPS
 from .benchmark import (PeakMemory, autocast_context, autocast_dtype, peak_live_mb,
-                        quiet_cpu_profiler)
+                        quiet_cpu_profiler, sync_device)
 
 FAMILIES = {'pcpvt': PCPVT, 'svt': SVT}
 PEERS = ('timm', 'mmseg', 'mmpretrain')
-SPEC_KEYS = ('embed_dims', 'num_heads', 'mlp_ratios', 'depths', 'sr_ratios')
-#: eps of the blocks' LayerNorms in the authors' release (and timm's and mmtwins' blocks).
-BLOCK_NORM_EPS = 1e-6
+#: The arch keys the peers take under mmtwins' names (their window sizes are spelled apart).
+SPEC_KEYS = tuple(k for k in ARCH_KEYS if k != 'window_sizes')
 _CPUINFO = '/proc/cpuinfo'
 
 
@@ -123,7 +125,7 @@ def build_impl(impl: str, family: str, arch: str, **kwargs) -> nn.Module:
     else:
         raise ValueError(f'unknown implementation {impl!r}; choose mmtwins or one of {PEERS}')
     model.init_weights()
-    return _with_block_norm_eps(model, BLOCK_NORM_EPS)
+    return _with_block_norm_eps(model, NORM_EPS)
 
 
 def _with_block_norm_eps(model: nn.Module, eps: float) -> nn.Module:
@@ -331,11 +333,6 @@ def kernel_breakdown(step: Callable, device: Optional[torch.device] = None) -> d
                 wall_ms=wall * 1e3)
 
 
-def _sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 # --------------------------------------------------------------------------- workers
 @dataclass
 class Entry:
@@ -413,7 +410,7 @@ def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device
                 faults = minor_page_faults()
                 start = time.perf_counter()
                 step()
-                _sync(dev)
+                sync_device(dev)
                 elapsed = time.perf_counter() - start
                 after = minor_page_faults()
                 result = (elapsed, None if faults is None else after - faults)
@@ -428,7 +425,7 @@ def _worker(conn, entry: Entry, family: str, arch: str, mode: str, shape, device
                 raise ValueError(f'unknown worker command {cmd!r}')
             # Every command ends with its GPU work done: no kernel of it still runs when this or
             # another worker starts a timer.
-            _sync(dev)
+            sync_device(dev)
             conn.send(('ok', result))
     except Exception:  # reported to the parent, which raises
         import traceback
@@ -746,12 +743,12 @@ def matmul_gflops(device: str = 'cpu', dtype: torch.dtype = torch.float32,
     n = n or (2048 if dev.type == 'cpu' else 8192)
     a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
     a @ b
-    _sync(dev)
+    sync_device(dev)
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
-        _sync(dev)
+        sync_device(dev)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
@@ -831,8 +828,7 @@ def machine_info(device: str = 'cpu') -> dict:
                 cpu_amx=None if flags is None else 'amx_bf16' in flags,
                 cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                 glibc_tunables=os.environ.get('GLIBC_TUNABLES'),
-                cpu_native_bf16=bool(torch.backends.mkldnn.is_available()
-                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                cpu_native_bf16=cpu_has_native_bf16(),
                 device=device)
     if device.startswith('cuda'):
         info.update(gpu=torch.cuda.get_device_name(torch.device(device)),

@@ -41,16 +41,19 @@ def load_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
+    return bool(torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def cpu_amp_is_emulated() -> bool:
     """True where autocast would run on a CPU without native bf16 (AVX512-BF16 or AMX).
 
     There, bf16 matrix multiplications and convolutions are emulated through conversions, and
     autocast is several times slower than fp32 (measured: docs/benchmarks.md).
     """
-    if torch.cuda.is_available():
-        return False
-    return not (torch.backends.mkldnn.is_available()
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return not torch.cuda.is_available() and not cpu_has_native_bf16()
 
 
 def warn_if_cpu_amp_is_emulated() -> None:

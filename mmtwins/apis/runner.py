@@ -5,8 +5,9 @@ point (``tools/train.py``, ``tools/test.py``, tests):
 
 * torch >= 2.6 loads checkpoints with ``weights_only=True``; mmengine's training checkpoints also
   pickle its message hub (``HistoryBuffer``) and numpy scalars/arrays, so ``--resume`` and
-  ``load_from`` fail. :func:`allow_mmengine_checkpoints` allow-lists exactly those classes and
-  makes ``HistoryBuffer`` pickle without the ``getattr`` calls its default pickling needs.
+  ``load_from`` fail. :func:`build_runner` calls
+  :func:`mmtwins.checkpoint.allow_mmengine_checkpoints`, which allow-lists exactly those classes
+  and makes ``HistoryBuffer`` pickle without the ``getattr`` calls its default pickling needs.
 * ``--launcher pytorch`` without a GPU: mmengine always calls ``torch.cuda.set_device`` and wraps
   the model in DDP with ``device_ids=[LOCAL_RANK]``. :func:`setup_cpu_distributed` initialises a
   gloo process group first (mmengine then skips its own), wraps with ``device_ids=None`` and
@@ -15,42 +16,18 @@ point (``tools/train.py``, ``tools/test.py``, tests):
 And the entry points destroy the process group their run created (:func:`owned_process_group`).
 """
 import contextlib
-import copyreg
 import gc
 import logging
 import os
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from mmengine.config import Config, ConfigDict
-from mmengine.logging import HistoryBuffer, print_log
+from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-
-def _reduce_history_buffer(buffer: HistoryBuffer) -> tuple:
-    # mmengine's own pickling adds the class's statistics functions, which pickle as
-    # getattr(HistoryBuffer, 'min') etc.; allow-listing getattr would let a checkpoint reach any
-    # attribute. The constructor re-registers those functions anyway.
-    return HistoryBuffer, (buffer._log_history, buffer._count_history, buffer.max_length)
-
-
-def allow_mmengine_checkpoints() -> None:
-    """Let ``torch.load(weights_only=True)`` read the training checkpoints mmengine writes.
-
-    Only the non-tensor classes of such a checkpoint are allow-listed: the message hub's
-    ``HistoryBuffer`` and numpy arrays, dtypes and scalars (object arrays excluded).
-    ``HistoryBuffer`` is saved from now on as its constructor arguments, so checkpoints written
-    by this process load; older mmengine checkpoints (which pickle ``getattr``) still need
-    ``weights_only=False``, e.g. ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` for a file you trust.
-    """
-    copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
-    dtypes = [getattr(np.dtypes, name) for name in np.dtypes.__all__ if name != 'ObjectDType']
-    torch.serialization.add_safe_globals([
-        HistoryBuffer, np.ndarray, np.dtype, np.core.multiarray._reconstruct,
-        np.core.multiarray.scalar, *dtypes
-    ])
+from mmtwins.checkpoint import allow_mmengine_checkpoints
 
 
 def setup_cpu_distributed(cfg: Config) -> bool:

@@ -17,7 +17,7 @@ from typing import Dict
 import torch
 
 from mmtwins.checkpoint import (CheckpointError, convert_state_dict, describe_variant,
-                                detect_layout, read_checkpoint, unwrap_state_dict)
+                                detect_layout, num_stages, read_checkpoint, unwrap_state_dict)
 from mmtwins.engine.fileio import atomic_torch_save
 
 StateDict = Dict[str, torch.Tensor]
@@ -44,7 +44,7 @@ def classifier_state_dict(ckpt: dict) -> StateDict:
         raise CheckpointError('the checkpoint has no ImageNet head (head.weight/head.bias or '
                               f'head.fc.*), found {sorted(head) or "none"}: it is a backbone '
                               'checkpoint; load it with the backbone init_cfg instead')
-    last = max(int(k.split('.')[1]) for k in backbone if k.startswith('patch_embeds.'))
+    last = num_stages(backbone) - 1
     if f'stage_norms.{last}.weight' not in backbone:
         raise CheckpointError('the checkpoint has no final norm (norm.* / stage_norms.'
                               f'{last}.*), which the ImageNet classifier applies before pooling')

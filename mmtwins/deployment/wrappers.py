@@ -27,10 +27,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from mmengine.config import Config
-from mmengine.registry import MODELS, init_default_scope
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from mmtwins.analysis.model_inputs import build_module, load_config
 from mmtwins.checkpoint import CheckpointError, load_twins_checkpoint, read_checkpoint
 from mmtwins.models import Twins
 
@@ -121,7 +121,11 @@ class SegmentorExport(ExportModule):
 class ScaleUpsample(nn.Module):
     """mmseg's ``Upsample`` with an integer ``scale_factor``, computing the output size in the
     graph (mmseg computes it with Python ``int()``, which tracing freezes at the example size).
-    Same values: for an integer factor, interpolation by size and by factor sample alike."""
+    Same values: for an integer factor, interpolation by size and by factor sample alike.
+
+    Shapes:
+        (B, C, H, W) -> (B, C, s * H, s * W), s = ``scale_factor``.
+    """
 
     def __init__(self, scale_factor: int, mode: str, align_corners: Optional[bool]):
         super().__init__()
@@ -138,6 +142,9 @@ class SlicedAdaptiveAvgPool2d(nn.Module):
     Bin ``i`` of ``n`` over a side of length ``L`` covers ``[floor(i L / n), ceil((i+1) L / n))``,
     as in PyTorch. The TorchScript exporter cannot export adaptive pooling of an input whose
     size is not known at export time (UperNet's pyramid pooling); this form can.
+
+    Shapes:
+        (..., H, W) -> (..., oh, ow), ``(oh, ow) = output_size``.
     """
 
     def __init__(self, output_size: Tuple[int, int]):
@@ -230,13 +237,10 @@ def load_model(config: Union[str, Config], checkpoint: Optional[str] = None,
     a checkpoint the weights stay random (good for checking an export, not for using it).
 
     Raises:
-        CheckpointError: the checkpoint does not fit the model (the keys that differ are named).
+        CheckpointError: the checkpoint does not fit the model (the keys that differ are named);
+            nothing is loaded then.
     """
-    cfg = Config.fromfile(config) if isinstance(config, str) else config.copy()
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    init_default_scope(cfg.get('default_scope') or 'mmengine')
-    model = MODELS.build(cfg.model).eval()
+    model = build_module(load_config(config, cfg_options))
     if checkpoint is None:
         return model
     if isinstance(model, Twins):
@@ -245,11 +249,18 @@ def load_model(config: Union[str, Config], checkpoint: Optional[str] = None,
     ckpt = read_checkpoint(checkpoint)
     state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else ckpt
     state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
+                if k in own and v.shape != own[k].shape]
+    if missing or unexpected or reshaped:
         raise CheckpointError(f'checkpoint {checkpoint} does not fit the model of the config: '
                               f'{len(missing)} missing key(s) {_head(missing)}, '
-                              f'{len(unexpected)} unexpected key(s) {_head(unexpected)}')
+                              f'{len(unexpected)} unexpected key(s) {_head(unexpected)}, '
+                              f'{len(reshaped)} of another shape (checkpoint vs model) '
+                              f'{_head(reshaped)}')
+    model.load_state_dict(state)
     return model
 
 

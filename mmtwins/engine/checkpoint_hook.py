@@ -9,6 +9,7 @@ import glob
 import logging
 import os.path as osp
 import re
+import string
 import zipfile
 from typing import Optional
 
@@ -17,7 +18,7 @@ from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 from mmengine.runner import find_latest_checkpoint
 
-from mmtwins.checkpoint import CheckpointError, read_checkpoint
+from mmtwins.checkpoint import CheckpointError, UnsafeCheckpointError, read_checkpoint
 from .fileio import ATOMIC_BACKEND, atomic_write
 from mmtwins.registry import HOOKS
 
@@ -28,8 +29,10 @@ def checkpoint_problem(path: str) -> Optional[str]:
     """What is wrong with the checkpoint file ``path``, or None if it is intact.
 
     A checkpoint in torch's zip format is checked against the CRC of every member (a truncated
-    file has no zip directory at all); a legacy-format file is loaded. A directory (DeepSpeed's
-    checkpoints, which this hook also saves and prunes) is left to the engine that loads it.
+    file has no zip directory at all); a legacy-format file is read with torch's weights-only
+    loader, and one it refuses as unsafe counts as intact (the loader that resumes decides). A
+    directory (DeepSpeed's checkpoints, which this hook also saves and prunes) is left to the
+    engine that loads it.
     """
     if not path:
         return 'the path is empty'
@@ -48,6 +51,8 @@ def checkpoint_problem(path: str) -> Optional[str]:
         return None if bad is None else f'its member {bad} is corrupt (CRC mismatch)'
     try:
         read_checkpoint(path)
+    except UnsafeCheckpointError:
+        return None
     except CheckpointError as e:
         return str(e)
     return None
@@ -62,8 +67,10 @@ def newest_intact_checkpoint(directory: str, damaged: str = '',
     With ``damaged`` (the newest checkpoint of the run to resume), only steps below its step
     count: a file of a higher step in the work dir is an earlier run's, left there when the
     work dir was reused."""
-    head, _, tail = filename_tmpl.partition('{}')
-    name = re.compile(re.escape(head) + r'(\d+)' + re.escape(tail) + '$')
+    # the names filename_tmpl.format(step) gives, format specs ('{:06d}') included
+    name = re.compile(''.join(re.escape(literal) + ('' if field is None else r'(\d+)')
+                              for literal, field, _, _ in string.Formatter().parse(filename_tmpl))
+                      + '$')
 
     def step(path: str) -> Optional[int]:
         m = name.match(osp.basename(path))

@@ -20,6 +20,7 @@ from torch import nn
 
 from mmtwins.registry import MODELS
 from ..layers import PatchEmbed, PositionEncodingGenerator, TwinsBlock
+from ..layers.block import NORM_EPS
 from ..layers.embed import conv_fan_out_init_, is_exporting, tokens_to_map
 
 ARCH_KEYS = ('embed_dims', 'num_heads', 'mlp_ratios', 'depths', 'sr_ratios', 'window_sizes')
@@ -122,7 +123,7 @@ class Twins(BaseModule):
             ]))
             self.pos_block.append(PositionEncodingGenerator(dim))
             if norm_after_stage[i]:
-                self.stage_norms[str(i)] = nn.LayerNorm(dim, eps=1e-6)
+                self.stage_norms[str(i)] = nn.LayerNorm(dim, eps=NORM_EPS)
             prev_dim, cur = dim, cur + s['depths'][i]
         self.with_cp = with_cp
         self.min_input_size = self._min_input_size()

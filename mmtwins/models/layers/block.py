@@ -8,6 +8,9 @@ from torch import nn
 from .attention import GlobalSubsampledAttention, LocallyGroupedAttention
 from .mlp import Mlp
 
+#: eps of the blocks' and stage-end LayerNorms, as in the authors' release.
+NORM_EPS = 1e-6
+
 
 class TwinsBlock(nn.Module):
     """``x + DropPath(attn(LN(x)))`` then ``x + DropPath(mlp(LN(x)))``.
@@ -24,12 +27,12 @@ class TwinsBlock(nn.Module):
                  window_size: Optional[int] = None, drop: float = 0., attn_drop: float = 0.,
                  drop_path: float = 0.):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=NORM_EPS)
         if window_size is None:
             self.attn = GlobalSubsampledAttention(dim, num_heads, sr_ratio, attn_drop, drop)
         else:
             self.attn = LocallyGroupedAttention(dim, num_heads, window_size, attn_drop, drop)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

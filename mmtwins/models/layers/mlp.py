@@ -73,7 +73,10 @@ def _mlp_chunks(x: torch.Tensor, norm: Optional[_Norm], w1, b1, w2, b2, rows: Op
             keep.append(h)
         if out is None:
             return F.linear(F.gelu(h), w2, b2)
-        torch.addmm(b2, F.gelu(h), w2.t(), out=out[s:e])
+        if b2 is None:
+            torch.mm(F.gelu(h), w2.t(), out=out[s:e])
+        else:
+            torch.addmm(b2, F.gelu(h), w2.t(), out=out[s:e])
     return out
 
 
@@ -99,7 +102,7 @@ def _mlp_forward(x: torch.Tensor, norm_params, params, rows: Optional[int],
     norm = None if norm_params[2] is None else _Norm(*norm_params, dtype=dtype)
     if norm is None:
         x2 = _to(x2, dtype)
-    params = [_to(p, dtype) for p in params]
+    params = [None if p is None else _to(p, dtype) for p in params]
     if autocast:  # the linears compute in ``dtype`` already
         with torch.autocast(dev, enabled=False):
             out = _mlp_chunks(x2, norm, *params, rows, keep=keep)
@@ -202,16 +205,19 @@ class _ChunkedMlpFunction(torch.autograd.Function):
 _HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
 
 
-def _plain_layers(fc1: nn.Module, fc2: nn.Module, norm: Optional[nn.Module]) -> bool:
-    """True where the chunked path may read the layers' weights instead of calling them: each
-    is exactly ``nn.Linear`` (the norm ``nn.LayerNorm``) and no module hook, its own or global,
-    would be skipped."""
+def _plain_layers(mlp: 'Mlp', norm: Optional[nn.Module]) -> bool:
+    """True where the chunked path may stand in for ``mlp``'s layers (and the pre-norm): it
+    reads the weights of ``fc1``, ``fc2`` and the norm, computes the exact GELU and skips
+    ``drop1``, so each must be exactly ``nn.Linear``, ``nn.GELU(approximate='none')``,
+    ``nn.Dropout`` or ``nn.LayerNorm``, and no module hook, its own or global, may be set."""
     if any(getattr(_module, f'_global{h}', None) for h in _HOOKS):
         return False
-    layers = [(fc1, nn.Linear), (fc2, nn.Linear)]
+    layers = [(mlp.fc1, nn.Linear), (mlp.act, nn.GELU), (mlp.drop1, nn.Dropout),
+              (mlp.fc2, nn.Linear)]
     if norm is not None:
         layers.append((norm, nn.LayerNorm))
-    return all(type(m) is cls and not any(getattr(m, h) for h in _HOOKS) for m, cls in layers)
+    plain = all(type(m) is cls and not any(getattr(m, h) for h in _HOOKS) for m, cls in layers)
+    return plain and mlp.act.approximate == 'none'
 
 
 class Mlp(nn.Module):
@@ -232,9 +238,10 @@ class Mlp(nn.Module):
     The chunked path reads the weights of ``fc1``, ``fc2`` and the pre-norm and calls none of
     them, and its backward is once differentiable (a second derivative, as in a gradient
     penalty, raises). It is used unless hidden dropout is active in training, a graph is being
-    recorded for export, or one of those layers is not the plain ``nn.Linear``/``nn.LayerNorm``
-    or has module hooks, forward or backward, its own or global (quantised, LoRA-wrapped, pruned
-    or hooked layers), which all get the plain composition of the modules.
+    recorded for export, or one of the layers it stands in for is not the plain ``nn.Linear``,
+    exact ``nn.GELU``, ``nn.Dropout`` or ``nn.LayerNorm`` or has module hooks, forward or
+    backward, its own or global (another activation; quantised, LoRA-wrapped, pruned or hooked
+    layers), which all get the plain composition of the modules.
 
     Shapes:
         (B, N, C) -> (B, N, C).
@@ -256,7 +263,7 @@ class Mlp(nn.Module):
         """``mlp(norm(x))``: a block's pre-norm passed as ``norm`` runs inside the chunks, so the
         normalised tokens are never materialised whole nor kept for backward."""
         if (is_exporting() or (self.training and self.drop1.p > 0)
-                or not _plain_layers(self.fc1, self.fc2, norm)):
+                or not _plain_layers(self, norm)):
             x = x if norm is None else norm(x)
             return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
         rows = _chunk_rows(self.fc1.out_features, self.chunk_elems, x.device)
