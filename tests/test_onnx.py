@@ -162,6 +162,16 @@ def test_segmentor_checkpoint_is_loaded_strictly(tmp_path):
     with pytest.raises(CheckpointError, match=r'1 of another shape .*conv_seg\.weight \(151, '):
         load_model(cfg_file, str(ckpt))
 
+    # --backbone-only: the backbone of that checkpoint, or a backbone checkpoint of its own
+    want = model.backbone.state_dict()
+    backbone_ckpt = tmp_path / 'backbone.pth'
+    torch.save({'state_dict': want}, backbone_ckpt)
+    for path in (ckpt, backbone_ckpt):
+        got = load_model(cfg_file, str(path), backbone_only=True).backbone.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+    with pytest.raises(CheckpointError, match='does not fit'):
+        load_model(cfg_file, str(backbone_ckpt))  # the whole model needs its whole checkpoint
+
 
 def export_detector(name: str, tmp_path: Path, sizes):
     """Export the tiny ``configs/<name>`` detector at 64x96 and run it at ``sizes`` ((B, H, W)

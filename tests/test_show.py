@@ -53,6 +53,8 @@ def test_det_show_dir_writes_under_work_dir_timestamp(tmp_path):
 def test_seg_show_dir_writes_through_the_visualizer(tmp_path):
     data_root = make_ade_toy(tmp_path / 'ade')
     cfg = tiny_seg_config(SEG, data_root, tmp_path / 'work')
+    # No training images: mmseg's hook reads runner.iter, which must not build the train loop.
+    cfg.train_dataloader.dataset.data_root = str(tmp_path / 'no_training_data')
     cfg.dump(tmp_path / 'tiny.py')
     ckpt = _random_checkpoint(cfg, tmp_path / 'random.pth')
     # The hook draws every `interval`-th test batch (50 in mmseg's configs): 1 for all 3 images.
@@ -119,3 +121,6 @@ def test_config_without_visualization_hook_is_refused():
         trigger_visualization_hook(Config(dict(default_scope='mmengine')), args)
     with pytest.raises(ValueError, match='--interval'):
         _cfg(DET, '--show-dir', 'out', '--interval', '2')
+    for option in ('--show', '--show-dir=out'):  # its hook would fail on the augmented views
+        with pytest.raises(ValueError, match='mmpretrain.*without --tta'):
+            _cfg(CLS, option, '--tta')

@@ -5,7 +5,7 @@
 #   tools/dist_train.sh CONFIG GPUS [tools/train.py options]
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.1.1.1 PORT=29500 tools/dist_train.sh CONFIG 8   # node 0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.1.1.1 PORT=29500 tools/dist_train.sh CONFIG 8   # node 1
-# PYTHON selects the interpreter (default: python).
+# PYTHON selects the interpreter (default: the checkout's .venv/bin/python if there, else python).
 set -euo pipefail
 
 CONFIG=$1
@@ -14,8 +14,9 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-PYTHON=${PYTHON:-python}
 TOOLS=$(cd "$(dirname "$0")" && pwd)
+VENV_PYTHON="$TOOLS/../.venv/bin/python"  # what `make setup` installed
+PYTHON=${PYTHON:-$([ -x "$VENV_PYTHON" ] && echo "$VENV_PYTHON" || echo python)}
 
 PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}" \
 "$PYTHON" -m torch.distributed.run \

@@ -3,7 +3,7 @@
 #
 #   GPUS=16 tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR [tools/train.py options]
 # Environment: GPUS (8), GPUS_PER_NODE (8), CPUS_PER_TASK (5), SRUN_ARGS (extra srun options),
-# PYTHON (python).
+# PYTHON (the checkout's .venv/bin/python if there, else python).
 set -euo pipefail
 
 PARTITION=$1
@@ -14,8 +14,9 @@ GPUS=${GPUS:-8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-}
-PYTHON=${PYTHON:-python}
 TOOLS=$(cd "$(dirname "$0")" && pwd)
+VENV_PYTHON="$TOOLS/../.venv/bin/python"  # what `make setup` installed
+PYTHON=${PYTHON:-$([ -x "$VENV_PYTHON" ] && echo "$VENV_PYTHON" || echo python)}
 
 # shellcheck disable=SC2086  # SRUN_ARGS holds several options
 PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}" \

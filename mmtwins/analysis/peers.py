@@ -848,6 +848,10 @@ def format_case(r: CaseResult) -> str:
             f'{cols}; speed-up vs {against} {r.speedup() or float("nan"):.2f}x')
     if r.round_speedups():
         line += f' ({_spread(r)} over {len(r.round_speedups())} rounds)'
+    for diffs, where in ((r.max_abs_diff, ''), (r.device_max_abs_diff, ' on the GPU')):
+        if diffs:
+            line += f'; stage maps agree{where}: max abs diff ' + ', '.join(
+                f'{p} {d:.1e}' for p, d in diffs.items())
     if r.flops_fraction() is not None:
         line += (f'; {r.gflops / r.seconds["mmtwins"]:.0f} GFLOP/s = '
                  f'{r.flops_fraction():.2f} of dense matmul ({r.matmul_gflops:.0f})')

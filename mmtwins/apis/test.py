@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from mmengine.config import Config
 from mmengine.device import get_device
-from mmengine.runner import Runner
+from mmengine.runner import BaseLoop, Runner
 from mmengine.utils import mkdir_or_exist
 
 from .config import add_common_args, load_config, warn_if_cpu_amp_is_emulated
@@ -179,6 +179,10 @@ def build_test_cfg(args: argparse.Namespace) -> Config:
     cfg = load_config(args)
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
+        if args.tta and cfg.get('default_scope') == 'mmpretrain':
+            raise ValueError("--show/--show-dir with --tta: mmpretrain's visualization hook "
+                             'draws the batch it is given as images, which under --tta is a '
+                             'list of augmented views; paint the predictions without --tta')
         trigger_visualization_hook(cfg, args)
     if args.tta:
         apply_tta(cfg)
@@ -197,6 +201,20 @@ def build_test_cfg(args: argparse.Namespace) -> Config:
     return cfg
 
 
+class NoTrainLoop(BaseLoop):
+    """The train loop of a test run, at step 0. Hooks read ``runner.iter`` (mmseg's visualization
+    hook draws with ``step=runner.iter``), which would otherwise build the config's train loop
+    and with it the training dataset: slow for COCO or ADE20K, and an error where only the test
+    images are there."""
+    epoch = iter = max_epochs = max_iters = 0
+
+    def __init__(self, runner: Runner):
+        super().__init__(runner, dataloader=[])
+
+    def run(self) -> None:
+        raise RuntimeError('a test run does not train')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the test loop; returns the metrics."""
     args = parse_args(argv)
@@ -204,6 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     scope = cfg.get('default_scope')
     with owned_process_group():
         runner = build_runner(cfg)
+        runner._train_loop = NoTrainLoop(runner)  # Runner builds a loop given as a dict lazily
         if args.out and scope != 'mmseg':
             add_dump_metric(runner, scope, args.out)
         make_output_dirs(cfg)

@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     """Export (and optionally verify); returns the ONNX file's path."""
     args = parse_args(argv)
     require_checkers(runtime=args.verify is not None)
-    model = load_model(args.config, args.checkpoint, args.cfg_options)
+    model = load_model(args.config, args.checkpoint, args.cfg_options, args.backbone_only)
     module = build_export_module(model, args.backbone_only, args.seg_output)
     sizes = verify_sizes(args)
     small = [f'{h}x{w}' for _, h, w in sizes if min(h, w) < module.min_input_size]

@@ -229,12 +229,14 @@ def build_export_module(model: nn.Module, backbone_only: bool = False,
 
 
 def load_model(config: Union[str, Config], checkpoint: Optional[str] = None,
-               cfg_options: Optional[dict] = None) -> nn.Module:
+               cfg_options: Optional[dict] = None, backbone_only: bool = False) -> nn.Module:
     """Build ``config``'s model in its ``default_scope`` on CPU and load ``checkpoint``.
 
-    A bare Twins backbone loads a checkpoint of any supported layout (authors', mmseg,
-    mmpretrain, mmtwins); any other model loads its own (mmengine) checkpoint strictly. Without
-    a checkpoint the weights stay random (good for checking an export, not for using it).
+    A bare Twins backbone, or with ``backbone_only`` a model's Twins backbone, loads a
+    checkpoint of any supported layout (authors', mmseg, mmpretrain, mmtwins; a whole model's
+    too, whose backbone is taken); the rest of the model then keeps random weights. Any other
+    model loads its own (mmengine) checkpoint strictly. Without a checkpoint the weights stay
+    random (good for checking an export, not for using it).
 
     Raises:
         CheckpointError: the checkpoint does not fit the model (the keys that differ are named);
@@ -243,8 +245,9 @@ def load_model(config: Union[str, Config], checkpoint: Optional[str] = None,
     model = build_module(load_config(config, cfg_options))
     if checkpoint is None:
         return model
-    if isinstance(model, Twins):
-        load_twins_checkpoint(model, checkpoint, strict=True)
+    backbone = model if isinstance(model, Twins) else getattr(model, 'backbone', None)
+    if isinstance(backbone, Twins) and (backbone is model or backbone_only):
+        load_twins_checkpoint(backbone, checkpoint, strict=True)
         return model
     ckpt = read_checkpoint(checkpoint)
     state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else ckpt

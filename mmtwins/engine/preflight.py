@@ -111,7 +111,7 @@ def _check_component(key: str, comp: dict) -> List[str]:
     if cls is None:
         hint = _did_you_mean(obj_type, _registered_names(registry))
         return [f'{key}.type: {obj_type!r} is not a registered model in scope '
-                f'{registry.scope!r}{hint}. If it comes from a plugin, add the plugin to '
+                f'{registry.scope!r}{hint or "."} If it comes from a plugin, add the plugin to '
                 "custom_imports=dict(imports=[...])"]
     problems = []
     accepted = _accepted_args(cls)
