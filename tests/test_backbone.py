@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from mmtwins.analysis.peers import randomize_parameters_
 from mmtwins.models import PCPVT, SVT, Twins
 from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention
 
@@ -266,6 +267,11 @@ def test_init_weights_random():
     assert peg.std().item() == pytest.approx(math.sqrt(2 / 9), rel=0.1)
     assert torch.all(model.pos_block[0].proj[0].bias == 0)
     assert torch.all(model.blocks[0][0].norm1.weight == 1)
+    # GSA's 8x8 sub-sampling conv, 16 -> 16 channels: fan_out = 8 * 8 * 16 (PyTorch's default
+    # init would give 1 / sqrt(3 * fan_in) = 0.018)
+    sr = model.blocks[0][1].attn.sr
+    assert sr.weight.std().item() == pytest.approx(math.sqrt(2 / 1024), rel=0.1)
+    assert all(torch.all(m.bias == 0) for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 def _linear_default_init(layer: nn.Linear) -> bool:
@@ -281,6 +287,20 @@ def test_init_cfg_applies_mmengine_initialisers_after_the_authors_init(init_cfg)
     assert all(torch.all(m.weight == 0.5) for m in model.modules() if isinstance(m, nn.LayerNorm))
     qkv = model.blocks[0][0].attn.qkv  # the authors' init still ran for the rest
     assert torch.all(qkv.bias == 0) and qkv.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_pretrained_is_applied_after_the_other_initialisers(tmp_path):
+    """Listed first or last, the checkpoint's weights win: another initialiser never
+    overwrites what was loaded."""
+    src = randomize_parameters_(SVT(arch=TINY_SVT))
+    torch.save(src.state_dict(), tmp_path / 'src.pth')
+    pretrained = dict(type='Pretrained', checkpoint=str(tmp_path / 'src.pth'))
+    constant = dict(type='Constant', val=0.5, layer='LayerNorm')
+    for init_cfg in ([pretrained, constant], [constant, pretrained]):
+        model = SVT(arch=TINY_SVT, init_cfg=init_cfg)
+        model.init_weights()
+        for k, v in src.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), k
 
 
 def test_pretrained_init_cfg_keeps_the_authors_init_where_the_checkpoint_lacks_a_tensor(tmp_path):

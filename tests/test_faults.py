@@ -309,24 +309,44 @@ def test_nan_loss_skip_mode_counts_only_consecutive_steps(tmp_path):
 
 
 def _loss_guard_on_rank(rank: int, store: str) -> None:
-    """Rank ``rank`` of 2 gloo processes checks its loss: NaN on rank 1 only."""
+    """Rank ``rank`` of 2 gloo processes trains through the guarded ``update_params``, its loss
+    NaN on rank 1 only: both ranks stop (or, with ``skip``, both skip), then a finite step
+    updates both."""
     import datetime
     import types
 
     import torch.distributed as dist
+    from mmengine.optim import OptimWrapper
 
     from mmtwins.engine import NonFiniteLossHook
     dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=30))
     try:
-        loss = torch.tensor(float('nan') if rank == 1 else 1.5)
-        assert not NonFiniteLossHook._all_finite(loss)  # every rank sees the NaN
-        hook = NonFiniteLossHook()
-        runner = types.SimpleNamespace(iter=2, epoch=0, train_loop=None)
-        own = 'nan' if rank == 1 else '1.5 here, not on another rank'
-        with pytest.raises(FloatingPointError, match=f'at iteration 3: {own}\\. Training stopped'):
-            hook._on_non_finite(runner, loss)
-        assert NonFiniteLossHook._all_finite(torch.tensor(2.0))  # all finite: no rank stops
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        x = torch.ones(2, 3)
+        scale = float('nan') if rank == 1 else 1.
+        own = 'nan' if rank == 1 else r'[-0-9.e]+ here, not on another rank'
+        for skip in (False, True):
+            hook = NonFiniteLossHook(skip=skip)
+            wrapper = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+            runner = types.SimpleNamespace(optim_wrapper=wrapper, iter=2, epoch=0,
+                                           train_loop=None)
+            hook.before_train(runner)
+            loss = model(x).sum() * scale
+            if skip:
+                wrapper.update_params(loss)  # no rank raises: both skip
+                assert hook.skipped_iters == [3]
+            else:
+                with pytest.raises(FloatingPointError,
+                                   match=f'at iteration 3: {own}\\. Training stopped'):
+                    wrapper.update_params(loss)
+            assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        wrapper.update_params(model(x).sum())  # finite on both ranks: both step
+        assert hook.consecutive_skips == 0
+        assert not torch.equal(model.bias, before['bias'])
+        hook.after_train(runner)
     finally:
         dist.destroy_process_group()
 

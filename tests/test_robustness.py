@@ -302,3 +302,24 @@ def test_malformed_and_non_coco_annotation_files_are_named(tmp_path):
     assert (f"train_dataloader.dataset.ann_file: '{train}' is not valid JSON: Expecting "
             "property name enclosed in double quotes at line 2 column 12") in msg
     assert "lacks the COCO key(s) ['annotations', 'categories']" in msg
+
+
+def test_an_unreadable_annotation_file_is_named_with_the_other_problems(tmp_path, monkeypatch):
+    """A read error is one more problem in the list, not a traceback that hides the rest."""
+    from mmtwins.engine import preflight
+    root = tmp_path / 'coco'
+    cfg = coco_config(root)
+    train = root / 'annotations' / 'instances_train2017.json'
+    train.write_text(json.dumps(dict(images=[], annotations=[], categories=[])))
+
+    def deny(path, *args, **kwargs):
+        if str(path) == str(train):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(preflight, 'open', deny, raising=False)
+    with pytest.raises(ConfigError) as err:
+        preflight_check(cfg)
+    msg = str(err.value)
+    assert f"train_dataloader.dataset.ann_file: cannot read '{train}': Permission denied" in msg
+    assert "instances_val2017.json' does not exist" in msg

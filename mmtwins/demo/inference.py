@@ -15,6 +15,7 @@ The config's ``default_scope`` picks the inferencer: mmdet's ``DetInferencer`` f
   ``tools/test.py --out`` writes.
 """
 import argparse
+import io
 import json
 import os
 import os.path as osp
@@ -26,6 +27,7 @@ from mmengine.utils import mkdir_or_exist
 from PIL import Image
 
 from mmtwins.apis import allow_mmengine_checkpoints
+from mmtwins.engine.fileio import atomic_write
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 CHUNK = 16  # images per inferencer call: the drawn images of one call are held in memory
@@ -81,9 +83,14 @@ def build_inferencer(config: str,
 
 
 def _save_det(pred: dict, classes: Sequence[str], out_file: str) -> None:
-    result = dict(pred, classes=list(classes))
-    with open(out_file, 'w') as f:
-        json.dump(result, f)
+    atomic_write(out_file, json.dumps(dict(pred, classes=list(classes))))
+
+
+def _save_png(array: np.ndarray, out_file: str) -> None:
+    """``array`` as a PNG file, written atomically (never half a file under its name)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format='PNG')
+    atomic_write(out_file, buffer.getvalue())
 
 
 def infer(config: str,
@@ -129,13 +136,13 @@ def infer(config: str,
         for path, pred, vis in zip(chunk, preds, drawn):
             stem = osp.splitext(osp.basename(path))[0]
             written['vis'].append(osp.join(vis_dir, f'{stem}.png'))
-            Image.fromarray(vis).save(written['vis'][-1])
+            _save_png(vis, written['vis'][-1])
             if task == 'det':
                 written['pred'].append(osp.join(pred_dir, f'{stem}.json'))
                 _save_det(pred, classes, written['pred'][-1])
             else:
                 written['pred'].append(osp.join(pred_dir, f'{stem}.png'))
-                Image.fromarray(np.asarray(pred, dtype)).save(written['pred'][-1])
+                _save_png(np.asarray(pred, dtype), written['pred'][-1])
         print(f'{min(start + CHUNK, len(images))}/{len(images)} images done', flush=True)
     return written
 

@@ -36,6 +36,8 @@ import numpy as np
 from mmengine.utils import mkdir_or_exist, track_iter_progress
 from PIL import Image, ImageDraw
 
+from mmtwins.engine.fileio import atomic_write
+
 CLASSES = ('rectangle', 'circle', 'triangle')
 # The class colours' hue families (degrees): red, green, blue; each shape jitters its hue +-15.
 HUES = (0., 120., 225.)
@@ -255,8 +257,9 @@ def make_toy_data(out_dir: str, num_train: int = 400, num_val: int = 100, size: 
             osp.join(paths['ade'], 'annotations', ade_split, f'{ade_name}.png'))
     for split in SPLITS:
         names = [f'{i:06d}.jpg' for i in range(1, counts[split] + 1)]
-        with open(osp.join(paths['coco'], COCO_ANN_FILE.format(split=split)), 'w') as f:
-            json.dump(_coco_dict(shapes[split], names, size), f)
+        # the index of the split's images: never half a file, whatever stops the run
+        atomic_write(osp.join(paths['coco'], COCO_ANN_FILE.format(split=split)),
+                     json.dumps(_coco_dict(shapes[split], names, size)))
     return paths
 
 

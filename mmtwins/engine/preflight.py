@@ -241,6 +241,8 @@ def _check_json(key: str, path: str, dataset_type: str) -> List[str]:
                 f'column {e.colno}']
     except UnicodeDecodeError as e:
         return [f'{key}.ann_file: {path!r} is not UTF-8 text ({e.reason} at byte {e.start})']
+    except OSError as e:
+        return [f'{key}.ann_file: cannot read {path!r}: {e.strerror or e}']
     if _COCO_INSTANCES.search(dataset_type.split('.')[-1]):
         if not isinstance(content, dict):
             return [f'{key}.ann_file: {path!r} holds a JSON {type(content).__name__}, not the '
