@@ -46,8 +46,10 @@ class Twins(BaseModule):
         drop_rate (float): Dropout after each patch embedding, the MLPs' GELU and the attention
             and MLP output projections (the authors' ``drop_rate``).
         attn_drop_rate (float): Dropout on attention weights.
-        drop_path_rate (float): Stochastic depth, increasing linearly over all blocks up to this
-            value; applied once per residual branch.
+        drop_path_rate (float): Stochastic depth, increasing linearly over all blocks of the
+            arch up to this value (also over stages that ``out_indices`` leaves unbuilt, so a
+            built block keeps the rate it has in the whole network); applied once per residual
+            branch.
         frozen_stages (int): Stages ``0..frozen_stages``, each with its patch embedding, PEG
             and stage norm, are frozen (eval mode, no gradient); -1 freezes nothing. Counted as
             in mmpretrain's backbones: mmdet's ResNet and Swin freeze their stem and
