@@ -7,7 +7,8 @@ from probes import CountOps, analysis_tool
 
 from mmtwins.analysis.ab import alternate, format_arms, module_at, patched, revision_arm
 from mmtwins.models.backbones import SVT
-from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention, PatchEmbed
+from mmtwins.models.layers import (GlobalSubsampledAttention, LocallyGroupedAttention, Mlp,
+                                   PatchEmbed)
 from mmtwins.models.layers.mlp import CHUNK_ELEMS
 from mmtwins.registry import MODELS
 
@@ -34,6 +35,7 @@ def test_alternate_runs_each_arm_in_turn_and_restores_patches():
     assert set(res) == {'a', 'b'} and all(r['peak_mb'] is None for r in res.values())
     assert all(0 < r['min_ms'] <= r['median_ms'] for r in res.values())
     assert format_arms(res).startswith('a ') and ', b ' in format_arms(res)
+    assert res['a']['ratio'] == 1 and "x a's time in paired steps" in format_arms(res)
     with pytest.raises(ValueError, match='must exceed warmup'):
         alternate(lambda: None, arms, steps=5, device=torch.device('cpu'))
 
@@ -105,15 +107,36 @@ class PatchEmbed(nn.Module):
 """
 
 
-@pytest.fixture
-def revision_repo(tmp_path):
-    path = tmp_path / 'mmtwins/models/layers/embed.py'
-    path.parent.mkdir(parents=True)
-    path.write_text(_REVISION_OF_EMBED)
+# mlp.py as a revision might read: another chunk bound, which the embed.py above imports, and
+# an Mlp whose train() calls super() (the working tree's Mlp has no train of its own).
+_REVISION_OF_MLP = """
+from torch import nn
+
+CHUNK_ELEMS = 123
+
+
+class Mlp(nn.Module):
+
+    def train(self, mode=True):
+        self.trained_by_revision = mode
+        return super().train(mode)
+"""
+
+
+def _commit(repo, files: dict):
+    """``files`` (path -> text) committed to a new git repository at ``repo``."""
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
     for args in (['init', '-q'], ['add', '.'],
                  ['-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'revision']):
-        subprocess.run(['git', *args], cwd=tmp_path, check=True, capture_output=True)
-    return tmp_path
+        subprocess.run(['git', *args], cwd=repo, check=True, capture_output=True)
+    return repo
+
+
+@pytest.fixture
+def revision_repo(tmp_path):
+    return _commit(tmp_path, {'mmtwins/models/layers/embed.py': _REVISION_OF_EMBED})
 
 
 def test_revision_arm_runs_the_revision_methods_and_restores_the_working_tree(revision_repo):
@@ -132,6 +155,23 @@ def test_revision_arm_runs_the_revision_methods_and_restores_the_working_tree(re
     assert 'PatchEmbed' not in MODELS.module_dict
     with pytest.raises(subprocess.CalledProcessError):
         module_at('HEAD', 'mmtwins/models/layers/mlp.py', revision_repo)
+
+
+def test_revision_modules_import_each_other_and_their_methods_call_super(tmp_path):
+    """Taken together, the revision's embed.py imports the revision's mlp.py (loaded first,
+    whatever the order given), not the working tree's; a swapped method's super() is that of
+    the working tree's class."""
+    repo = _commit(tmp_path, {'mmtwins/models/layers/embed.py': _REVISION_OF_EMBED,
+                              'mmtwins/models/layers/mlp.py': _REVISION_OF_MLP})
+    embed, mlp = PatchEmbed(3, 16, 4), Mlp(16, 32)
+    img = torch.randn(1, 3, 16, 16)
+    paths = ['mmtwins/models/layers/embed.py', 'mmtwins/models/layers/mlp.py']
+    with revision_arm('HEAD', paths, repo)():
+        assert embed(img)[1] == 123
+        assert mlp.eval() is mlp and mlp.trained_by_revision is False and not mlp.training
+    with revision_arm('HEAD', paths[:1], repo)():
+        assert embed(img)[1] == CHUNK_ELEMS  # mlp.py not taken: the working tree's
+    assert mlp.train() is mlp and mlp.trained_by_revision is False  # the working tree's again
 
 
 def test_revision_ab_tool_prints_both_arms(capsys):

@@ -33,8 +33,12 @@ TABLE1 = {
 
 class _Attention(nn.Module):
 
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+
     def forward(self, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, **self.kwargs)
 
 
 def test_sdpa_handle_counts_both_attention_matmuls():
@@ -46,6 +50,10 @@ def test_sdpa_handle_counts_both_attention_matmuls():
     assert plain.total() == 0, 'mmengine is expected not to see sdpa: the reason for the handle'
     assert count_complexity(_Attention(), (q, k, v)).flops == expected
     assert count_complexity(_Attention(), (q, k, v)).attention_flops == expected
+    # grouped-query attention: 6 query heads share the 3 key/value heads, each a full product
+    q = torch.randn(2, 6, 10, 8)
+    gqa = count_complexity(_Attention(enable_gqa=True), (q, k, v))
+    assert gqa.attention_flops == 2 * expected
 
 
 def test_gsa_flops_match_hand_count():
@@ -185,6 +193,27 @@ def test_plot_logs_places_epoch_metrics_at_iterations(tmp_path):
             assert f.read(8) == b'\x89PNG\r\n\x1a\n'
     with pytest.raises(KeyError, match='mIoU'):
         plot_logs([str(tmp_path / 'work')], str(tmp_path / 'plots'), keys=['mIoU'])
+
+
+def test_a_resumed_run_is_read_as_one_from_its_work_dir(tmp_path):
+    """Resuming from iteration 4 wrote a second log that repeats iterations 5-6; a folder of
+    work dirs is not a work dir."""
+    work = tmp_path / 'exp'
+    runs = {'20250101_000000': range(1, 7), '20250102_000000': range(5, 9)}
+    for stamp, its in runs.items():
+        (work / stamp / 'vis_data').mkdir(parents=True)
+        shift = 0.5 if stamp.startswith('20250102') else 0.  # the resumed run's values
+        _write_log(work / stamp / 'vis_data' / f'{stamp}.json',
+                   [dict(loss=it + shift, lr=0.1, step=it) for it in its]
+                   + [dict(mIoU=float(its[-1]), step=its[-1])])
+    log = load_json_log(str(work))
+    assert log.curves['loss'] == ([1, 2, 3, 4, 5, 6, 7, 8], [1., 2., 3., 4., 5.5, 6.5, 7.5, 8.5])
+    assert log.curves['mIoU'] == ([6, 8], [6., 8.])
+    assert [os.path.basename(f) for f in log.files] == ['20250101_000000.json',
+                                                        '20250102_000000.json']
+    plot_logs([str(work) + '/'], str(tmp_path / 'plots'))  # legend: the work dir's name
+    with pytest.raises(FileNotFoundError, match='no MMEngine JSON log'):
+        load_json_log(str(tmp_path))
 
 
 def test_plot_logs_tool(tmp_path, capsys):

@@ -12,10 +12,11 @@ import importlib
 import re
 import statistics
 import subprocess
+import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, ContextManager, Dict, List, Sequence
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -49,51 +50,118 @@ def patched(owner, name: str, value) -> Callable[[], ContextManager]:
     return arm
 
 
-def module_at(rev: str, path: str, repo: Path = CHECKOUT) -> types.ModuleType:
-    """The module ``path`` (e.g. ``'mmtwins/models/layers/mlp.py'``) as it is at git revision
-    ``rev`` of ``repo`` (this checkout by default), loaded apart from the package: its relative
-    imports resolve to the working tree's modules and its registry decorators are dropped (the
-    working tree's classes stay registered).
-
-    Raises:
-        subprocess.CalledProcessError: ``rev`` or ``path`` unknown to git.
-    """
+def _source_at(rev: str, path: str, repo: Path) -> str:
+    """The source of ``path`` at ``rev``, its relative imports made absolute and its registry
+    decorators dropped."""
     src = subprocess.run(['git', 'show', f'{rev}:{path}'], cwd=repo, check=True,
                          capture_output=True, text=True).stdout
-    package = path[:-len('.py')].replace('/', '.').split('.')[:-1]
+    package = _module_name(path).split('.')[:-1]
 
     def absolute(m):
         base = package[:len(package) - len(m.group(2)) + 1]
         return f"{m.group(1)}from {'.'.join(base + ([m.group(3)] if m.group(3) else []))} import"
 
-    src = _REGISTRATION.sub('', _RELATIVE_IMPORT.sub(absolute, src))
-    module = types.ModuleType(f'{".".join(package)}._at_{re.sub(r"[^0-9A-Za-z]", "_", rev)}')
+    return _REGISTRATION.sub('', _RELATIVE_IMPORT.sub(absolute, src))
+
+
+def _module_name(path: str) -> str:
+    return path[:-len('.py')].replace('/', '.')
+
+
+@contextlib.contextmanager
+def _in_sys_modules(modules: Dict[str, types.ModuleType]):
+    """``sys.modules`` with ``modules`` under their names, restored after."""
+    saved = {name: sys.modules.get(name, _MISSING) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is _MISSING:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = old
+
+
+def module_at(rev: str, path: str, repo: Path = CHECKOUT,
+              imports: Optional[Dict[str, types.ModuleType]] = None) -> types.ModuleType:
+    """The module ``path`` (e.g. ``'mmtwins/models/layers/mlp.py'``) as it is at git revision
+    ``rev`` of ``repo`` (this checkout by default), loaded apart from the package: its imports
+    resolve to the working tree's modules, except those named in ``imports`` (module name ->
+    module, e.g. other modules of the revision), and its registry decorators are dropped (the
+    working tree's classes stay registered).
+
+    Raises:
+        subprocess.CalledProcessError: ``rev`` or ``path`` unknown to git.
+    """
+    src = _source_at(rev, path, repo)
+    name = _module_name(path)
+    module = types.ModuleType(f'{name}_at_{re.sub(r"[^0-9A-Za-z]", "_", rev)}')
     module.__file__ = f'{rev}:{path}'
-    exec(compile(src, module.__file__, 'exec'), module.__dict__)
+    with _in_sys_modules(imports or {}):
+        exec(compile(src, module.__file__, 'exec'), module.__dict__)
     return module
+
+
+def modules_at(rev: str, paths: Sequence[str],
+               repo: Path = CHECKOUT) -> Dict[str, types.ModuleType]:
+    """The modules ``paths`` at ``rev`` (module name -> module, as in :func:`module_at`), each
+    loaded after those of ``paths`` it imports, which then resolve to the revision's: a helper
+    whose signature changed since is called as the revision calls it."""
+    names = {_module_name(p): p for p in paths}
+    deps = {name: set(re.findall(r'^\s*from ([\w.]+) import', _source_at(rev, path, repo),
+                                 re.MULTILINE)) & set(names) - {name}
+            for name, path in names.items()}
+    loaded: Dict[str, types.ModuleType] = {}
+
+    def load(name: str, chain: tuple) -> None:
+        if name in chain:
+            raise ValueError(f'modules importing each other at {rev}: {" -> ".join(chain)}')
+        if name not in loaded:
+            for dep in sorted(deps[name]):
+                load(dep, chain + (name, ))
+            loaded[name] = module_at(rev, names[name], repo, imports=dict(loaded))
+
+    for name in names:
+        load(name, ())
+    return loaded
+
+
+def _rebound(fn, cls: type):
+    """``fn`` with zero-argument ``super()`` bound to ``cls``, the working tree's class it is
+    swapped into (a revision's method would look its own class up, of which the model is no
+    instance); static and class methods stay what they are."""
+    if isinstance(fn, (staticmethod, classmethod)):
+        return type(fn)(_rebound(fn.__func__, cls))
+    if '__class__' not in fn.__code__.co_freevars:
+        return fn
+    cells = tuple(types.CellType(cls) if var == '__class__' else cell
+                  for var, cell in zip(fn.__code__.co_freevars, fn.__closure__))
+    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    return new
 
 
 def revision_arm(rev: str, paths: Sequence[str],
                  repo: Path = CHECKOUT) -> Callable[[], ContextManager]:
     """An arm that runs the code of ``paths`` as it is at git revision ``rev`` (of ``repo``, as
-    in :func:`module_at`).
+    in :func:`modules_at`).
 
     Every ``nn.Module`` class of those modules that the working tree also has gets the
     revision's methods (all but ``__init__``: the model is built once, by the working tree), and
     they run with the revision's module globals, so the functions and autograd functions they
-    call are the revision's too.
+    call are the revision's too, from whichever of ``paths`` they come.
     """
     swaps = []
-    for path in paths:
-        old = module_at(rev, path, repo)
-        current = importlib.import_module(path[:-len('.py')].replace('/', '.'))
-        for name, cls in vars(old).items():
+    for name, old in modules_at(rev, paths, repo).items():
+        current = importlib.import_module(name)
+        for cls_name, cls in vars(old).items():
+            target = getattr(current, cls_name, None)
             if not (isinstance(cls, type) and issubclass(cls, nn.Module)
-                    and cls.__module__ == old.__name__
-                    and isinstance(getattr(current, name, None), type)):
+                    and cls.__module__ == old.__name__ and isinstance(target, type)):
                 continue
-            swaps += [patched(getattr(current, name), attr, fn) for attr, fn in vars(cls).items()
-                      if attr != '__init__'
+            swaps += [patched(target, attr, _rebound(fn, target))
+                      for attr, fn in vars(cls).items() if attr != '__init__'
                       and isinstance(fn, (types.FunctionType, staticmethod, classmethod))]
 
     return combined(swaps)
@@ -116,9 +184,12 @@ def alternate(step: Callable[[], None], arms: Arms, steps: int, device: torch.de
               warmup: int = 5) -> Dict[str, dict]:
     """Run ``step`` ``steps`` times under each arm, alternating; the first ``warmup`` untimed.
 
-    Returns ``{arm: {'median_ms', 'min_ms', 'peak_mb'}}``; ``peak_mb`` is the peak allocated
-    memory of the arm's first step on a GPU (None on a CPU, whose peak RSS one process cannot
-    attribute to an arm).
+    Returns ``{arm: {'median_ms', 'min_ms', 'ratio', 'peak_mb'}}``. ``ratio`` is the median
+    over the timed rounds of the arm's time over the first arm's in the same round (the pairs
+    the alternation makes; 1 for the first arm). ``peak_mb`` is the rise of the allocated
+    memory above its level at the start of the arm's first step, to its peak in that step, on
+    a GPU (as ``compare_peers`` counts it: weights and input left out); None on a CPU, whose
+    peak RSS one process cannot attribute to an arm.
     """
     if steps <= warmup:
         raise ValueError(f'steps ({steps}) must exceed warmup ({warmup})')
@@ -131,22 +202,30 @@ def alternate(step: Callable[[], None], arms: Arms, steps: int, device: torch.de
                 if cuda:
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
                 start = time.perf_counter()
                 step()
                 if cuda:
                     torch.cuda.synchronize(device)
-                    peak.setdefault(name, torch.cuda.max_memory_allocated(device) / 2**20)
+                    peak.setdefault(name,
+                                    (torch.cuda.max_memory_allocated(device) - base) / 2**20)
                 if i >= warmup:
                     times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: dict(median_ms=statistics.median(t), min_ms=min(t), peak_mb=peak.get(name))
+    first = times[next(iter(arms))]
+    return {name: dict(median_ms=statistics.median(t), min_ms=min(t),
+                       ratio=statistics.median(a / b for a, b in zip(t, first)),
+                       peak_mb=peak.get(name))
             for name, t in times.items()}
 
 
 def format_arms(results: Dict[str, dict]) -> str:
-    """``name 12.3 ms (min 11.9, first-step peak 980 MB), ...``"""
+    """``a 12.3 ms (min 11.9, first-step peak rise 980 MB), b 12.9 ms (min 12.4, 1.05x a's
+    time in paired steps, first-step peak rise 1010 MB)``"""
+    first = next(iter(results))
     return ', '.join(
         f'{n} {r["median_ms"]:.1f} ms (min {r["min_ms"]:.1f}'
-        + (f', first-step peak {r["peak_mb"]:.0f} MB)' if r['peak_mb'] is not None else ')')
+        + (f', {r["ratio"]:.2f}x {first}\'s time in paired steps' if n != first else '')
+        + (f', first-step peak rise {r["peak_mb"]:.0f} MB)' if r['peak_mb'] is not None else ')')
         for n, r in results.items())
 
 

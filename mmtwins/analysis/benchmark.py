@@ -9,6 +9,7 @@ import os
 import re
 import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
@@ -31,8 +32,9 @@ class BenchmarkResult:
         device: ``'cpu'`` or ``'cuda:N'``.
         precision: ``'fp32'``, or ``'amp-bf16'`` / ``'amp-fp16'`` (autocast).
         peak_memory_mb: on GPU, the peak memory allocated by tensors during the timed passes
-            (``torch.cuda.max_memory_allocated``); on CPU, the process's peak resident set size
-            during them (weights and the Python runtime included).
+            (``torch.cuda.max_memory_allocated``, weights and input included); on CPU, the
+            process's peak resident set size during them (weights and the Python runtime
+            included).
         memory_kind: which of the two ``peak_memory_mb`` is.
     """
     images_per_s: float
@@ -98,7 +100,9 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         if self.kind == 'process peak RSS':
             return _read_peak_rss_mb()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # ru_maxrss is in kB on Linux, in bytes on macOS (which has no /proc, so comes here)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+            2**20 if sys.platform == 'darwin' else 2**10)
 
     def __exit__(self, *exc):
         self.mb = self.read()
@@ -119,7 +123,10 @@ def peak_live_mb(fn: Callable[[], None]) -> float:
 
     Unlike the peak RSS it leaves out heap the C library keeps after frees, so it does not depend
     on the allocator's state. Every allocation and free of CPU memory is taken from one run under
-    ``torch.profiler`` with ``profile_memory=True`` and summed in time order.
+    ``torch.profiler`` with ``profile_memory=True`` and summed in time order. The profiler does
+    not record the free of a tensor allocated before it started, so ``fn`` must free only what
+    it allocates, or the peak is overstated: the steps of :func:`~.peers.make_step` start
+    without gradients and set them to None at their end.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile

@@ -31,14 +31,15 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
 
     ``query`` (..., L, E), ``key`` (..., S, E) and ``value`` (..., S, Ev) give
     ``batch * L * S * E`` for ``query @ key^T`` plus ``batch * L * S * Ev`` for
-    ``attn @ value``, where ``batch`` is the product of the broadcast leading dimensions.
+    ``attn @ value``, where ``batch`` is the product of the output's leading dimensions (the
+    query heads: with grouped-query attention keys and values have fewer).
     The mask, dropout, scaling and softmax are element-wise and not counted.
     """
-    q, k, v = (get_shape(x) for x in inputs[:3])
-    if q is None or k is None or v is None:
+    q, k, v, out = (get_shape(x) for x in (*inputs[:3], outputs[0]))
+    if q is None or k is None or v is None or out is None:
         raise ValueError('scaled_dot_product_attention was traced with tensors of unknown shape; '
                          'trace the model with concrete input tensors')
-    batch = prod(torch.broadcast_shapes(tuple(q[:-2]), tuple(k[:-2]), tuple(v[:-2])))
+    batch = prod(out[:-2])
     length, source = q[-2], k[-2]
     return batch * length * source * (q[-1] + v[-1])
 

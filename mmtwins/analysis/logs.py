@@ -5,7 +5,8 @@ MMEngine's ``LoggerHook`` writes one JSON object per line to
 ``step`` (the global iteration); validation records carry the metrics (``accuracy/top1``,
 ``coco/bbox_mAP``, ``mIoU``...) and a ``step`` that is the epoch for epoch-based runs and the
 iteration for iteration-based ones. Every curve here is drawn over iterations: a validation
-record is placed at the iteration of the last training record before it.
+record is placed at the iteration of the last training record before it. A resumed run writes
+a log of its own under a new ``TIMESTAMP``: a work dir's logs are read oldest first as one run.
 """
 import glob
 import json
@@ -22,52 +23,58 @@ _NOT_METRICS = {'step', 'epoch', 'iter', 'time', 'data_time', 'memory'}
 
 @dataclass
 class TrainingLog:
-    """Curves of one log: ``curves[key] = (iterations, values)``."""
+    """Curves of one run: ``curves[key] = (iterations, values)``, iterations ascending.
+
+    ``path`` is what was given (a JSON log or a work dir), ``files`` the logs read from it.
+    """
     path: str
+    files: List[str] = field(default_factory=list)
     curves: Dict[str, Tuple[List[int], List[float]]] = field(default_factory=dict)
 
-    def add(self, key: str, x: int, y: float) -> None:
-        xs, ys = self.curves.setdefault(key, ([], []))
-        xs.append(x)
-        ys.append(y)
 
-
-def find_json_log(path: str) -> str:
-    """``path`` itself if it is a file, else the newest MMEngine JSON log under the work dir."""
+def find_json_logs(path: str) -> List[str]:
+    """``[path]`` if it is a file; for a work dir, its runs' logs
+    (``WORK_DIR/TIMESTAMP/vis_data/TIMESTAMP.json``), oldest first."""
     if os.path.isfile(path):
-        return path
+        return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f'no log file or work directory at {path}')
-    logs = [p for p in glob.glob(os.path.join(path, '**', 'vis_data', '*.json'), recursive=True)
+    logs = [p for p in glob.glob(os.path.join(glob.escape(path), '*', 'vis_data', '*.json'))
             if os.path.basename(p) != 'scalars.json']
     if not logs:
-        raise FileNotFoundError(f'no MMEngine JSON log (*/vis_data/TIMESTAMP.json) under {path}')
-    return max(logs, key=os.path.getmtime)
+        raise FileNotFoundError(f'no MMEngine JSON log (TIMESTAMP/vis_data/TIMESTAMP.json) in '
+                                f'the work directory {path}')
+    return sorted(logs, key=lambda p: (os.path.basename(p), os.path.getmtime(p)))
 
 
 def load_json_log(path: str) -> TrainingLog:
-    """Parse an MMEngine JSON log (a file, or a work dir holding one) into curves."""
-    path = find_json_log(path)
-    log = TrainingLog(path)
-    last_train_step = 0
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f'{path}:{lineno} is not a JSON record: {e}') from e
-            step = int(record.get('step', 0))
-            is_train = 'lr' in record or 'loss' in record
-            if is_train:
-                last_train_step = step
-            x = step if is_train else max(step, last_train_step)
-            for key, value in record.items():
-                if key not in _NOT_METRICS and isinstance(value, (int, float)):
-                    log.add(key, x, float(value))
-    return log
+    """Parse an MMEngine JSON log, or the logs of a work dir, into curves. A work dir's logs
+    are one run resumed: where a later log has a step again (the iterations a resumed run
+    repeats after its last checkpoint), its value replaces the earlier one."""
+    points: Dict[str, Dict[int, float]] = {}
+    files = find_json_logs(path)
+    for file in files:
+        last_train_step = 0
+        with open(file) as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f'{file}:{lineno} is not a JSON record: {e}') from e
+                step = int(record.get('step', 0))
+                is_train = 'lr' in record or 'loss' in record
+                if is_train:
+                    last_train_step = step
+                x = step if is_train else max(step, last_train_step)
+                for key, value in record.items():
+                    if key not in _NOT_METRICS and isinstance(value, (int, float)):
+                        points.setdefault(key, {})[x] = float(value)
+    curves = {key: ([x for x in sorted(xy)], [xy[x] for x in sorted(xy)])
+              for key, xy in points.items()}
+    return TrainingLog(path, files, curves)
 
 
 def default_keys(logs: Sequence[TrainingLog]) -> List[str]:
@@ -89,7 +96,7 @@ def plot_logs(paths: Sequence[str],
         paths: JSON logs or work dirs.
         out_dir: where the PNGs go (``loss.png``, ``lr.png``, ``accuracy_top1.png``...).
         keys: what to plot; default: loss, lr and the task's headline metric where present.
-        legends: a label per log (default: the log's file name).
+        legends: a label per log (default: the log's file name, or the work dir's name).
     """
     import matplotlib
     matplotlib.use('Agg')
@@ -98,7 +105,7 @@ def plot_logs(paths: Sequence[str],
     logs = [load_json_log(p) for p in paths]
     if legends is not None and len(legends) != len(logs):
         raise ValueError(f'{len(legends)} legends for {len(logs)} logs')
-    legends = legends or [os.path.basename(log.path) for log in logs]
+    legends = legends or [os.path.basename(os.path.normpath(log.path)) for log in logs]
     keys = list(keys) if keys else default_keys(logs)
     if not keys:
         raise ValueError('none of the default keys (loss, lr, the task metrics) is in the logs')
