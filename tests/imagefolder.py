@@ -58,7 +58,7 @@ def tiny_classifier_config(data_root: str, work_dir: str, family: str = 'svt',
             step.crop_size = 64
     for loader, split, pipeline in ((cfg.train_dataloader, 'train', cfg.train_pipeline),
                                     (cfg.val_dataloader, 'val', cfg.test_pipeline)):
-        loader.update(batch_size=4, num_workers=0, persistent_workers=False)
+        loader.update(batch_size=4, num_workers=0, persistent_workers=False, pin_memory=False)
         loader.dataset = dict(type='CustomDataset', data_root=str(data_root), data_prefix=split,
                               pipeline=pipeline)
     cfg.test_dataloader = cfg.val_dataloader

@@ -1,4 +1,5 @@
 """tools/train.py, tools/test.py and the launchers: options, scopes, 2-process CPU runs, slurm."""
+import datetime
 import gc
 import importlib.util
 import json
@@ -13,12 +14,13 @@ from importlib.metadata import version
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.registry import DefaultScope
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from timm.models.twins import Twins
 
-from mmtwins.apis import (allow_mmengine_checkpoints, apply_tta, owned_process_group,
-                          setup_cpu_distributed)
+from mmtwins.apis import (allow_mmengine_checkpoints, apply_tta, build_runner,
+                          owned_process_group, setup_cpu_distributed)
 from mmtwins.apis import test as test_api
 from mmtwins.apis import train as train_api
 
@@ -89,10 +91,27 @@ def test_test_amp_enables_autocast_and_warns_where_bf16_is_emulated(monkeypatch)
 def test_test_option_errors():
     with pytest.raises(ValueError, match=r'--out must name a \.pkl/\.pickle file for mmdet'):
         test_api.build_test_cfg(test_api.parse_args([RETINANET, 'c.pth', '--out', 'r.json']))
-    # mmseg and mmdet configs need their own (mmpretrain's get its default flip averaging)
+    # mmseg configs need their own (mmpretrain's get its default flip averaging)
     cfg = Config(dict(default_scope='mmseg', model=dict(type='EncoderDecoder')))
     with pytest.raises(ValueError, match='--tta needs tta_model and tta_pipeline'):
         apply_tta(cfg)
+
+
+def test_tta_of_a_detector_config_without_its_own_takes_mmdets_default():
+    """As mmdet's tools/test.py: DetTTAModel over each image and its flip, the flips made from
+    the innermost dataset's pipeline."""
+    cfg = Config.fromfile(RETINANET)
+    test_pipeline = cfg.test_dataloader.dataset.pipeline
+    cfg.pop('tta_model'), cfg.pop('tta_pipeline')
+    cfg.test_dataloader.dataset = dict(type='ClassBalancedDataset', oversample_thr=0.,
+                                       dataset=cfg.test_dataloader.dataset)
+    apply_tta(cfg)
+    assert cfg.model.type == 'DetTTAModel' and cfg.model.module.type == 'RetinaNet'
+    assert cfg.model.tta_cfg.nms.iou_threshold == 0.5
+    pipeline = cfg.test_dataloader.dataset.pipeline
+    assert pipeline[:-1] == test_pipeline[:-1] and pipeline[-1].type == 'TestTimeAug'
+    flips, (pack, ) = pipeline[-1].transforms
+    assert [f.prob for f in flips] == [1., 0.] and pack.type == 'PackDetInputs'
 
 
 def test_cpu_launchers_other_than_pytorch_fail_clearly(monkeypatch):
@@ -100,6 +119,26 @@ def test_cpu_launchers_other_than_pytorch_fail_clearly(monkeypatch):
     assert setup_cpu_distributed(Config(dict(launcher='none'))) is False
     with pytest.raises(RuntimeError, match='needs GPUs.*tools/dist_train.sh'):
         setup_cpu_distributed(Config(dict(launcher='slurm')))
+
+
+def test_cpu_launch_takes_the_configs_timeout_and_turns_off_sync_bn(monkeypatch):
+    """As mmengine's init_dist: env_cfg.dist_cfg.timeout (seconds) reaches the gloo group;
+    SyncBN, GPU-only in torch, is turned off in the model and at the top (sync_bn)."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    for key, value in dict(RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
+                           MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(key, value)
+    seen = {}
+    init = torch.distributed.init_process_group
+    monkeypatch.setattr(torch.distributed, 'init_process_group',
+                        lambda **kw: seen.update(kw) or init(**kw))
+    cfg = Config(dict(launcher='pytorch', sync_bn='torch', env_cfg=dict(dist_cfg=dict(timeout=77)),
+                      model=dict(neck=dict(norm_cfg=dict(type='SyncBN')))))
+    with owned_process_group():
+        assert setup_cpu_distributed(cfg) is True
+    assert seen == dict(backend='gloo', timeout=datetime.timedelta(seconds=77))
+    assert cfg.sync_bn is None and cfg.model.neck.norm_cfg.type == 'BN'
+    assert cfg.env_cfg.dist_cfg.backend == 'gloo' and cfg.model_wrapper_cfg.device_ids is None
 
 
 def _free_port() -> int:
@@ -140,6 +179,25 @@ def test_entry_points_destroy_the_process_group_their_run_created():
         torch.distributed.destroy_process_group()
 
 
+def test_runner_type_is_found_in_the_configs_scope():
+    """A runner registered in mmdet's registry without a scope prefix, as mmdet's own tools
+    find it (tools/test.py runs no preflight check, which would set the scope)."""
+    from mmdet.registry import RUNNERS as DET_RUNNERS
+
+    class ToyRunner:
+        @classmethod
+        def from_cfg(cls, cfg):
+            return cls
+
+    DET_RUNNERS.register_module(module=ToyRunner, force=True)
+    try:
+        cfg = Config(dict(default_scope='mmdet', runner_type='ToyRunner'))
+        with DefaultScope.overwrite_default_scope('mmengine'):
+            assert build_runner(cfg) is ToyRunner
+    finally:
+        DET_RUNNERS.module_dict.pop('ToyRunner')
+
+
 def test_process_group_outlives_no_run_object_that_holds_it():
     """A DDP model kept in a reference cycle (as mmengine's runner keeps it) holds the group past
     ``destroy_process_group``; the block frees such objects before it destroys the group, so the
@@ -161,6 +219,19 @@ def test_process_group_outlives_no_run_object_that_holds_it():
             del run
             assert model() is not None
         assert model() is None and not torch.distributed.is_initialized()
+
+        models = []
+
+        def fail():  # a run that fails: its frame, in the traceback, still holds the run
+            run = Run()
+            run.model(torch.randn(2, 4)).sum().backward()
+            models.append(weakref.ref(run.model))
+            raise RuntimeError('boom')
+
+        with pytest.raises(RuntimeError, match='boom'), owned_process_group():
+            _init_gloo()
+            fail()
+        assert models[0]() is None and not torch.distributed.is_initialized()
     finally:
         if enabled:
             gc.enable()

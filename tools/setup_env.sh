@@ -7,9 +7,10 @@
 # mmcv 2.1.0 has no wheel for torch 2.13: it is built once from source with its compiled ops
 # (about 12 minutes on 2 cores) and the wheel is cached in $MMTWINS_WHEEL_CACHE
 # (default ~/.cache/mmtwins/wheels), outside the work tree, for every later set-up with the same
-# torch version, kind of ops and Python: a folder per torch version and kind of ops (`cuda` where
-# mmcv's build compiles CUDA kernels: torch sees a GPU, or FORCE_CUDA=1; else `cpu`), the
-# Python's tag in the wheel's name.
+# torch version, kind of ops and Python: a folder per torch version and kind of ops (`cpu`, or,
+# where mmcv's build compiles CUDA kernels because torch sees a GPU or FORCE_CUDA=1 is set, the
+# CUDA version and the GPU architectures compiled for: TORCH_CUDA_ARCH_LIST, else those of the
+# visible GPUs, as torch's extension build picks them), the Python's tag in the wheel's name.
 # A stamp file makes a re-run that has nothing to do take a second.
 set -euo pipefail
 
@@ -24,7 +25,9 @@ log() { printf '[setup_env] %s\n' "$*" >&2; }
 
 want=$(cat "$constraints" "$root"/requirements/*.txt "$root/requirements.txt" "$root/setup.py" \
        "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)
-if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
+# mmtwins/.mim must hold the editable install's links: a wheel built in this checkout (`pip
+# install .`, `setup.py bdist_wheel`) replaces them with copies, which mim would then serve stale
+if [[ -f $stamp && $(cat "$stamp") == "$want" && -L $root/mmtwins/.mim/configs ]]; then
     exit 0
 fi
 
@@ -50,10 +53,18 @@ pip install -q -c "$constraints" torch torchvision
 
 mmcv_version=$(sed -n 's/^mmcv==//p' "$constraints")
 # The compiled ops hold torch's C++ ABI: a torch pin change must not reuse an older build. And
-# mmcv compiles its CUDA kernels only where torch sees a GPU or FORCE_CUDA=1 is set: a wheel built
-# without them must not be reused on a GPU machine sharing the cache.
-wheels=$wheels/torch-$("$venv/bin/python" -c 'import os, torch
-ops = "cuda" if torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1" else "cpu"
+# mmcv compiles its CUDA kernels only where torch sees a GPU or FORCE_CUDA=1 is set, and only for
+# the architectures of TORCH_CUDA_ARCH_LIST or of the visible GPUs: a wheel built without them, or
+# for other GPUs, must not be reused on a GPU machine sharing the cache.
+wheels=$wheels/torch-$("$venv/bin/python" -c 'import os, re, torch
+ops = "cpu"
+if torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1":
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or ";".join(sorted(
+        {"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
+    if not arch:
+        raise SystemExit("[setup_env] FORCE_CUDA=1 without a visible GPU: name the GPU "
+                         "architectures to build for, e.g. TORCH_CUDA_ARCH_LIST=\"8.0;9.0\"")
+    ops = "cuda%s-sm%s" % (torch.version.cuda, re.sub(r"[^0-9A-Za-z.+]+", "_", arch))
 print(torch.__version__.split("+")[0] + "-" + ops)')
 py_tag=$("$venv/bin/python" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
 mmcv_wheel=$(ls "$wheels"/mmcv-"$mmcv_version"-"$py_tag"-*.whl 2>/dev/null | head -n1 || true)

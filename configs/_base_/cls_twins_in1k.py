@@ -16,8 +16,12 @@ _base_ = [
 # train_dataloader.dataset.data_root=DIR val_dataloader.dataset.data_root=DIR
 # test_dataloader.dataset.data_root=DIR).
 data_root = 'data/imagenet'
-train_dataloader = dict(batch_size=128, dataset=dict(data_root=data_root))
-val_dataloader = dict(dataset=dict(data_root=data_root))
+# pinned memory, persistent workers and stacked batches, as mmpretrain's tools/train.py and
+# test.py set them on every loader whose config does not
+train_dataloader = dict(batch_size=128, dataset=dict(data_root=data_root), pin_memory=True,
+                        persistent_workers=True, collate_fn=dict(type='default_collate'))
+val_dataloader = dict(dataset=dict(data_root=data_root), pin_memory=True,
+                      persistent_workers=True, collate_fn=dict(type='default_collate'))
 test_dataloader = val_dataloader
 
 model = dict(

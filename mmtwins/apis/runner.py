@@ -16,15 +16,17 @@ point (``tools/train.py``, ``tools/test.py``, tests):
 And the entry points destroy the process group their run created (:func:`owned_process_group`).
 """
 import contextlib
+import datetime
 import gc
 import logging
 import os
+import traceback
 
 import torch
 import torch.distributed as dist
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
-from mmengine.registry import RUNNERS
+from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
 
 from mmtwins.checkpoint import allow_mmengine_checkpoints
@@ -48,11 +50,18 @@ def setup_cpu_distributed(cfg: Config) -> bool:
         raise RuntimeError(f'--launcher {launcher} needs GPUs, and this machine has none. On CPUs '
                            'use tools/dist_train.sh / tools/dist_test.sh (--launcher pytorch, '
                            'the gloo backend) or run single-process with --launcher none.')
-    dist.init_process_group(backend='gloo')
+    dist_cfg = cfg.setdefault('env_cfg', ConfigDict()).setdefault('dist_cfg', ConfigDict())
+    timeout = dist_cfg.get('timeout')  # seconds, as mmengine's init_dist takes it
+    dist.init_process_group(backend='gloo', **({} if timeout is None else dict(
+        timeout=datetime.timedelta(seconds=timeout))))
+    dist_cfg['backend'] = 'gloo'
     if _sync_bn_to_bn(cfg.model):
         print_log('no GPU: SyncBN (GPU-only in torch) replaced by BN in the model config',
                   logger='current', level=logging.WARNING)
-    cfg.setdefault('env_cfg', ConfigDict()).setdefault('dist_cfg', ConfigDict())['backend'] = 'gloo'
+    if cfg.get('sync_bn') is not None:
+        print_log(f'no GPU: sync_bn={cfg.sync_bn!r} (SyncBN is GPU-only in torch) ignored',
+                  logger='current', level=logging.WARNING)
+        cfg.sync_bn = None
     wrapper = cfg.get('model_wrapper_cfg')
     if wrapper is None:
         cfg.model_wrapper_cfg = dict(
@@ -93,10 +102,18 @@ def owned_process_group():
     which holds the model, sits in reference cycles (its loops point back at it) that only the
     garbage collector frees: so they are collected first, and the group ends here, not during
     interpreter shutdown.
+
+    On an error the local variables of the traceback's frames are cleared first (a frame that
+    raised inside ``runner.train()`` still holds the runner), so a failed run frees them too. The
+    code inside the block should hold its runner in a function of its own, whose frame is gone
+    when the block ends, not in a variable of the frame the block is in.
     """
     existed = dist.is_available() and dist.is_initialized()
     try:
         yield
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         if not existed and dist.is_available() and dist.is_initialized():
             gc.collect()
@@ -107,6 +124,7 @@ def build_runner(cfg: Config) -> Runner:
     """The Runner of ``cfg`` (``runner_type`` honoured), ready for ``train()``/``test()``."""
     allow_mmengine_checkpoints()
     setup_cpu_distributed(cfg)
-    if 'runner_type' in cfg:
+    if 'runner_type' in cfg:  # looked up in the config's scope first, as its own tools do
+        init_default_scope(cfg.get('default_scope') or 'mmengine')
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)

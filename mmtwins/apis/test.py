@@ -11,10 +11,12 @@ visualization hook as each codebase's ``tools/test.py`` does (:func:`trigger_vis
 """
 import argparse
 import copy
+import logging
 from typing import Optional, Sequence
 
 from mmengine.config import Config
 from mmengine.device import get_device
+from mmengine.logging import print_log
 from mmengine.runner import BaseLoop, Runner
 from mmengine.utils import mkdir_or_exist
 
@@ -60,15 +62,18 @@ def apply_tta(cfg: Config) -> None:
     """Swap ``cfg`` to test-time augmentation, as the config's scope's ``tools/test.py`` does.
 
     The test pipeline becomes ``cfg.tta_pipeline`` and the model is wrapped as
-    ``cfg.tta_model`` (with ``module=cfg.model``). mmpretrain configs without them get
-    mmpretrain's default (:func:`_default_cls_tta`); mmdet and mmseg configs need their own.
+    ``cfg.tta_model`` (with ``module=cfg.model``). mmdet and mmpretrain configs without them
+    get their tools' defaults (:func:`_default_det_tta`, :func:`_default_cls_tta`); mmseg
+    configs need their own.
     """
     scope = cfg.get('default_scope')
     if scope == 'mmdet' and _contains_key(cfg.model, 'mask_head'):
         raise ValueError('--tta: mmdet 3.x has no test-time augmentation for instance masks (its '
                          'DetTTAModel merges boxes only), so the Mask R-CNN configs define none. '
                          'Test without --tta; RetinaNet configs support it.')
-    if scope == 'mmpretrain':
+    if scope == 'mmdet':
+        _default_det_tta(cfg)
+    elif scope == 'mmpretrain':
         _default_cls_tta(cfg)
     missing = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
     if missing:
@@ -77,6 +82,30 @@ def apply_tta(cfg: Config) -> None:
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
     cfg.tta_model.module = cfg.model
     cfg.model = cfg.tta_model
+
+
+def _default_det_tta(cfg: Config) -> None:
+    """mmdet's ``tools/test.py`` default where the config has none, with its warnings: boxes of
+    each image and of its horizontal flip merged by NMS at IoU 0.5 (``DetTTAModel``), the flips
+    made before the last step of the innermost dataset's pipeline, ``PackDetInputs``."""
+    if 'tta_model' not in cfg:
+        print_log('--tta: the config has no tta_model; using mmdet\'s default (DetTTAModel, NMS '
+                  'at IoU 0.5, 100 boxes per image)', logger='current', level=logging.WARNING)
+        cfg.tta_model = dict(type='DetTTAModel',
+                             tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
+    if 'tta_pipeline' not in cfg:
+        print_log("--tta: the config has no tta_pipeline; using mmdet's default (each image and "
+                  'its horizontal flip)', logger='current', level=logging.WARNING)
+        dataset = cfg.test_dataloader.dataset
+        while 'dataset' in dataset:
+            dataset = dataset['dataset']
+        pipeline = copy.deepcopy(dataset.pipeline)
+        flips = [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)]
+        pack = dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape',
+                                                     'img_shape', 'scale_factor', 'flip',
+                                                     'flip_direction'))
+        pipeline[-1] = dict(type='TestTimeAug', transforms=[flips, [pack]])
+        cfg.tta_pipeline = pipeline
 
 
 def _default_cls_tta(cfg: Config) -> None:
@@ -215,15 +244,22 @@ class NoTrainLoop(BaseLoop):
         raise RuntimeError('a test run does not train')
 
 
+def run_test(cfg: Config, out: Optional[str] = None) -> dict:
+    """Build the runner of ``cfg`` and run its test loop (``out``: mmdet's and mmpretrain's
+    ``--out`` pickle); returns the metrics. The runner lives only in this call, so
+    :func:`owned_process_group` around it can free it before it ends the process group."""
+    scope = cfg.get('default_scope')
+    runner = build_runner(cfg)
+    runner._train_loop = NoTrainLoop(runner)  # Runner builds a loop given as a dict lazily
+    if out and scope != 'mmseg':
+        add_dump_metric(runner, scope, out)
+    make_output_dirs(cfg)
+    return runner.test()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the test loop; returns the metrics."""
     args = parse_args(argv)
     cfg = build_test_cfg(args)
-    scope = cfg.get('default_scope')
     with owned_process_group():
-        runner = build_runner(cfg)
-        runner._train_loop = NoTrainLoop(runner)  # Runner builds a loop given as a dict lazily
-        if args.out and scope != 'mmseg':
-            add_dump_metric(runner, scope, args.out)
-        make_output_dirs(cfg)
-        return runner.test()
+        return run_test(cfg, args.out)
