@@ -100,12 +100,16 @@ def _default_det_tta(cfg: Config) -> None:
         while 'dataset' in dataset:
             dataset = dataset['dataset']
         pipeline = copy.deepcopy(dataset.pipeline)
-        flips = [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)]
-        pack = dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape',
-                                                     'img_shape', 'scale_factor', 'flip',
-                                                     'flip_direction'))
-        pipeline[-1] = dict(type='TestTimeAug', transforms=[flips, [pack]])
+        pipeline[-1] = _flip_tta(dict(type='PackDetInputs', meta_keys=(
+            'img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor', 'flip',
+            'flip_direction')))
         cfg.tta_pipeline = pipeline
+
+
+def _flip_tta(pack: dict) -> dict:
+    """The pipeline step that makes each image and its horizontal flip, then packs both."""
+    flips = [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)]
+    return dict(type='TestTimeAug', transforms=[flips, [pack]])
 
 
 def _default_cls_tta(cfg: Config) -> None:
@@ -116,8 +120,7 @@ def _default_cls_tta(cfg: Config) -> None:
         cfg.tta_model = dict(type='mmpretrain.AverageClsScoreTTA')
     if 'tta_pipeline' not in cfg:
         pipeline = copy.deepcopy(cfg.test_dataloader.dataset.pipeline)
-        flips = [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)]
-        pipeline[-1] = dict(type='TestTimeAug', transforms=[flips, [pipeline[-1]]])
+        pipeline[-1] = _flip_tta(pipeline[-1])
         cfg.tta_pipeline = pipeline
 
 
