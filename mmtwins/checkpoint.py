@@ -96,11 +96,13 @@ def read_checkpoint(path: str) -> dict:
         # weights_only left to torch's default (True), so that the environment can override it
         return torch.load(path, map_location='cpu')
     except pickle.UnpicklingError as e:
-        reason = str(e)
-        if 'weights only' in reason.lower() or 'weights_only' in reason.lower():
-            # torch's line that names the refused object, without its advice on allow-listing
-            detail = next((line.strip() for line in reason.splitlines() if 'GLOBAL' in line),
-                          reason.splitlines()[0]).split(' Please use')[0]
+        # torch's line that names a refused object, without its advice on allow-listing; the
+        # weights-only loader also reports damaged pickle bytes ('Unsupported operand'), which
+        # name none and are a bad file like any other
+        refused = [line.strip() for line in str(e).splitlines()
+                   if 'GLOBAL' in line or 'but got <class' in line]
+        if refused:
+            detail = refused[0].split(' Please use')[0]
             raise UnsafeCheckpointError(
                 f'checkpoint {path} was not loaded: it pickles objects other than tensors and '
                 f'those of mmengine checkpoints, and unpickling them could run code ({detail}). '

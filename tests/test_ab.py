@@ -1,11 +1,15 @@
 """The in-process A/B tools (mmtwins/analysis/ab.py, tools/analysis_tools/*_ab.py)."""
 import subprocess
+import sys
+import types
 
 import pytest
 import torch
 from probes import CountOps, analysis_tool
 
-from mmtwins.analysis.ab import alternate, format_arms, module_at, patched, revision_arm
+from mmtwins.analysis import ab
+from mmtwins.analysis.ab import (_in_sys_modules, alternate, format_arms, module_at, patched,
+                                 revision_arm)
 from mmtwins.models.backbones import SVT
 from mmtwins.models.layers import (GlobalSubsampledAttention, LocallyGroupedAttention, Mlp,
                                    PatchEmbed)
@@ -38,6 +42,32 @@ def test_alternate_runs_each_arm_in_turn_and_restores_patches():
     assert res['a']['ratio'] == 1 and "x a's time in paired steps" in format_arms(res)
     with pytest.raises(ValueError, match='must exceed warmup'):
         alternate(lambda: None, arms, steps=5, device=torch.device('cpu'))
+
+
+def test_alternate_reports_the_median_ratio_of_paired_steps(monkeypatch):
+    """On a clock that a step advances by its arm's cost (b 3 s; a 1 s, once 9 s), the ratio is
+    b's time over a's in the same round, its median over the timed rounds: 3, where the ratio
+    of the mean times would be 1.15."""
+    clock = [0.]
+    monkeypatch.setattr(ab.time, 'perf_counter', lambda: clock[0])
+    a_costs = iter([1., 1., 1., 9., 1., 1.])  # seconds, a's 6 steps (the first untimed)
+
+    def step():
+        clock[0] += next(a_costs) if _Box.value == 'A' else 3.
+
+    arms = {'a': patched(_Box, 'value', 'A'), 'b': patched(_Box, 'value', 'B')}
+    res = alternate(step, arms, steps=6, device=torch.device('cpu'), warmup=1)
+    assert res['a']['ratio'] == 1 and res['b']['ratio'] == 3000 / 1000
+    assert format_arms({'a': dict(median_ms=1., min_ms=1., ratio=1., peak_mb=None),
+                        'b': dict(median_ms=3., min_ms=3., ratio=3., peak_mb=None)}) == \
+        "a 1.0 ms (min 1.0), b 3.0 ms (min 3.0, 3.00x a's time in paired steps)"
+
+
+def test_sys_modules_entries_are_restored_and_removed():
+    name = 'mmtwins._ab_probe'
+    with _in_sys_modules({name: types.ModuleType('probe'), 'torch': types.ModuleType('t')}):
+        assert name in sys.modules and not hasattr(sys.modules['torch'], 'nn')
+    assert name not in sys.modules and sys.modules['torch'] is torch
 
 
 @pytest.mark.parametrize('where, fused_in', [('gsa', {LocallyGroupedAttention}),

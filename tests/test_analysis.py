@@ -9,11 +9,14 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_PCPVT, TINY_SVT
 from mmengine.analysis import FlopAnalyzer
+from mmengine.config import Config
 from probes import analysis_tool
 from torch import nn
 
 from mmtwins.analysis import (benchmark, build_model, count_complexity, default_input_shape,
                               load_config, load_json_log, plot_logs, runnable)
+from mmtwins.analysis.model_inputs import build_module
+from mmtwins.models import SVT
 from mmtwins.models.layers.attention import GlobalSubsampledAttention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +57,8 @@ def test_sdpa_handle_counts_both_attention_matmuls():
     q = torch.randn(2, 6, 10, 8)
     gqa = count_complexity(_Attention(enable_gqa=True), (q, k, v))
     assert gqa.attention_flops == 2 * expected
+    one_query_batch = torch.randn(1, 3, 10, 8)  # broadcast against the keys' batch of 2
+    assert count_complexity(_Attention(), (one_query_batch, k, v)).attention_flops == expected
 
 
 def test_gsa_flops_match_hand_count():
@@ -195,20 +200,41 @@ def test_plot_logs_places_epoch_metrics_at_iterations(tmp_path):
         plot_logs([str(tmp_path / 'work')], str(tmp_path / 'plots'), keys=['mIoU'])
 
 
+def test_load_config_copies_and_build_module_builds_any_model():
+    """A Config passed in is left as it was; a bare backbone builds with default_scope None;
+    SyncBN becomes BN (the analysis tools and the export run on one device)."""
+    cfg = Config(dict(a=1))
+    assert load_config(cfg, {'a': 2}).a == 2 and cfg.a == 1
+    backbone = dict(type='mmtwins.SVT', arch=TINY_SVT)
+    assert type(build_module(Config(dict(default_scope=None, model=backbone)))) is SVT
+    cfg = load_config(os.path.join(CONFIGS, 'fpn_twins_svt_s_80k_ade20k.py'))
+    cfg.model.backbone.update(arch=TINY_SVT, init_cfg=None)
+    cfg.model.neck.in_channels = TINY_SVT['embed_dims']
+    cfg.model.decode_head.norm_cfg = dict(type='SyncBN', requires_grad=True)
+    model = build_module(cfg)
+    assert not model.training
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.decode_head.modules())
+
+
 def test_a_resumed_run_is_read_as_one_from_its_work_dir(tmp_path):
-    """Resuming from iteration 4 wrote a second log that repeats iterations 5-6; a folder of
-    work dirs is not a work dir."""
+    """Resuming from iteration 4 wrote a second log that repeats iterations 5-6 (and validates
+    at 5, before the first log's validation at 6); a folder of work dirs is not a work dir."""
     work = tmp_path / 'exp'
     runs = {'20250101_000000': range(1, 7), '20250102_000000': range(5, 9)}
     for stamp, its in runs.items():
         (work / stamp / 'vis_data').mkdir(parents=True)
-        shift = 0.5 if stamp.startswith('20250102') else 0.  # the resumed run's values
+        resumed = stamp.startswith('20250102')
+        records = [dict(loss=it + 0.5 * resumed, lr=0.1, step=it) for it in its]
+        if resumed:
+            records.insert(1, dict(mIoU=5., step=5))
         _write_log(work / stamp / 'vis_data' / f'{stamp}.json',
-                   [dict(loss=it + shift, lr=0.1, step=it) for it in its]
-                   + [dict(mIoU=float(its[-1]), step=its[-1])])
+                   records + [dict(mIoU=float(its[-1]), step=its[-1])])
+    first = work / '20250101_000000' / 'vis_data' / '20250101_000000.json'
+    os.utime(first, (2e9, 2e9))  # copied after the other: the time stamp in the name orders
     log = load_json_log(str(work))
     assert log.curves['loss'] == ([1, 2, 3, 4, 5, 6, 7, 8], [1., 2., 3., 4., 5.5, 6.5, 7.5, 8.5])
-    assert log.curves['mIoU'] == ([6, 8], [6., 8.])
+    assert log.curves['mIoU'] == ([5, 6, 8], [5., 6., 8.])  # in step order
     assert [os.path.basename(f) for f in log.files] == ['20250101_000000.json',
                                                         '20250102_000000.json']
     plot_logs([str(work) + '/'], str(tmp_path / 'plots'))  # legend: the work dir's name

@@ -16,6 +16,7 @@ from mmtwins.analysis.peers import randomize_parameters_
 from mmtwins.checkpoint import (CheckpointError, UnsafeCheckpointError, allow_mmengine_checkpoints,
                                 convert_checkpoint, convert_state_dict, detect_layout,
                                 load_twins_checkpoint, read_checkpoint)
+from mmtwins.engine import checkpoint_problem
 from mmtwins.models import PCPVT, SVT
 
 from conftest import TINY_SVT
@@ -240,6 +241,41 @@ def test_a_checkpoint_pickling_other_objects_is_refused_unless_trusted(tmp_path,
     monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
     with pytest.warns(UserWarning, match='TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'):
         assert read_checkpoint(str(path))['meta'].epoch == 1
+    monkeypatch.delenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD')
+    assert 'Please use' not in str(e.value)  # torch's allow-listing advice is left out
+    torch.save({'state_dict': {}, 'o': np.array([1, 'a'], dtype=object)}, path)
+    with pytest.raises(UnsafeCheckpointError, match='ObjectDType'):  # object arrays too
+        read_checkpoint(str(path))
+
+
+def test_read_checkpoint_allow_lists_mmengine_objects_itself(tmp_path):
+    """In a process that built no Runner (a converter, the ONNX export) as well."""
+    path = tmp_path / 'c.pth'
+    torch.save({'state_dict': {}, 'meta': {'seed': np.int64(7)}}, path)
+    allowed = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        assert read_checkpoint(str(path))['meta']['seed'] == 7
+    finally:
+        torch.serialization.add_safe_globals(allowed)
+
+
+def test_damaged_files_are_bad_checkpoints_not_unsafe_ones(tmp_path):
+    """Not a checkpoint at all, or a legacy-format file with a damaged pickle byte (which the
+    weights-only loader reports in its own words): CheckpointError, not UnsafeCheckpointError,
+    so the resume check calls it damaged."""
+    path = tmp_path / 'a.pth'
+    path.write_bytes(b'hello world')
+    with pytest.raises(CheckpointError, match='truncated or not a PyTorch checkpoint'):
+        read_checkpoint(str(path))
+    torch.save({'w': torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match='truncated') as e:
+        read_checkpoint(str(path))
+    assert not isinstance(e.value, UnsafeCheckpointError)
+    assert 'truncated' in checkpoint_problem(str(path))
 
 
 def test_truncated_file(tmp_path):

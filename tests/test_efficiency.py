@@ -129,6 +129,13 @@ def test_hooked_or_replaced_layers_take_the_plain_composition():
         assert not _uses_chunks(mlp, x, ln)
         handle.remove()
     assert calls == ['Linear', 'GELU', 'Dropout', 'Linear', 'LayerNorm']
+    class Scaled(torch.nn.Linear):  # a subclass may compute otherwise: not a plain linear
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    fc2, mlp.fc2 = mlp.fc2, Scaled(64, 16)
+    assert not _uses_chunks(mlp, x, ln)
+    mlp.fc2 = fc2
     gelu = mlp.act
     for act in (torch.nn.ReLU(), torch.nn.GELU(approximate='tanh')):
         mlp.act = act
@@ -168,14 +175,15 @@ def test_hooked_or_replaced_layers_take_the_plain_composition():
     assert cos > 0.99
 
 
+@pytest.mark.parametrize('bias1,bias2', [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize('chunk_elems', CHUNKINGS)
-def test_chunked_mlp_takes_linears_without_bias(chunk_elems):
+def test_chunked_mlp_takes_linears_without_bias(chunk_elems, bias1, bias2):
     """``nn.Linear(bias=False)`` is a plain linear too: same values and gradients."""
     torch.manual_seed(0)
     x = torch.randn(2, 10, 16)
     mlp, ln = _mlp(chunk_elems, norm=True)
-    mlp.fc1 = torch.nn.Linear(16, 64, bias=False)
-    mlp.fc2 = torch.nn.Linear(64, 16, bias=False)
+    mlp.fc1 = torch.nn.Linear(16, 64, bias=bias1)
+    mlp.fc2 = torch.nn.Linear(64, 16, bias=bias2)
     assert _uses_chunks(mlp, x, ln)
     for got, want in zip(_grads(mlp, x, plain=False, norm=ln), _grads(mlp, x, plain=True, norm=ln)):
         torch.testing.assert_close(got, want)

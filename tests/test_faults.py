@@ -440,6 +440,9 @@ def test_the_fallback_reads_step_numbers_through_a_format_spec(tmp_path):
     (tmp_path / 'epoch_003.pth').write_bytes(b'PK\x03\x04 torn')
     assert newest_intact_checkpoint(str(tmp_path), str(tmp_path / 'epoch_003.pth'),
                                     'epoch_{:03d}.pth') == str(tmp_path / 'epoch_002.pth')
+    for name in ('iter_8.pth', 'iter_12.pth.bak', 'iter_11Xpth'):  # whole names, dots literal
+        torch.save({'state_dict': {}}, tmp_path / name)
+    assert newest_intact_checkpoint(str(tmp_path)) == str(tmp_path / 'iter_8.pth')
 
 
 def _resume_check_on_rank(rank: int, work: str, store: str) -> None:

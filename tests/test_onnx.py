@@ -155,6 +155,9 @@ def test_segmentor_checkpoint_is_loaded_strictly(tmp_path):
                                if not k.startswith('decode_head')}}, ckpt)
     with pytest.raises(ValueError, match=r'does not fit .* missing key\(s\)'):
         load_model(cfg_file, str(ckpt))
+    torch.save({'state_dict': dict(model.state_dict(), **{'extra.weight': torch.ones(1)})}, ckpt)
+    with pytest.raises(CheckpointError, match=r"1 unexpected key\(s\) \['extra\.weight'\]"):
+        load_model(cfg_file, str(ckpt))
     other_classes = model.state_dict()  # a checkpoint of a head with one more class
     other_classes['decode_head.conv_seg.weight'] = torch.cat(
         [other_classes['decode_head.conv_seg.weight']] * 2)[:model.decode_head.num_classes + 1]

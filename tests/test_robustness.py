@@ -149,6 +149,8 @@ def make_ade_dirs(root: Path) -> str:
 @pytest.mark.parametrize('override,message', [
     (dict(type='mmtwins.SVTT'), r"model.backbone.type: 'mmtwins.SVTT' is not a registered model "
      r".*did you mean 'mmtwins.SVT'\? If it comes from a plugin"),
+    (dict(type='mmtwins.Zzzzzzzzzzzzzz'), r"'mmtwins.Zzzzzzzzzzzzzz' is not a registered model "
+     r"in scope '\w+'\. If it comes from a plugin"),  # no suggestion: the sentence ends
     (dict(arch='smal'), r"model.backbone.arch: SVT has no arch 'smal'; did you mean 'small'\?"),
     (dict(drop_path_rat=0.1), r"model.backbone.drop_path_rat: SVT has no argument "
      r"'drop_path_rat'; did you mean 'drop_path_rate'\?"),

@@ -103,15 +103,21 @@ def test_tta_of_a_detector_config_without_its_own_takes_mmdets_default():
     cfg = Config.fromfile(RETINANET)
     test_pipeline = cfg.test_dataloader.dataset.pipeline
     cfg.pop('tta_model'), cfg.pop('tta_pipeline')
-    cfg.test_dataloader.dataset = dict(type='ClassBalancedDataset', oversample_thr=0.,
-                                       dataset=cfg.test_dataloader.dataset)
+    cfg.test_dataloader.dataset = dict(  # wrapped twice: the innermost pipeline is taken
+        type='ClassBalancedDataset', oversample_thr=0.,
+        dataset=dict(type='RepeatDataset', times=1, dataset=cfg.test_dataloader.dataset))
     apply_tta(cfg)
     assert cfg.model.type == 'DetTTAModel' and cfg.model.module.type == 'RetinaNet'
-    assert cfg.model.tta_cfg.nms.iou_threshold == 0.5
+    assert cfg.model.tta_cfg.nms.iou_threshold == 0.5 and cfg.model.tta_cfg.max_per_img == 100
     pipeline = cfg.test_dataloader.dataset.pipeline
     assert pipeline[:-1] == test_pipeline[:-1] and pipeline[-1].type == 'TestTimeAug'
     flips, (pack, ) = pipeline[-1].transforms
     assert [f.prob for f in flips] == [1., 0.] and pack.type == 'PackDetInputs'
+    assert {'flip', 'flip_direction'} <= set(pack.meta_keys)  # DetTTAModel un-flips by them
+    cfg = Config.fromfile(RETINANET)  # the config's own are kept
+    cfg.tta_model.tta_cfg.max_per_img = 7
+    apply_tta(cfg)
+    assert cfg.model.tta_cfg.max_per_img == 7
 
 
 def test_cpu_launchers_other_than_pytorch_fail_clearly(monkeypatch):
@@ -139,6 +145,11 @@ def test_cpu_launch_takes_the_configs_timeout_and_turns_off_sync_bn(monkeypatch)
     assert seen == dict(backend='gloo', timeout=datetime.timedelta(seconds=77))
     assert cfg.sync_bn is None and cfg.model.neck.norm_cfg.type == 'BN'
     assert cfg.env_cfg.dist_cfg.backend == 'gloo' and cfg.model_wrapper_cfg.device_ids is None
+    monkeypatch.setenv('MASTER_PORT', str(_free_port()))
+    cfg = Config(dict(launcher='pytorch', sync_bn='mmcv', model=dict()))  # either kind
+    with owned_process_group():
+        setup_cpu_distributed(cfg)
+    assert cfg.sync_bn is None
 
 
 def _free_port() -> int:
