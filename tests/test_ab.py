@@ -63,6 +63,17 @@ def test_alternate_reports_the_median_ratio_of_paired_steps(monkeypatch):
         "a 1.0 ms (min 1.0), b 3.0 ms (min 3.0, 3.00x a's time in paired steps)"
 
 
+def test_the_gpu_peak_is_the_rise_above_the_steps_start(monkeypatch):
+    """As compare_peers counts it: weights and input, allocated before the step, left out."""
+    for name in ('synchronize', 'reset_peak_memory_stats'):
+        monkeypatch.setattr(torch.cuda, name, lambda *args: None)
+    monkeypatch.setattr(torch.cuda, 'memory_allocated', lambda *args: 100 * 2**20)
+    monkeypatch.setattr(torch.cuda, 'max_memory_allocated', lambda *args: 150 * 2**20)
+    res = alternate(lambda: None, {'a': patched(_Box, 'value', 'A')}, steps=2,
+                    device=torch.device('cuda'), warmup=1)
+    assert res['a']['peak_mb'] == 50
+
+
 def test_sys_modules_entries_are_restored_and_removed():
     name = 'mmtwins._ab_probe'
     with _in_sys_modules({name: types.ModuleType('probe'), 'torch': types.ModuleType('t')}):

@@ -243,6 +243,16 @@ def test_process_group_outlives_no_run_object_that_holds_it():
             _init_gloo()
             fail()
         assert models[0]() is None and not torch.distributed.is_initialized()
+
+        def interrupted():  # Ctrl-C: not an Exception, the same clean-up
+            run = Run()
+            models.append(weakref.ref(run.model))
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt), owned_process_group():
+            _init_gloo()
+            interrupted()
+        assert models[1]() is None and not torch.distributed.is_initialized()
     finally:
         if enabled:
             gc.enable()
