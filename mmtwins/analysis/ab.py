@@ -94,11 +94,15 @@ def module_at(rev: str, path: str, repo: Path = CHECKOUT,
     Raises:
         subprocess.CalledProcessError: ``rev`` or ``path`` unknown to git.
     """
-    src = _source_at(rev, path, repo)
-    name = _module_name(path)
-    module = types.ModuleType(f'{name}_at_{re.sub(r"[^0-9A-Za-z]", "_", rev)}')
+    return _exec_module(rev, path, _source_at(rev, path, repo), imports or {})
+
+
+def _exec_module(rev: str, path: str, src: str,
+                 imports: Dict[str, types.ModuleType]) -> types.ModuleType:
+    """``src`` (``path`` at ``rev``, from :func:`_source_at`) run as a module of its own."""
+    module = types.ModuleType(f'{_module_name(path)}_at_{re.sub(r"[^0-9A-Za-z]", "_", rev)}')
     module.__file__ = f'{rev}:{path}'
-    with _in_sys_modules(imports or {}):
+    with _in_sys_modules(imports):
         exec(compile(src, module.__file__, 'exec'), module.__dict__)
     return module
 
@@ -109,9 +113,9 @@ def modules_at(rev: str, paths: Sequence[str],
     loaded after those of ``paths`` it imports, which then resolve to the revision's: a helper
     whose signature changed since is called as the revision calls it."""
     names = {_module_name(p): p for p in paths}
-    deps = {name: set(re.findall(r'^\s*from ([\w.]+) import', _source_at(rev, path, repo),
-                                 re.MULTILINE)) & set(names) - {name}
-            for name, path in names.items()}
+    sources = {name: _source_at(rev, path, repo) for name, path in names.items()}
+    deps = {name: set(re.findall(r'^\s*from ([\w.]+) import', src, re.MULTILINE))
+            & set(names) - {name} for name, src in sources.items()}
     loaded: Dict[str, types.ModuleType] = {}
 
     def load(name: str, chain: tuple) -> None:
@@ -120,7 +124,7 @@ def modules_at(rev: str, paths: Sequence[str],
         if name not in loaded:
             for dep in sorted(deps[name]):
                 load(dep, chain + (name, ))
-            loaded[name] = module_at(rev, names[name], repo, imports=dict(loaded))
+            loaded[name] = _exec_module(rev, names[name], sources[name], dict(loaded))
 
     for name in names:
         load(name, ())
