@@ -72,7 +72,7 @@ def load_json_log(path: str) -> TrainingLog:
                 for key, value in record.items():
                     if key not in _NOT_METRICS and isinstance(value, (int, float)):
                         points.setdefault(key, {})[x] = float(value)
-    curves = {key: ([x for x in sorted(xy)], [xy[x] for x in sorted(xy)])
+    curves = {key: (sorted(xy), [value for _, value in sorted(xy.items())])
               for key, xy in points.items()}
     return TrainingLog(path, files, curves)
 
