@@ -447,10 +447,9 @@ def test_the_fallback_reads_step_numbers_through_a_format_spec(tmp_path):
 
 def _resume_check_on_rank(rank: int, work: str, store: str) -> None:
     """Rank ``rank`` of 2 gloo processes runs the resume check, then an all-reduce (DDP's first
-    gradient sum). Rank 1 starts once the main process has rewritten the pointer to the intact
-    checkpoint, as a rank whose dataset builds slower does, so it finds nothing damaged."""
+    gradient sum): first with ``last_checkpoint`` naming a damaged file, then with a damaged
+    checkpoint given explicitly. Rank 1 reads no checkpoint and follows the main process."""
     import datetime
-    import time
     import types
 
     import torch.distributed as dist
@@ -458,24 +457,29 @@ def _resume_check_on_rank(rank: int, work: str, store: str) -> None:
     from mmtwins.engine import AtomicCheckpointHook, checkpoint_hook
     dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=30))
-    barriers = []
-    real_barrier = checkpoint_hook.barrier
-    checkpoint_hook.barrier = lambda: (barriers.append(rank), real_barrier())
+    if rank == 1:
+        def read(path):
+            raise AssertionError(f'rank 1 read {path}')
+        checkpoint_hook.checkpoint_problem = read
     try:
-        if rank == 1:
-            while (Path(work) / 'last_checkpoint').read_text() != f'{work}/iter_2.pth':
-                time.sleep(0.05)
+        hook = AtomicCheckpointHook(interval=2, by_epoch=False)
         runner = types.SimpleNamespace(cfg=Config(dict(resume=True, load_from=None)),
                                        work_dir=work)
-        AtomicCheckpointHook(interval=2, by_epoch=False).before_run(runner)
+        hook.before_run(runner)
+        # every rank loads the checkpoint the pointer names once the check is over
+        assert (Path(work) / 'last_checkpoint').read_text() == f'{work}/iter_2.pth'
         total = torch.ones(1)
         dist.all_reduce(total)  # timed out on rank 0 when only it had waited in a barrier
-        assert total.item() == 2 and barriers == [rank]  # each rank waited for the others
+        assert total.item() == 2
+
+        runner.cfg.load_from = f'{work}/iter_4.pth'
+        with pytest.raises(CheckpointError, match=f'cannot resume from {work}/iter_4.pth: '):
+            hook.before_run(runner)  # rank 1 too: a rank going on would wait for the others
     finally:
         dist.destroy_process_group()
 
 
-def test_every_rank_passes_the_resume_checks_barrier(tmp_path):
+def test_every_rank_follows_the_main_processs_resume_check(tmp_path):
     work = tmp_path / 'w'
     work.mkdir()
     torch.save({'state_dict': {}}, work / 'iter_2.pth')

@@ -83,7 +83,8 @@ def test_wheel_carries_every_config_and_tool_but_the_checkout_only_ones(tmp_path
     expected = {p for p in tracked
                 if p.startswith(('configs/', 'tools/')) or p == 'model-index.yml'}
     assert packed == expected - set(setup['CHECKOUT_ONLY'])
-    assert {'tools/train.py', 'tools/dist_train.sh', 'configs/_base_/segmentation/ade20k.py',
+    assert {'tools/train.py', 'tools/dist_train.sh', 'tools/launch_python.sh',
+            'configs/_base_/segmentation/ade20k.py',
             'configs/demo/fpn_twins_svt_toy.py'} <= packed
     assert 'tools/setup_env.sh' not in packed
 

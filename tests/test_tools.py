@@ -5,11 +5,13 @@ import importlib.util
 import json
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
 import weakref
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from timm.models.twins import Twins
 
 from mmtwins.apis import (allow_mmengine_checkpoints, apply_tta, build_runner,
                           owned_process_group, setup_cpu_distributed)
+from mmtwins.apis import runner as runner_api
 from mmtwins.apis import test as test_api
 from mmtwins.apis import train as train_api
 
@@ -120,17 +123,47 @@ def test_tta_of_a_detector_config_without_its_own_takes_mmdets_default():
     assert cfg.model.tta_cfg.max_per_img == 7
 
 
-def test_cpu_launchers_other_than_pytorch_fail_clearly(monkeypatch):
+@pytest.fixture
+def no_gpu(monkeypatch, tmp_path):
+    """A machine without GPUs: torch sees none, and no NVIDIA device files exist."""
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(runner_api, 'NVIDIA_DEVICES', str(tmp_path / 'nvidia[0-9]*'))
+    return tmp_path
+
+
+def test_cpu_launchers_other_than_pytorch_fail_clearly(no_gpu):
     assert setup_cpu_distributed(Config(dict(launcher='none'))) is False
     with pytest.raises(RuntimeError, match='needs GPUs.*tools/dist_train.sh'):
         setup_cpu_distributed(Config(dict(launcher='slurm')))
 
 
-def test_cpu_launch_takes_the_configs_timeout_and_turns_off_sync_bn(monkeypatch):
+def test_gpus_that_torch_cannot_use_stop_a_distributed_run(no_gpu, monkeypatch):
+    """A CUDA build of torch with a driver too old for it sees no GPU: a distributed run is
+    refused with that diagnosis rather than started on the CPUs, unless the GPUs are hidden on
+    purpose."""
+    (no_gpu / 'nvidia0').touch()
+    (no_gpu / 'nvidiactl').touch()  # not a GPU
+    monkeypatch.setattr(torch.backends.cuda, 'is_built', lambda: True)
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    assert runner_api.gpus_torch_cannot_use() == str(no_gpu / 'nvidia0')
+    for launcher in ('pytorch', 'slurm'):
+        with pytest.raises(RuntimeError, match=f'--launcher {launcher}: this machine has NVIDIA '
+                           r'GPUs \(.*nvidia0\), but torch .* cannot use them.*driver is older'
+                           '.*CUDA_VISIBLE_DEVICES= to run on the CPUs'):
+            setup_cpu_distributed(Config(dict(launcher=launcher)))
+    assert setup_cpu_distributed(Config(dict(launcher='none'))) is False
+    for hidden in ('', '-1'):
+        monkeypatch.setenv('CUDA_VISIBLE_DEVICES', hidden)
+        assert runner_api.gpus_torch_cannot_use() is None
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1')
+    assert runner_api.gpus_torch_cannot_use() is not None
+    monkeypatch.setattr(torch.backends.cuda, 'is_built', lambda: False)  # a CPU-only torch
+    assert runner_api.gpus_torch_cannot_use() is None
+
+
+def test_cpu_launch_takes_the_configs_timeout_and_turns_off_sync_bn(no_gpu, monkeypatch):
     """As mmengine's init_dist: env_cfg.dist_cfg.timeout (seconds) reaches the gloo group;
     SyncBN, GPU-only in torch, is turned off in the model and at the top (sync_bn)."""
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     for key, value in dict(RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
                            MASTER_PORT=str(_free_port())).items():
         monkeypatch.setenv(key, value)
@@ -304,6 +337,62 @@ def test_slurm_scripts_call_srun(tmp_path, script, args, tail):
                         '--qos=high']
     assert argv[9:11] == [sys.executable, '-u']
     assert argv[11] == str(REPO / 'tools' / tail[0]) and argv[12:] == tail[1:]
+
+
+def test_slurm_scripts_run_from_sbatchs_copy_and_check_their_arguments(tmp_path):
+    """sbatch runs a copy of the script from its spool directory: the tools are found in the
+    directory the job was submitted from. A missing WORK_DIR (an option in its place, as in
+    mmseg's slurm_train.sh) or a GPU count that is not one is refused with the usage."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    record = tmp_path / 'srun.args'
+    (bin_dir / 'srun').write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
+    (bin_dir / 'srun').chmod(0o755)
+    spool = tmp_path / 'spool'
+    spool.mkdir()
+    shutil.copy(REPO / 'tools' / 'slurm_train.sh', spool / 'slurm_script')
+    env = dict(PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_SUBMIT_DIR=str(REPO))
+    _run(['bash', str(spool / 'slurm_script'), 'part', 'job', 'cfg.py', 'work'], **env)
+    argv = record.read_text().split('\n')[:-1]
+    assert argv[-4:] == [str(REPO / 'tools' / 'train.py'), 'cfg.py', '--work-dir=work',
+                         '--launcher=slurm']
+    record.unlink()
+    for cmd in (['tools/slurm_train.sh', 'part', 'job', 'cfg.py', '--resume'],
+                ['tools/slurm_test.sh', 'part', 'job', 'cfg.py'],
+                ['tools/dist_train.sh', 'cfg.py', '--resume'],
+                ['tools/dist_test.sh', 'cfg.py', 'ckpt.pth', '0']):
+        proc = subprocess.run(['bash', *cmd], cwd=REPO, capture_output=True, text=True,
+                              env=dict(os.environ, **env))
+        assert proc.returncode == 2 and proc.stderr.startswith(
+            f'usage: {Path(cmd[0]).name} '), proc.stderr
+        assert not record.exists()
+
+
+def test_launch_scripts_take_the_activated_environments_python(tmp_path):
+    """PYTHON as given, else an activated virtualenv's or conda environment's (not base's)
+    python, else the checkout's .venv, else python; the choice is named on stderr."""
+    def chosen(with_venv: bool, **env) -> str:
+        checkout = tmp_path / ('with' if with_venv else 'without')
+        (checkout / 'tools').mkdir(parents=True, exist_ok=True)
+        if with_venv:
+            (checkout / '.venv' / 'bin').mkdir(parents=True, exist_ok=True)
+            (checkout / '.venv' / 'bin' / 'python').touch(mode=0o755)
+        clean = {k: v for k, v in os.environ.items()
+                 if k not in ('PYTHON', 'VIRTUAL_ENV', 'CONDA_DEFAULT_ENV')}
+        proc = subprocess.run(
+            ['bash', '-c', f'TOOLS={checkout}/tools; source {REPO}/tools/launch_python.sh; '
+             'echo "$PYTHON"'], capture_output=True, text=True, env=dict(clean, **env),
+            check=True)
+        assert 'running the tools with' in proc.stderr
+        return proc.stdout.strip()
+
+    venv = str(tmp_path / 'with' / 'tools' / '..' / '.venv' / 'bin' / 'python')
+    assert chosen(True) == venv
+    assert chosen(True, CONDA_DEFAULT_ENV='base') == venv
+    assert chosen(True, VIRTUAL_ENV='/opt/env') == 'python'
+    assert chosen(True, CONDA_DEFAULT_ENV='twins') == 'python'
+    assert chosen(True, PYTHON='/usr/bin/python3', VIRTUAL_ENV='/opt/env') == '/usr/bin/python3'
+    assert chosen(False) == 'python'
 
 
 def test_cpu_distributed_runs_turn_syncbn_into_bn():

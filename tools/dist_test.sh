@@ -4,6 +4,10 @@
 #   tools/dist_test.sh CONFIG CHECKPOINT GPUS [tools/test.py options, e.g. --tta --out FILE]
 # Multi-node and interpreter: NNODES, NODE_RANK, MASTER_ADDR, PORT, PYTHON as in dist_train.sh.
 set -euo pipefail
+if [ $# -lt 3 ] || [[ ! $3 =~ ^[1-9][0-9]*$ ]]; then
+    echo "usage: $(basename "$0") CONFIG CHECKPOINT GPUS [tools/test.py options]" >&2
+    exit 2
+fi
 
 CONFIG=$1
 CHECKPOINT=$2
@@ -13,8 +17,8 @@ NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 TOOLS=$(cd "$(dirname "$0")" && pwd)
-VENV_PYTHON="$TOOLS/../.venv/bin/python"  # what `make setup` installed
-PYTHON=${PYTHON:-$([ -x "$VENV_PYTHON" ] && echo "$VENV_PYTHON" || echo python)}
+# shellcheck source=tools/launch_python.sh
+source "$TOOLS/launch_python.sh"
 
 PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}" \
 "$PYTHON" -m torch.distributed.run \

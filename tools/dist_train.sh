@@ -5,8 +5,13 @@
 #   tools/dist_train.sh CONFIG GPUS [tools/train.py options]
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.1.1.1 PORT=29500 tools/dist_train.sh CONFIG 8   # node 0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.1.1.1 PORT=29500 tools/dist_train.sh CONFIG 8   # node 1
-# PYTHON selects the interpreter (default: the checkout's .venv/bin/python if there, else python).
+# PYTHON selects the interpreter (default: the activated environment's, else the checkout's
+# .venv/bin/python, else python; see launch_python.sh).
 set -euo pipefail
+if [ $# -lt 2 ] || [[ ! $2 =~ ^[1-9][0-9]*$ ]]; then
+    echo "usage: $(basename "$0") CONFIG GPUS [tools/train.py options]" >&2
+    exit 2
+fi
 
 CONFIG=$1
 GPUS=$2
@@ -15,8 +20,8 @@ NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 TOOLS=$(cd "$(dirname "$0")" && pwd)
-VENV_PYTHON="$TOOLS/../.venv/bin/python"  # what `make setup` installed
-PYTHON=${PYTHON:-$([ -x "$VENV_PYTHON" ] && echo "$VENV_PYTHON" || echo python)}
+# shellcheck source=tools/launch_python.sh
+source "$TOOLS/launch_python.sh"
 
 PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}" \
 "$PYTHON" -m torch.distributed.run \

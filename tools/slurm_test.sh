@@ -3,8 +3,12 @@
 #
 #   GPUS=8 tools/slurm_test.sh PARTITION JOB_NAME CONFIG CHECKPOINT [tools/test.py options]
 # Environment: GPUS (8), GPUS_PER_NODE (8), CPUS_PER_TASK (5), SRUN_ARGS (extra srun options),
-# PYTHON (the checkout's .venv/bin/python if there, else python).
+# PYTHON (default: the activated environment's, else the checkout's .venv, see launch_python.sh).
 set -euo pipefail
+if [ $# -lt 4 ] || [[ $4 == -* ]]; then
+    echo "usage: $(basename "$0") PARTITION JOB_NAME CONFIG CHECKPOINT [tools/test.py options]" >&2
+    exit 2
+fi
 
 PARTITION=$1
 JOB_NAME=$2
@@ -15,8 +19,11 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 CPUS_PER_TASK=${CPUS_PER_TASK:-5}
 SRUN_ARGS=${SRUN_ARGS:-}
 TOOLS=$(cd "$(dirname "$0")" && pwd)
-VENV_PYTHON="$TOOLS/../.venv/bin/python"  # what `make setup` installed
-PYTHON=${PYTHON:-$([ -x "$VENV_PYTHON" ] && echo "$VENV_PYTHON" || echo python)}
+# sbatch runs a copy of this script from its spool directory: the tools are then those of the
+# directory the job was submitted from.
+[ -f "$TOOLS/launch_python.sh" ] || TOOLS=$(cd "${SLURM_SUBMIT_DIR:-.}/tools" && pwd)
+# shellcheck source=tools/launch_python.sh
+source "$TOOLS/launch_python.sh"
 
 # shellcheck disable=SC2086  # SRUN_ARGS holds several options
 PYTHONPATH="$TOOLS/..${PYTHONPATH:+:$PYTHONPATH}" \

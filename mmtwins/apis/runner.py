@@ -11,16 +11,19 @@ point (``tools/train.py``, ``tools/test.py``, tests):
 * ``--launcher pytorch`` without a GPU: mmengine always calls ``torch.cuda.set_device`` and wraps
   the model in DDP with ``device_ids=[LOCAL_RANK]``. :func:`setup_cpu_distributed` initialises a
   gloo process group first (mmengine then skips its own), wraps with ``device_ids=None`` and
-  turns the heads' SyncBN (GPU-only) into BN.
+  turns the heads' SyncBN (GPU-only) into BN. On a machine with GPUs that torch cannot use
+  (a driver too old for its CUDA) it raises instead of training on the CPUs.
 
 And the entry points destroy the process group their run created (:func:`owned_process_group`).
 """
 import contextlib
 import datetime
 import gc
+import glob
 import logging
 import os
 import traceback
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -30,6 +33,8 @@ from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
 
 from mmtwins.checkpoint import allow_mmengine_checkpoints
+
+NVIDIA_DEVICES = '/dev/nvidia[0-9]*'  # one device file per GPU the driver found
 
 
 def setup_cpu_distributed(cfg: Config) -> bool:
@@ -42,10 +47,22 @@ def setup_cpu_distributed(cfg: Config) -> bool:
 
     Returns:
         bool: True if this call initialised the gloo process group.
+
+    Raises:
+        RuntimeError: the machine has GPUs that torch cannot use (:func:`gpus_torch_cannot_use`),
+            or the launcher is not ``pytorch``.
     """
     launcher = cfg.get('launcher', 'none')
     if launcher == 'none' or torch.cuda.is_available() or dist.is_initialized():
         return False
+    unusable = gpus_torch_cannot_use()
+    if unusable:
+        raise RuntimeError(
+            f'--launcher {launcher}: this machine has NVIDIA GPUs ({unusable}), but torch '
+            f'{torch.__version__} (CUDA {torch.version.cuda}) cannot use them: '
+            'torch.cuda.is_available() is False, most often because the driver is older than '
+            f'CUDA {torch.version.cuda} needs (nvidia-smi shows its version). Install a torch '
+            'build for this driver, or set CUDA_VISIBLE_DEVICES= to run on the CPUs.')
     if launcher != 'pytorch':
         raise RuntimeError(f'--launcher {launcher} needs GPUs, and this machine has none. On CPUs '
                            'use tools/dist_train.sh / tools/dist_test.sh (--launcher pytorch, '
@@ -74,6 +91,20 @@ def setup_cpu_distributed(cfg: Config) -> bool:
     print_log(f'no GPU: rank {dist.get_rank()}/{dist.get_world_size()} runs on CPU with gloo '
               f'(LOCAL_RANK={os.environ.get("LOCAL_RANK")})', logger='current')
     return True
+
+
+def gpus_torch_cannot_use() -> Optional[str]:
+    """The NVIDIA device files of this machine if a CUDA build of torch cannot use its GPUs
+    (``torch.cuda.is_available()`` is False), else None; also None where
+    ``CUDA_VISIBLE_DEVICES`` hides them on purpose (empty or -1), or torch is a CPU-only build.
+
+    A distributed run there would otherwise fall back to CPUs without a word (mmengine's own
+    launcher fails on ``torch.cuda.set_device`` instead).
+    """
+    hidden = os.environ.get('CUDA_VISIBLE_DEVICES', 'unset').strip() in ('', '-1')
+    if hidden or not torch.backends.cuda.is_built() or torch.cuda.is_available():
+        return None
+    return ', '.join(sorted(glob.glob(NVIDIA_DEVICES))) or None
 
 
 def _sync_bn_to_bn(cfg) -> bool:

@@ -13,7 +13,7 @@ import string
 import zipfile
 from typing import Optional
 
-from mmengine.dist import barrier, is_main_process
+from mmengine.dist import broadcast_object_list, is_main_process
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 from mmengine.runner import find_latest_checkpoint
@@ -104,7 +104,9 @@ class AtomicCheckpointHook(CheckpointHook):
       of the highest step in the work dir (named as this hook names them) is used instead,
       with a warning, and the pointer is rewritten;
       if there is none, or if an explicitly given checkpoint is damaged, a
-      :class:`~mmtwins.checkpoint.CheckpointError` names the file and what is wrong.
+      :class:`~mmtwins.checkpoint.CheckpointError` names the file and what is wrong. In a
+      distributed run the main process alone reads the checkpoint, and every rank follows its
+      decision (each goes on, or each raises the same error).
 
     Use it in place of the default one::
 
@@ -124,6 +126,27 @@ class AtomicCheckpointHook(CheckpointHook):
         super().before_run(runner)
         if not runner.cfg.get('resume', False):
             return
+        # The main process alone reads the checkpoint (a whole file per rank would be read from
+        # a shared file system otherwise) and tells every rank the outcome, after rewriting the
+        # pointer that they all read again when they load the checkpoint: all go on, or all stop
+        # with the same error.
+        outcome = [None]
+        if is_main_process():
+            try:
+                self._check_resume(runner)
+            except CheckpointError as err:
+                outcome = [err]
+        broadcast_object_list(outcome)
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def _check_resume(self, runner) -> None:
+        """Check the checkpoint the run will resume from (main process only).
+
+        Raises:
+            CheckpointError: an explicitly given checkpoint is damaged, or ``last_checkpoint``
+                names a damaged one and no intact one is left in its directory.
+        """
         explicit = runner.cfg.get('load_from')
         if explicit and '://' in str(explicit):
             return  # a remote file: mmengine's file backends read it, this check cannot
@@ -136,15 +159,8 @@ class AtomicCheckpointHook(CheckpointHook):
             return
         latest = find_latest_checkpoint(runner.work_dir)
         # Nothing saved yet (MMEngine starts from scratch), or saved remotely: nothing to check.
-        if latest is not None and '://' not in latest:
-            self._replace_damaged_latest(runner, latest)
-        # Every rank, whatever it found: another rank may have read the pointer after the main
-        # process rewrote it, and all of them read it again when they load the checkpoint.
-        barrier()
-
-    def _replace_damaged_latest(self, runner, latest: str) -> None:
-        """Point ``last_checkpoint`` at the newest intact checkpoint if ``latest`` is damaged
-        (the main process writes it; the others decide alike and only warn)."""
+        if latest is None or '://' in latest:
+            return
         problem = checkpoint_problem(latest)
         if problem is None:
             return
@@ -158,8 +174,7 @@ class AtomicCheckpointHook(CheckpointHook):
                 'PATH with a checkpoint from elsewhere')
         print_log(f'{latest} is damaged ({problem}); resuming from {fallback}, the newest '
                   'intact checkpoint, instead', logger='current', level=logging.WARNING)
-        if is_main_process():
-            atomic_write(pointer, fallback)
+        atomic_write(pointer, fallback)
 
     # ------------------------------------------------------------------ saving
     def _save_checkpoint_with_step(self, runner, step, meta) -> None:
