@@ -137,6 +137,16 @@ def test_cpu_launchers_other_than_pytorch_fail_clearly(no_gpu):
         setup_cpu_distributed(Config(dict(launcher='slurm')))
 
 
+@pytest.mark.parametrize('device', ['npu', 'mlu', 'musa'])
+def test_other_accelerators_are_left_to_mmengines_launcher(no_gpu, monkeypatch, device):
+    """mmengine's launcher sets up NPUs, MLUs and MUSA devices (hccl, cncl, mccl): no gloo
+    group on the CPUs there, and AMP training is not refused."""
+    monkeypatch.setattr(runner_api, f'is_{device}_available', lambda: True)
+    assert setup_cpu_distributed(Config(dict(launcher='pytorch'))) is False
+    assert not torch.distributed.is_initialized()
+    train_api.check_amp_device(Config(dict(optim_wrapper=dict(type='AmpOptimWrapper'))))
+
+
 def test_gpus_that_torch_cannot_use_stop_a_distributed_run(no_gpu, monkeypatch):
     """A CUDA build of torch with a driver too old for it sees no GPU: a distributed run is
     refused with that diagnosis rather than started on the CPUs, unless the GPUs are hidden on

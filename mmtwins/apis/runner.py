@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from mmengine.config import Config, ConfigDict
+from mmengine.device import is_mlu_available, is_musa_available, is_npu_available
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
@@ -40,8 +41,8 @@ NVIDIA_DEVICES = '/dev/nvidia[0-9]*'  # one device file per GPU the driver found
 def setup_cpu_distributed(cfg: Config) -> bool:
     """Prepare a distributed run on CPUs only: gloo process group and a CPU DDP wrapper.
 
-    Does nothing (returns False) for ``launcher='none'``, when CUDA is available or when a
-    process group already exists. Only ``--launcher pytorch`` (``torchrun``, as
+    Does nothing (returns False) for ``launcher='none'``, when a GPU, NPU, MLU or MUSA device
+    is available (mmengine's launchers set those up) or when a process group already exists. Only ``--launcher pytorch`` (``torchrun``, as
     ``tools/dist_train.sh`` uses) is supported on CPUs; its environment (``RANK``,
     ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) is read by ``init_process_group``.
 
@@ -53,7 +54,7 @@ def setup_cpu_distributed(cfg: Config) -> bool:
             or the launcher is not ``pytorch``.
     """
     launcher = cfg.get('launcher', 'none')
-    if launcher == 'none' or torch.cuda.is_available() or dist.is_initialized():
+    if launcher == 'none' or accelerator_available() or dist.is_initialized():
         return False
     unusable = gpus_torch_cannot_use()
     if unusable:
@@ -91,6 +92,13 @@ def setup_cpu_distributed(cfg: Config) -> bool:
     print_log(f'no GPU: rank {dist.get_rank()}/{dist.get_world_size()} runs on CPU with gloo '
               f'(LOCAL_RANK={os.environ.get("LOCAL_RANK")})', logger='current')
     return True
+
+
+def accelerator_available() -> bool:
+    """Whether a GPU, NPU, MLU or MUSA device is available: the devices mmengine's launchers
+    and ``AmpOptimWrapper`` support."""
+    return (torch.cuda.is_available() or is_npu_available() or is_mlu_available()
+            or is_musa_available())
 
 
 def gpus_torch_cannot_use() -> Optional[str]:

@@ -8,13 +8,11 @@ import logging
 from typing import Optional, Sequence
 
 from mmengine.config import Config
-from mmengine.device import (is_cuda_available, is_mlu_available, is_musa_available,
-                             is_npu_available)
 from mmengine.logging import print_log
 
 from mmtwins.engine import preflight_check, train_dataloaders
 from .config import add_common_args, load_config
-from .runner import build_runner, owned_process_group
+from .runner import accelerator_available, build_runner, owned_process_group
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -77,8 +75,7 @@ def check_amp_device(cfg: Config) -> None:
         wrapper_type = wrapper_type.__name__
     if wrapper_type.split('.')[-1] != 'AmpOptimWrapper':
         return
-    if not (is_cuda_available() or is_npu_available() or is_mlu_available()
-            or is_musa_available()):
+    if not accelerator_available():
         raise RuntimeError('AMP training (--amp, or optim_wrapper.type AmpOptimWrapper) needs a '
                            "GPU, NPU, MLU or MUSA device: mmengine's AmpOptimWrapper has no CPU "
                            'mode, and this machine has none of them. Train without --amp here.')
