@@ -475,3 +475,24 @@ def test_classifier_converter_runs_once_as_a_tool_and_as_a_module(tmp_path):
     sd = outputs[0]['state_dict']
     assert sd.keys() == outputs[1]['state_dict'].keys()
     assert torch.equal(sd['head.fc.weight'], peer.state_dict()['head.weight'])
+
+
+def test_setup_refuses_a_python_older_than_3_10_before_installing_anything(tmp_path):
+    """An old python3 would only show as pip finding no torch, and its venv would be reused on
+    every retry: both are refused at once, with what to do."""
+    old = tmp_path / 'python3.8'
+    old.write_text('#!/bin/sh\n[ "$1" = -V ] && { echo "Python 3.8.10"; exit 0; }\nexit 1\n')
+    old.chmod(0o755)
+
+    def setup(**env):
+        return subprocess.run(['bash', 'tools/setup_env.sh'], cwd=REPO, capture_output=True,
+                              text=True, env=dict(os.environ, **env), timeout=60)
+
+    proc = setup(MMTWINS_VENV=str(tmp_path / 'venv'), PYTHON=str(old))
+    assert proc.returncode == 1 and not (tmp_path / 'venv').exists()
+    assert f'{old} is Python 3.8.10; mmtwins needs 3.10 or newer' in proc.stderr
+    (tmp_path / 'venv' / 'bin').mkdir(parents=True)
+    shutil.copy(old, tmp_path / 'venv' / 'bin' / 'python')
+    proc = setup(MMTWINS_VENV=str(tmp_path / 'venv'))
+    assert proc.returncode == 1 and 'holds Python 3.8.10, older than the 3.10' in proc.stderr
+    assert f'rm -rf {tmp_path / "venv"}' in proc.stderr

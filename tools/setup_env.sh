@@ -31,7 +31,24 @@ if [[ -f $stamp && $(cat "$stamp") == "$want" && -L $root/mmtwins/.mim/configs ]
     exit 0
 fi
 
+# mmtwins needs Python >= 3.10 (setup.py's python_requires); an older one would only show as
+# "no matching distribution" for the pinned torch, and its venv would be reused on every retry
+too_old() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2> /dev/null; (( $? == 1 )); }
+if [[ -x $venv/bin/python ]] && too_old "$venv/bin/python"; then
+    log "$venv holds Python $("$venv/bin/python" -V 2>&1 | cut -d' ' -f2), older than the 3.10 mmtwins"
+    log "needs: remove it (rm -rf $venv) and run this again with PYTHON=python3.10 or newer"
+    exit 1
+fi
 if [[ ! -x $venv/bin/python ]]; then
+    if ! command -v "$python" > /dev/null; then
+        log "no $python on PATH: name a Python >= 3.10 with PYTHON=/path/to/python3"
+        exit 1
+    fi
+    if too_old "$python"; then
+        log "$python is Python $("$python" -V 2>&1 | cut -d' ' -f2); mmtwins needs 3.10 or newer:"
+        log "name one with PYTHON=python3.10 (or newer, or its path)"
+        exit 1
+    fi
     log "creating virtual environment $venv"
     "$python" -m venv "$venv"
 fi
@@ -49,7 +66,8 @@ pip() { "$venv/bin/python" -m pip "$@" 2> >(grep -v '^WARNING: Location .* is ig
 pip install -q -c "$constraints" pip
 log "installing build tools and torch (first time: a ~5 GB download)"
 pip install -q -c "$constraints" 'setuptools' wheel ninja 'numpy' packaging
-pip install -q -c "$constraints" torch torchvision
+# not quiet: pip's download progress is the only sign of life during the torch download
+pip install -c "$constraints" torch torchvision | { grep -vE '^(Requirement already satisfied|Looking in (indexes|links))' || true; }
 
 mmcv_version=$(sed -n 's/^mmcv==//p' "$constraints")
 # The compiled ops hold torch's C++ ABI: a torch pin change must not reuse an older build. And
@@ -72,12 +90,22 @@ if [[ -z $mmcv_wheel ]]; then
     log "building mmcv $mmcv_version with ops from source into $wheels (about 12 minutes, once)"
     mkdir -p "$wheels"
     tmp=$(mktemp -d "$wheels/.build.XXXXXX")
+    build_log=$wheels/mmcv-$mmcv_version-$py_tag-build.log  # whole, kept if the build fails
     # No build isolation: the build must compile against the torch installed above.
     MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} pip wheel -v --no-build-isolation --no-deps \
-        -c "$constraints" "mmcv==$mmcv_version" -w "$tmp" 2>&1 \
+        -c "$constraints" "mmcv==$mmcv_version" -w "$tmp" 2>&1 | tee "$build_log" \
         | sed -nuE 's#^ *(\[[0-9]+/[0-9]+\]) .* -c (-c )?[^ ]*/([^/ ]+\.(cpp|cu)) .*#  compiling \1 \3#p; /^(ERROR|error:|Created wheel)/p' >&2 || true
     built=$(ls "$tmp"/mmcv-*.whl 2>/dev/null | head -n1 || true)
-    [[ -n $built ]] || { log "mmcv build failed (see above)"; rm -rf "$tmp"; exit 1; }
+    if [[ -z $built ]]; then
+        rm -rf "$tmp"
+        log "mmcv build failed; its whole log: $build_log. The lines that name errors in it:"
+        grep -E 'error|Error|FAILED|Killed' "$build_log" | tail -n 25 >&2 || true
+        if grep -q 'Killed' "$build_log"; then
+            log "a compiler was killed, most often for lack of memory: retry with MAX_JOBS=1"
+        fi
+        exit 1
+    fi
+    rm -f "$build_log"
     mv "$built" "$wheels/"   # atomic within one file system: no half-written wheel is ever cached
     rm -rf "$tmp"
     mmcv_wheel=$(ls "$wheels"/mmcv-"$mmcv_version"-"$py_tag"-*.whl | head -n1)
