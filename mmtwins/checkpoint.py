@@ -22,6 +22,7 @@ and reports every key it did not use; :func:`convert_checkpoint` writes a conver
 :func:`main` is its command line (``tools/model_converters/twins2mmtwins.py``).
 """
 import argparse
+import contextlib
 import copyreg
 import os
 import pickle
@@ -435,6 +436,17 @@ def convert_checkpoint(src: str, dst: str, prefix: Optional[str] = None,
     return out, meta
 
 
+@contextlib.contextmanager
+def cli_errors(prog: str):
+    """Report a :class:`CheckpointError` or ``OSError`` (a missing, unreadable or foreign
+    checkpoint, a destination that cannot be written) of a command-line tool as one line
+    ``PROG: error: ...`` with exit status 1, not as a traceback."""
+    try:
+        yield
+    except (CheckpointError, OSError) as err:
+        raise SystemExit(f'{prog}: error: {err}') from None
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """``tools/model_converters/twins2mmtwins.py SRC DST [--prefix P] [--keep-head]``."""
     p = argparse.ArgumentParser(
@@ -448,7 +460,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--keep-head', action='store_true',
                    help='keep the ImageNet head (head.weight/head.bias) in the output')
     args = p.parse_args(argv)
-    out, meta = convert_checkpoint(args.src, args.dst, args.prefix, args.keep_head)
+    with cli_errors(p.prog):
+        out, meta = convert_checkpoint(args.src, args.dst, args.prefix, args.keep_head)
     kept = meta['kept_head']
     print(f'{args.src}: {meta["variant"]} in the {meta["layout"]} layout -> {args.dst} '
           f'({len(out) - len(kept)} backbone tensors{", head kept" if kept else ""})')

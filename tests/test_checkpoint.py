@@ -184,6 +184,29 @@ def test_converter_cli_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['authors.pth', 'mmtwins.pth']
 
 
+@pytest.mark.parametrize('tool', ['twins2mmtwins.py', 'twins2mmpretrain.py'])
+def test_converter_cli_errors_are_one_line(tmp_path, tool):
+    """A missing or foreign source and a destination that is a directory are reported as one
+    line naming the problem, exit status 1, no traceback; nothing is written."""
+    def convert(src, dst):
+        return subprocess.run([sys.executable, str(ROOT / 'tools/model_converters' / tool),
+                               str(src), str(dst)], capture_output=True, text=True)
+
+    foreign = tmp_path / 'resnet.pth'
+    torch.save({'state_dict': {'fc.weight': torch.ones(1)}}, foreign)
+    peer = _timm(SVT, 'small')
+    src = tmp_path / 'authors.pth'
+    torch.save({'model': peer.state_dict()}, src)
+    for source, dst, message in [(tmp_path / 'missing.pth', tmp_path / 'out.pth', 'not found'),
+                                 (foreign, tmp_path / 'out.pth', 'Twins'),
+                                 (src, tmp_path, 'is a directory: name the file to write')]:
+        res = convert(source, dst)
+        assert res.returncode == 1 and 'Traceback' not in res.stderr, res.stderr
+        [line] = res.stderr.strip().splitlines()
+        assert line.startswith(f'{tool}: error: ') and message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['authors.pth', 'resnet.pth']
+
+
 # ------------------------------------------------------------------ bad checkpoints
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match='checkpoint file not found: /no/such.pth'):

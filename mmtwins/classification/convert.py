@@ -16,7 +16,7 @@ from typing import Dict
 
 import torch
 
-from mmtwins.checkpoint import (CheckpointError, convert_state_dict, describe_variant,
+from mmtwins.checkpoint import (CheckpointError, cli_errors, convert_state_dict, describe_variant,
                                 detect_layout, num_stages, read_checkpoint, unwrap_state_dict)
 from mmtwins.engine.fileio import atomic_torch_save
 
@@ -72,16 +72,18 @@ def convert_classifier_checkpoint(src: str, dst: str) -> dict:
     return meta
 
 
-def parse_args(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('src', help='ImageNet checkpoint with its head (authors, timm, mmpretrain)')
     p.add_argument('dst', help='where to write the mmpretrain ImageClassifier checkpoint')
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    meta = convert_classifier_checkpoint(args.src, args.dst)
+    p = parser()
+    args = p.parse_args(argv)
+    with cli_errors(p.prog):
+        meta = convert_classifier_checkpoint(args.src, args.dst)
     print(f"{args.src}: {meta['variant']} classifier with {meta['num_classes']} classes "
           f'-> {args.dst}')
 

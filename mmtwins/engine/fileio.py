@@ -20,8 +20,15 @@ ATOMIC_BACKEND = 'atomic_local'
 
 
 def atomic_write(path: Union[str, Path], data: Union[bytes, str], encoding: str = 'utf-8') -> None:
-    """Write ``data`` to ``path`` atomically (creating the directory if needed)."""
+    """Write ``data`` to ``path`` atomically (creating the directory if needed).
+
+    Raises:
+        IsADirectoryError: ``path`` is a directory (checked before anything is written).
+    """
     path = osp.abspath(path)
+    if osp.isdir(path):
+        raise IsADirectoryError(f'{path} is a directory: name the file to write (in it, or '
+                                'elsewhere)')
     directory = osp.dirname(path)
     os.makedirs(directory, exist_ok=True)
     if isinstance(data, str):

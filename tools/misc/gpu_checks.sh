@@ -34,7 +34,9 @@ step() {  # NAME CAP COMMAND...: run COMMAND for at most CAP seconds (less if th
     rc=$?
     echo "[gpu_checks] $name: exit $rc after $((SECONDS - start)) s"
     grep -E '^ *(pcpvt|svt)-|passed|failed|skipped|error|Error' "$work/$name.log" | tail -n 25
-    tar -czf "$out/gpu_checks.tar.gz" -C "$work" .
+    # replaced whole: a kill during tar leaves the previous step's archive intact
+    tar -czf "$out/.gpu_checks.tar.gz.tmp" -C "$work" . \
+        && mv "$out/.gpu_checks.tar.gz.tmp" "$out/gpu_checks.tar.gz"
 }
 
 ab=(--device "${DEVICE:-cuda}" --steps 25)

@@ -20,12 +20,15 @@ PACKAGES=(mmengine==0.10.7 mmcv-lite==2.1.0 mmsegmentation==1.2.2 mmpretrain==1.
           addict yapf termcolor platformdirs ftfy mat4py model-index ordered-set
           importlib-metadata==8.7.0 zipp wcwidth)
 
+usage() { echo "usage: $0 download WHEELDIR | install WHEELDIR SITE" >&2; exit 2; }
 case ${1:-} in
 download)
+    [[ $# -eq 2 ]] || usage
     mkdir -p "$2"
     "$python" -m pip download --no-deps --only-binary :all: -d "$2" "${PACKAGES[@]}"
     ;;
 install)
+    [[ $# -eq 3 ]] || usage
     wheels=$2 site=$3
     "$python" -m pip install --no-deps --no-index --target "$site" "$wheels"/*.whl >/dev/null
     cat > "$site/mmcv/_ext.py" <<'EOF'
@@ -41,7 +44,6 @@ EOF
     echo "offline stack ready in $site"
     ;;
 *)
-    echo "usage: $0 download WHEELDIR | install WHEELDIR SITE" >&2
-    exit 2
+    usage
     ;;
 esac
