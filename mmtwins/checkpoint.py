@@ -22,7 +22,6 @@ and reports every key it did not use; :func:`convert_checkpoint` writes a conver
 :func:`main` is its command line (``tools/model_converters/twins2mmtwins.py``).
 """
 import argparse
-import contextlib
 import copyreg
 import os
 import pickle
@@ -34,6 +33,8 @@ import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer, MMLogger, print_log
 from torch import nn
+
+from mmtwins.cli import cli_errors
 
 StateDict = Dict[str, torch.Tensor]
 LAYOUTS = ('authors', 'mmseg', 'mmpretrain')
@@ -436,17 +437,6 @@ def convert_checkpoint(src: str, dst: str, prefix: Optional[str] = None,
     return out, meta
 
 
-@contextlib.contextmanager
-def cli_errors(prog: str):
-    """Report a :class:`CheckpointError` or ``OSError`` (a missing, unreadable or foreign
-    checkpoint, a destination that cannot be written) of a command-line tool as one line
-    ``PROG: error: ...`` with exit status 1, not as a traceback."""
-    try:
-        yield
-    except (CheckpointError, OSError) as err:
-        raise SystemExit(f'{prog}: error: {err}') from None
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     """``tools/model_converters/twins2mmtwins.py SRC DST [--prefix P] [--keep-head]``."""
     p = argparse.ArgumentParser(
@@ -460,7 +450,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--keep-head', action='store_true',
                    help='keep the ImageNet head (head.weight/head.bias) in the output')
     args = p.parse_args(argv)
-    with cli_errors(p.prog):
+    with cli_errors(p.prog, (CheckpointError, OSError)):
         out, meta = convert_checkpoint(args.src, args.dst, args.prefix, args.keep_head)
     kept = meta['kept_head']
     print(f'{args.src}: {meta["variant"]} in the {meta["layout"]} layout -> {args.dst} '

@@ -15,6 +15,7 @@ from ade_toy import make_ade_toy, tiny_seg_config
 from coco_toy import REPO, load_tiny_config, make_coco_toy, write_tiny_det_config
 from imagefolder import make_imagefolder, tiny_classifier_config
 from mmtwins.apis.test import build_test_cfg, main, parse_args, trigger_visualization_hook
+from mmtwins.engine import ConfigError
 
 DET = 'retinanet_twins_pcpvt_s_1x.py'
 SEG = 'fpn_twins_pcpvt_s_80k_ade20k.py'
@@ -115,7 +116,7 @@ def test_show_sets_show_and_wait_time_per_scope():
 def test_config_without_visualization_hook_is_refused():
     args = argparse.Namespace(show=False, show_dir='out', wait_time=2., interval=None)
     cfg = Config(dict(default_scope='mmdet', default_hooks=dict(logger=dict(type='LoggerHook'))))
-    with pytest.raises(RuntimeError, match="visualization=dict.type='DetVisualizationHook'"):
+    with pytest.raises(ConfigError, match="visualization=dict.type='DetVisualizationHook'"):
         trigger_visualization_hook(cfg, args)
     with pytest.raises(ValueError, match='mmdet, mmseg and mmpretrain'):
         trigger_visualization_hook(Config(dict(default_scope='mmengine')), args)

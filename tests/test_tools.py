@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from mmtwins.apis import (allow_mmengine_checkpoints, apply_tta, build_runner,
 from mmtwins.apis import runner as runner_api
 from mmtwins.apis import test as test_api
 from mmtwins.apis import train as train_api
+from mmtwins.engine import ConfigError
 
 from coco_toy import REPO, load_tiny_config, make_coco_toy, write_tiny_det_config
 
@@ -424,14 +426,36 @@ def test_amp_training_without_a_gpu_fails_before_anything_is_built(monkeypatch):
 
     monkeypatch.setattr(train_api, 'preflight_check', must_not_run)
     monkeypatch.setattr(train_api, 'build_runner', must_not_run)
-    with pytest.raises(RuntimeError, match='AMP training .* needs a GPU, NPU, MLU or MUSA'):
+    with pytest.raises(SystemExit, match='^train.py: error: AMP training .* needs a GPU, NPU, '
+                       'MLU or MUSA'):
         train_api.main([RETINANET, '--amp'])
     amp = Config(dict(optim_wrapper=dict(type='mmengine.AmpOptimWrapper')))
-    with pytest.raises(RuntimeError, match='AMP training'):
+    with pytest.raises(ConfigError, match='AMP training'):
         train_api.check_amp_device(amp)
     train_api.check_amp_device(Config(dict(optim_wrapper=dict(type='OptimWrapper'))))
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     train_api.check_amp_device(amp)
+
+
+def test_train_and_test_print_a_refusal_as_one_line(tmp_path):
+    """A config the preflight check refuses, or options it cannot take, end the tools with the
+    message alone (exit status 1, no traceback), before anything is built."""
+    cfg = Config.fromfile(RETINANET)
+    cfg.model.backbone.drop_path_rat = 0.1
+    cfg.train_dataloader.dataset.data_root = str(tmp_path / 'no_coco')
+    config = tmp_path / 'retinanet.py'
+    cfg.dump(str(config))
+    for tool, args, message in [
+            ('train.py', [], r'config .*retinanet.py has \d+ problems:\n  - model.backbone.'
+             "drop_path_rat: SVT has no argument 'drop_path_rat'; did you mean 'drop_path_rate'"),
+            ('train.py', ['--auto-scale-lr', '--cfg-options', 'auto_scale_lr=None'],
+             '--auto-scale-lr needs auto_scale_lr=dict'),
+            ('test.py', ['ckpt.pth', '--out', 'preds.json'],
+             '--out must name a .pkl/.pickle file for mmdet')]:
+        proc = subprocess.run([sys.executable, f'tools/{tool}', str(config), *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+        assert re.search(f'(^|\n){tool}: error: {message}', proc.stderr), proc.stderr[-3000:]
 
 
 def test_runtime_requirements_hold_for_the_pinned_and_installed_stack():

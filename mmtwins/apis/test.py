@@ -20,6 +20,8 @@ from mmengine.logging import print_log
 from mmengine.runner import BaseLoop, Runner
 from mmengine.utils import mkdir_or_exist
 
+from mmtwins.cli import cli_errors
+from mmtwins.engine import ConfigError
 from .config import add_common_args, load_config, warn_if_cpu_amp_is_emulated
 from .runner import build_runner, owned_process_group
 
@@ -68,7 +70,7 @@ def apply_tta(cfg: Config) -> None:
     """
     scope = cfg.get('default_scope')
     if scope == 'mmdet' and _contains_key(cfg.model, 'mask_head'):
-        raise ValueError('--tta: mmdet 3.x has no test-time augmentation for instance masks (its '
+        raise ConfigError('--tta: mmdet 3.x has no test-time augmentation for instance masks (its '
                          'DetTTAModel merges boxes only), so the Mask R-CNN configs define none. '
                          'Test without --tta; RetinaNet configs support it.')
     if scope == 'mmdet':
@@ -77,7 +79,7 @@ def apply_tta(cfg: Config) -> None:
         _default_cls_tta(cfg)
     missing = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
     if missing:
-        raise ValueError(f'--tta needs {" and ".join(missing)} in the config '
+        raise ConfigError(f'--tta needs {" and ".join(missing)} in the config '
                          f'({cfg.filename or "given as a dict"}), which has none')
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
     cfg.tta_model.module = cfg.model
@@ -175,11 +177,11 @@ def trigger_visualization_hook(cfg: Config, args: argparse.Namespace) -> None:
     """
     scope = cfg.get('default_scope')
     if scope not in _VIS_HOOKS:
-        raise ValueError(f'--show/--show-dir support mmdet, mmseg and mmpretrain configs, not '
+        raise ConfigError(f'--show/--show-dir support mmdet, mmseg and mmpretrain configs, not '
                          f'default_scope={scope!r}')
     hook = cfg.get('default_hooks', {}).get('visualization')
     if hook is None:
-        raise RuntimeError('VisualizationHook must be included in default_hooks, e.g. '
+        raise ConfigError('VisualizationHook must be included in default_hooks, e.g. '
                            f'"visualization=dict(type=\'{_VIS_HOOKS[scope]}\')" '
                            f'({cfg.filename or "config given as a dict"} has none)')
     if scope == 'mmpretrain':
@@ -188,7 +190,7 @@ def trigger_visualization_hook(cfg: Config, args: argparse.Namespace) -> None:
                     interval=1 if args.interval is None else args.interval)
         return
     if args.interval is not None and scope == 'mmdet':
-        raise ValueError("--interval: mmdet's visualization hook draws every test image")
+        raise ConfigError("--interval: mmdet's visualization hook draws every test image")
     hook['draw'] = True
     if args.show:
         hook['show'] = True
@@ -199,7 +201,7 @@ def trigger_visualization_hook(cfg: Config, args: argparse.Namespace) -> None:
         if scope == 'mmdet':
             hook['test_out_dir'] = args.show_dir
         elif 'visualizer' not in cfg:
-            raise RuntimeError('--show-dir: mmseg saves through the config\'s visualizer, and '
+            raise ConfigError('--show-dir: mmseg saves through the config\'s visualizer, and '
                                f'{cfg.filename or "the config"} defines none')
         else:
             cfg.visualizer['save_dir'] = args.show_dir
@@ -212,7 +214,7 @@ def build_test_cfg(args: argparse.Namespace) -> Config:
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
         if args.tta and cfg.get('default_scope') == 'mmpretrain':
-            raise ValueError("--show/--show-dir with --tta: mmpretrain's visualization hook "
+            raise ConfigError("--show/--show-dir with --tta: mmpretrain's visualization hook "
                              'draws the batch it is given as images, which under --tta is a '
                              'list of augmented views; paint the predictions without --tta')
         trigger_visualization_hook(cfg, args)
@@ -220,7 +222,7 @@ def build_test_cfg(args: argparse.Namespace) -> Config:
         apply_tta(cfg)
     if args.amp:
         if cfg.get('default_scope') == 'mmdet' and get_device() == 'cpu':
-            raise ValueError("--amp on a CPU autocasts to bf16, and mmcv's CPU NMS takes float32 "
+            raise ConfigError("--amp on a CPU autocasts to bf16, and mmcv's CPU NMS takes float32 "
                              'boxes only, so a detector fails in its post-processing: test '
                              'detectors on a CPU without --amp (with it on a GPU)')
         warn_if_cpu_amp_is_emulated()
@@ -228,7 +230,7 @@ def build_test_cfg(args: argparse.Namespace) -> Config:
     if args.out and cfg.get('default_scope') == 'mmseg':
         set_seg_output(cfg, args.out)
     elif args.out and not args.out.endswith(PICKLE_SUFFIXES):
-        raise ValueError(f'--out must name a .pkl/.pickle file for {cfg.get("default_scope")} '
+        raise ConfigError(f'--out must name a .pkl/.pickle file for {cfg.get("default_scope")} '
                          f'configs, got {args.out}')
     return cfg
 
@@ -261,8 +263,10 @@ def run_test(cfg: Config, out: Optional[str] = None) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Run the test loop; returns the metrics."""
+    """Run the test loop; returns the metrics. A refused config or option combination
+    (:class:`~mmtwins.engine.ConfigError`) exits with its message as one line."""
     args = parse_args(argv)
-    cfg = build_test_cfg(args)
+    with cli_errors('test.py', (ConfigError, )):
+        cfg = build_test_cfg(args)
     with owned_process_group():
         return run_test(cfg, args.out)

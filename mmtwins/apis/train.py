@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 from mmengine.config import Config
 from mmengine.logging import print_log
 
-from mmtwins.engine import preflight_check, train_dataloaders
+from mmtwins.cli import cli_errors
+from mmtwins.engine import ConfigError, preflight_check, train_dataloaders
 from .config import add_common_args, load_config
 from .runner import accelerator_available, build_runner, owned_process_group
 
@@ -42,14 +43,14 @@ def build_train_cfg(args: argparse.Namespace) -> Config:
             print_log('AMP training is already enabled in the config.', logger='current',
                       level=logging.WARNING)
         elif wrapper_type != 'OptimWrapper':
-            raise ValueError('--amp needs optim_wrapper.type OptimWrapper (it becomes '
+            raise ConfigError('--amp needs optim_wrapper.type OptimWrapper (it becomes '
                              f'AmpOptimWrapper), got {wrapper_type}')
         else:
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.loss_scale = 'dynamic'
     if args.auto_scale_lr:
         if 'base_batch_size' not in (cfg.get('auto_scale_lr') or {}):
-            raise ValueError('--auto-scale-lr needs auto_scale_lr=dict(enable=False, '
+            raise ConfigError('--auto-scale-lr needs auto_scale_lr=dict(enable=False, '
                              'base_batch_size=N) in the config')
         cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
@@ -68,7 +69,7 @@ def check_amp_device(cfg: Config) -> None:
     sets the wrapper itself.
 
     Raises:
-        RuntimeError: ``optim_wrapper.type`` is ``AmpOptimWrapper`` and no such device exists.
+        ConfigError: ``optim_wrapper.type`` is ``AmpOptimWrapper`` and no such device exists.
     """
     wrapper_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
     if not isinstance(wrapper_type, str):
@@ -76,15 +77,19 @@ def check_amp_device(cfg: Config) -> None:
     if wrapper_type.split('.')[-1] != 'AmpOptimWrapper':
         return
     if not accelerator_available():
-        raise RuntimeError('AMP training (--amp, or optim_wrapper.type AmpOptimWrapper) needs a '
+        raise ConfigError('AMP training (--amp, or optim_wrapper.type AmpOptimWrapper) needs a '
                            "GPU, NPU, MLU or MUSA device: mmengine's AmpOptimWrapper has no CPU "
                            'mode, and this machine has none of them. Train without --amp here.')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    cfg = build_train_cfg(parse_args(argv))
-    check_amp_device(cfg)
-    # unknown types, misspelled arguments, missing data: before any build
-    preflight_check(cfg, train_dataloaders(cfg))
+    """Train. A refused config or option combination (:class:`~mmtwins.engine.ConfigError`:
+    unknown types, misspelled arguments, missing data, options the config cannot take) exits
+    with its message as one line, before anything is built."""
+    args = parse_args(argv)
+    with cli_errors('train.py', (ConfigError, )):
+        cfg = build_train_cfg(args)
+        check_amp_device(cfg)
+        preflight_check(cfg, train_dataloaders(cfg))
     with owned_process_group():
         build_runner(cfg).train()

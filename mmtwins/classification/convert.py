@@ -16,8 +16,9 @@ from typing import Dict
 
 import torch
 
-from mmtwins.checkpoint import (CheckpointError, cli_errors, convert_state_dict, describe_variant,
+from mmtwins.checkpoint import (CheckpointError, convert_state_dict, describe_variant,
                                 detect_layout, num_stages, read_checkpoint, unwrap_state_dict)
+from mmtwins.cli import cli_errors
 from mmtwins.engine.fileio import atomic_torch_save
 
 StateDict = Dict[str, torch.Tensor]
@@ -82,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    with cli_errors(p.prog):
+    with cli_errors(p.prog, (CheckpointError, OSError)):
         meta = convert_classifier_checkpoint(args.src, args.dst)
     print(f"{args.src}: {meta['variant']} classifier with {meta['num_classes']} classes "
           f'-> {args.dst}')
