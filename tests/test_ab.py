@@ -222,3 +222,36 @@ def test_revision_ab_tool_prints_both_arms(capsys):
     assert small.startswith('pcpvt-small train 1x3x32x32 fp32 cpu: working tree ')
     assert base.startswith('svt-base train 1x3x32x32 fp32 cpu: working tree ')
     assert ', HEAD ' in small and ', HEAD ' in base
+
+
+def test_missing_at_names_the_files_a_revision_lacks(revision_repo):
+    embed, mlp = 'mmtwins/models/layers/embed.py', 'mmtwins/models/layers/mlp.py'
+    assert ab.missing_at('HEAD', [embed, mlp], revision_repo) == [mlp]
+    with pytest.raises(ValueError, match="^fatal: invalid object name 'nosuchrev'.$"):
+        ab.missing_at('nosuchrev', [embed], revision_repo)
+
+
+def test_revision_ab_checks_the_revision_files_and_variants_before_running(monkeypatch, capsys):
+    """The default files that the revision lacks are left out with a note; a file given that it
+    lacks, an unknown revision or variant end in a message before anything runs."""
+    tool = analysis_tool('revision_ab')
+    taken = []
+    monkeypatch.setattr(tool, 'revision_arm', lambda rev, files: taken.append(files))
+    monkeypatch.setattr(tool, 'run_variants', lambda args, arms: None)
+    new = 'mmtwins/models/layers/not_yet.py'
+    monkeypatch.setattr(tool, 'MODEL_FILES', ['mmtwins/models/layers/mlp.py', new])
+    tool.main(['--against', 'HEAD'])
+    assert taken == [['mmtwins/models/layers/mlp.py']]
+    assert capsys.readouterr().out == (f'not in revision HEAD, so run as in the working tree by '
+                                       f'both arms: {new}\n')
+    with pytest.raises(SystemExit, match=f'^--files: not in revision HEAD: {new}; give only'):
+        tool.main(['--against', 'HEAD', '--files', 'mmtwins/models/layers/mlp.py', new])
+    with pytest.raises(SystemExit,
+                       match="^--against nosuchrev: fatal: invalid object name 'nosuchrev'.$"):
+        tool.main(['--against', 'nosuchrev'])
+    with pytest.raises(SystemExit):
+        tool.main(['--against', 'HEAD', '--variants', 'svt', 'svt_small'])
+    assert "invalid choice: 'svt_small' (choose from 'pcpvt-small'" in capsys.readouterr().err
+    assert tool.parse_args(['--against', 'HEAD', '--variants', 'svt', 'pcpvt-b']).variants == [
+        'svt-small', 'pcpvt-base']
+    assert len(taken) == 1  # nothing else reached the revision

@@ -1,6 +1,7 @@
 """FLOPs/params (the paper's Table 1), the throughput benchmark and the log plots."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -169,6 +170,47 @@ def test_benchmark_tool_amp_dtype(capsys):
         analysis_tool('benchmark').main(args + ['--amp-dtype', 'fp16'])
 
 
+class _CtrlCAt(nn.Module):
+    """Interrupted (Ctrl-C) in its ``at``-th forward pass."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return x * 2
+
+
+def test_benchmark_logs_each_pass_and_keeps_the_finished_passes_on_ctrl_c(monkeypatch, capsys):
+    from mmtwins.analysis.benchmark import BenchmarkInterrupted
+    x = torch.zeros(2, 3, 8, 8)
+    lines = []
+    with pytest.raises(BenchmarkInterrupted, match='^interrupted after 2 of 5 timed passes$') as e:
+        benchmark(_CtrlCAt(4), x, warmup=1, repeats=5, log=lines.append)  # the 3rd timed pass
+    assert [ln.split(':')[0] for ln in lines] == ['warm-up 1/1', 'pass 1/5', 'pass 2/5']
+    assert all(ln.endswith(' s') for ln in lines)
+    result = e.value.result
+    assert len(result.runs) == 2 and result.images_per_s == statistics.median(result.runs)
+    assert result.memory_kind and result.batch_size == 2
+    with pytest.raises(KeyboardInterrupt) as e:  # in the warm-up: nothing to report
+        benchmark(_CtrlCAt(2), x, warmup=2, repeats=5, log=lines.append)
+    assert type(e.value) is KeyboardInterrupt
+    tool = analysis_tool('benchmark')  # the tool prints the passes' lines, then their median
+    monkeypatch.setattr(tool, 'build_model', lambda cfg: None)
+    monkeypatch.setattr(tool, 'runnable', lambda model, part, shape, batch, device: (
+        _CtrlCAt(3), torch.zeros(batch, 3, *shape)))
+    with pytest.raises(SystemExit, match='^interrupted after 1 of 4 timed passes: the figures '
+                       'above are of those$'):
+        tool.main([os.path.join(CONFIGS, 'twins_svt_s_in1k.py'), '--batch-size', '1', '--shape',
+                   '8', '8', '--warmup', '1', '--repeats', '4', '--device', 'cpu'])
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split(':')[0] for ln in out[:2]] == ['warm-up 1/1', 'pass 1/4']
+    assert 'images/s (median of 1 passes' in out[2] and len(out) == 3
+
+
 def _write_log(path, records):
     with open(path, 'w') as f:
         f.write('\n'.join(json.dumps(r) for r in records) + '\n')
@@ -240,6 +282,37 @@ def test_a_resumed_run_is_read_as_one_from_its_work_dir(tmp_path):
     plot_logs([str(work) + '/'], str(tmp_path / 'plots'))  # legend: the work dir's name
     with pytest.raises(FileNotFoundError, match='no MMEngine JSON log'):
         load_json_log(str(tmp_path))
+
+
+def test_a_work_dir_trained_into_again_from_scratch_plots_its_newest_run(tmp_path, capsys):
+    """Run A (a log, its resumed log and a log with no training record), then run B trained
+    from scratch into the same work dir (no --resume) and resumed from iteration 2: B's first
+    log starts at a step not after the previous log's first, so A is left out and named."""
+    work = tmp_path / 'exp'
+    logs = {'20250101_000000': [dict(loss=float(it), lr=0.1, step=it) for it in range(1, 7)],
+            '20250102_000000': [dict(loss=float(it), lr=0.1, step=it) for it in range(5, 9)],
+            '20250103_000000': [dict(mIoU=9., step=8)],
+            '20250104_000000': [dict(loss=it + 0.5, lr=0.2, step=it) for it in range(1, 5)],
+            '20250105_000000': [dict(loss=it + 0.25, lr=0.2, step=it) for it in range(3, 6)]}
+    for stamp, records in logs.items():
+        (work / stamp / 'vis_data').mkdir(parents=True)
+        _write_log(work / stamp / 'vis_data' / f'{stamp}.json', records)
+    log = load_json_log(str(work))
+    assert log.curves['loss'] == ([1, 2, 3, 4, 5], [1.5, 2.5, 3.25, 4.25, 5.25])
+    assert set(log.curves) == {'loss', 'lr'}  # A's mIoU is not B's
+    assert [os.path.basename(f) for f in log.files] == ['20250104_000000.json',
+                                                        '20250105_000000.json']
+    assert [[os.path.basename(f) for f in run] for run in log.earlier_runs] == [
+        ['20250101_000000.json', '20250102_000000.json', '20250103_000000.json']]
+    analysis_tool('plot_logs').main([str(work), '--out-dir', str(tmp_path / 'png')])
+    out, err = capsys.readouterr()
+    assert [os.path.basename(p) for p in out.split()] == ['loss.png', 'lr.png']
+    assert err == (f'{work}: plotting the newest run (from 20250104_000000); left out the '
+                   'earlier run(s) trained from scratch into the same work dir: 20250101_000000 '
+                   '(3 logs) (pass a JSON log, TIMESTAMP/vis_data/TIMESTAMP.json, to plot one of '
+                   'those)\n')
+    first = work / '20250101_000000' / 'vis_data' / '20250101_000000.json'
+    assert load_json_log(str(first)).curves['loss'][0] == [1, 2, 3, 4, 5, 6]  # a run picked
 
 
 def test_plot_logs_tool(tmp_path, capsys):

@@ -419,3 +419,62 @@ def test_interleaved_steps_take_the_balanced_orders_in_turn():
     orders = peers.balanced_orders(4)
     assert asked == [names[i] for r in range(6) for i in orders[r % 4]]
     assert {n: len(t) for n, t in times.items()} == dict.fromkeys(names, 6)
+
+
+def test_variants_are_checked_and_spelled_out_before_any_case_runs(monkeypatch, capsys):
+    tool = analysis_tool('compare_peers')
+    monkeypatch.setattr(peers, 'run_plan', None)  # nothing may run
+    for bad in (['svt-small', 'svt_small'], ['svt-x'], ['all', 'svt-s']):
+        with pytest.raises(SystemExit):
+            tool.main(['--variants', *bad])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'svt_small' (choose from 'pcpvt-small', 'pcpvt-base'" in err
+    assert "invalid choice: 'svt-x'" in err and "'all' stands alone" in err
+    assert tool.parse_args(['--variants', 'svt-s', 'pcpvt-b', 'svt-large', 'pcpvt']).variants == [
+        'svt-small', 'pcpvt-base', 'svt-large', 'pcpvt-small']
+    assert tool.parse_args(['--variants', 'all']).variants == ['all']
+
+
+def test_run_plan_logs_each_case_as_it_starts_and_marks_the_json_unfinished(monkeypatch,
+                                                                           tmp_path):
+    """The JSON and Markdown rewritten after each case say whether the run finished, and the
+    JSON lists every planned case."""
+    out, md = tmp_path / 'peers.json', tmp_path / 'peers.md'
+    seen = []  # (log so far, JSON on disk) as each case starts
+
+    def fake_case(family, arch, mode, shape, **kw):
+        seen.append((list(lines), json.loads(out.read_text()) if out.exists() else None))
+        return peers.CaseResult(f'{family}-{arch}', mode, list(shape), 'fp32',
+                                seconds={'mmtwins': 0.1})
+
+    monkeypatch.setattr(peers, 'compare_case', fake_case)
+    lines = []
+    jobs = peers.plan(['svt-small'], ['infer224', 'amp512'], dict(peers=[]))
+    results = peers.run_plan(jobs, dict(machine={}), out=str(out), markdown=str(md),
+                             log=lines.append)
+    assert len(results) == 2
+    assert lines == ['case 1/2: svt-small infer 8x3x224x224 fp32',
+                     'case 2/2: svt-small infer 2x3x512x512 amp']
+    planned = [dict(variant='svt-small', mode='infer', shape=[8, 3, 224, 224], amp=False),
+               dict(variant='svt-small', mode='infer', shape=[2, 3, 512, 512], amp=True)]
+    first, second = seen
+    assert first == (lines[:1], None)
+    assert second[0] == lines and second[1]['finished'] is False
+    assert second[1]['planned'] == planned and len(second[1]['cases']) == 1
+    data = json.loads(out.read_text())
+    assert data['finished'] is True and data['planned'] == planned and len(data['cases']) == 2
+    assert data['machine'] == {}
+    assert 'not finished' not in md.read_text()
+
+    def interrupted(*args, **kw):  # Ctrl-C in the second case
+        if out.exists():
+            raise KeyboardInterrupt
+        return fake_case(*args, **kw)
+
+    out.unlink()
+    monkeypatch.setattr(peers, 'compare_case', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        peers.run_plan(jobs, {}, out=str(out), markdown=str(md), log=lines.append)
+    data = json.loads(out.read_text())
+    assert data['finished'] is False and len(data['cases']) == 1 and data['planned'] == planned
+    assert md.read_text().endswith('\n\n1 of 2 cases: the run has not finished.\n')

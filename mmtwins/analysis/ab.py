@@ -21,7 +21,8 @@ from typing import Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .peers import CHECKOUT, build_impl, make_step
+from .peers import (ALL_VARIANTS, CHECKOUT, SMALL_VARIANTS, build_impl, full_variant_name,
+                    make_step)
 
 Arms = Dict[str, Callable[[], ContextManager]]
 
@@ -62,6 +63,23 @@ def _source_at(rev: str, path: str, repo: Path) -> str:
         return f"{m.group(1)}from {'.'.join(base + ([m.group(3)] if m.group(3) else []))} import"
 
     return _REGISTRATION.sub('', _RELATIVE_IMPORT.sub(absolute, src))
+
+
+def missing_at(rev: str, paths: Sequence[str], repo: Path = CHECKOUT) -> List[str]:
+    """Those of ``paths`` that git revision ``rev`` of ``repo`` does not have.
+
+    Raises:
+        ValueError: ``rev`` is not a revision of ``repo``; the message is git's.
+    """
+
+    def cat_file(spec: str) -> subprocess.CompletedProcess:
+        return subprocess.run(['git', 'cat-file', '-e', spec], cwd=repo, capture_output=True,
+                              text=True)
+
+    root = cat_file(f'{rev}:')  # the revision's tree
+    if root.returncode:
+        raise ValueError(root.stderr.strip())
+    return [p for p in paths if cat_file(f'{rev}:{p}').returncode]
 
 
 def _module_name(path: str) -> str:
@@ -241,18 +259,19 @@ def add_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument('--mode', choices=['train', 'infer'], default='train')
     parser.add_argument('--amp', action='store_true', help='autocast (fp16 on GPU, bf16 on CPU)')
     parser.add_argument('--steps', type=int, default=25, help='steps of each, the first 5 untimed')
-    parser.add_argument('--variants', nargs='+', default=['pcpvt', 'svt'],
-                        help='families (their small arch) or family-arch, e.g. svt-base')
+    parser.add_argument('--variants', nargs='+', default=list(SMALL_VARIANTS),
+                        type=full_variant_name, choices=ALL_VARIANTS, metavar='VARIANT',
+                        help=f'some of {", ".join(ALL_VARIANTS)}, or short: svt-b for svt-base, '
+                        'a family alone for its small arch (default: the small ones)')
     return parser
 
 
 def run_variants(args: argparse.Namespace, arms: Arms, log=print) -> None:
-    """:func:`alternate` the ``arms`` on the step of each of ``args.variants`` (``family`` for its
-    small arch, or ``family-arch``; mmtwins' own model) and log one line per variant."""
+    """:func:`alternate` the ``arms`` on the step of each of ``args.variants`` (``family-arch``,
+    as :func:`add_step_args` parses them; mmtwins' own model) and log one line per variant."""
     dev = torch.device(args.device)
     for variant in args.variants:
-        family, _, arch = variant.partition('-')
-        arch = arch or 'small'
+        family, arch = variant.split('-')
         torch.manual_seed(0)
         model = build_impl('mmtwins', family, arch).to(dev)
         x = torch.randn(args.batch, 3, args.size, args.size, device=dev)

@@ -6,14 +6,16 @@ MMEngine's ``LoggerHook`` writes one JSON object per line to
 ``coco/bbox_mAP``, ``mIoU``...) and a ``step`` that is the epoch for epoch-based runs and the
 iteration for iteration-based ones. Every curve here is drawn over iterations: a validation
 record is placed at the iteration of the last training record before it. A resumed run writes
-a log of its own under a new ``TIMESTAMP``: a work dir's logs are read oldest first as one run.
+a log of its own under a new ``TIMESTAMP``: a work dir's logs are read oldest first as one run,
+except that a log whose first training step is not after the previous log's first step is a new
+run (trained from scratch into the same work dir): only the newest run is read.
 """
 import glob
 import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 TRAIN_DEFAULT_KEYS = ('loss', 'lr')
 # The headline metric of each task, plotted by default when the log has it.
@@ -25,11 +27,24 @@ _NOT_METRICS = {'step', 'epoch', 'iter', 'time', 'data_time', 'memory'}
 class TrainingLog:
     """Curves of one run: ``curves[key] = (iterations, values)``, iterations ascending.
 
-    ``path`` is what was given (a JSON log or a work dir), ``files`` the logs read from it.
+    ``path`` is what was given (a JSON log or a work dir), ``files`` the logs read from it,
+    ``earlier_runs`` the logs of the work dir's earlier runs left out (one list per run).
     """
     path: str
     files: List[str] = field(default_factory=list)
     curves: Dict[str, Tuple[List[int], List[float]]] = field(default_factory=dict)
+    earlier_runs: List[List[str]] = field(default_factory=list)
+
+    def left_out_note(self) -> Optional[str]:
+        """A line naming the earlier runs left out and how to plot one; None if there were none.
+        A run is named by the ``TIMESTAMP`` folder of its first log."""
+        if not self.earlier_runs:
+            return None
+        names = ', '.join(_run_name(run[0]) + (f' ({len(run)} logs)' if len(run) > 1 else '')
+                          for run in self.earlier_runs)
+        return (f'{self.path}: plotting the newest run (from {_run_name(self.files[0])}); left '
+                f'out the earlier run(s) trained from scratch into the same work dir: {names} '
+                '(pass a JSON log, TIMESTAMP/vis_data/TIMESTAMP.json, to plot one of those)')
 
 
 def find_json_logs(path: str) -> List[str]:
@@ -47,34 +62,81 @@ def find_json_logs(path: str) -> List[str]:
     return sorted(logs, key=lambda p: (os.path.basename(p), os.path.getmtime(p)))
 
 
+def _run_name(file: str) -> str:
+    """The ``TIMESTAMP`` folder of a log in ``WORK_DIR/TIMESTAMP/vis_data/``."""
+    return os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(file))))
+
+
+def _read_records(file: str) -> List[dict]:
+    """The JSON records of a log, one a line (blank lines skipped).
+
+    Raises:
+        ValueError: a line is not JSON (its file and line number named).
+    """
+    records = []
+    with open(file) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f'{file}:{lineno} is not a JSON record: {e}') from e
+    return records
+
+
+def _is_train(record: dict) -> bool:
+    return 'lr' in record or 'loss' in record
+
+
+def split_runs(logs: Dict[str, List[dict]]) -> List[List[str]]:
+    """The runs of a work dir's logs (file -> records, oldest first), each a list of its logs.
+
+    A log whose first training step is not after the previous log's first step starts a new
+    run (training restarted from scratch in the same work dir; a resumed run starts after the
+    checkpoint it resumes from); a log with no training record stays with the run before it.
+    """
+    runs: List[List[str]] = []
+    previous_first = None
+    for file, records in logs.items():
+        first = next((int(r.get('step', 0)) for r in records if _is_train(r)), None)
+        if not runs or (None not in (first, previous_first) and first <= previous_first):
+            runs.append([])
+        runs[-1].append(file)
+        previous_first = previous_first if first is None else first
+    return runs
+
+
 def load_json_log(path: str) -> TrainingLog:
-    """Parse an MMEngine JSON log, or the logs of a work dir, into curves. A work dir's logs
-    are one run resumed: where a later log has a step again (the iterations a resumed run
-    repeats after its last checkpoint), its value replaces the earlier one."""
+    """Parse an MMEngine JSON log, or the logs of a work dir, into curves.
+
+    A work dir's logs are one run resumed: where a later log has a step again (the iterations
+    a resumed run repeats after its last checkpoint), its value replaces the earlier one. Where
+    the work dir holds several runs (:func:`split_runs`), only the newest is read; the earlier
+    ones are listed in the returned log's ``earlier_runs``.
+
+    Raises:
+        FileNotFoundError: no log at ``path``.
+        ValueError: a line of a log is not JSON.
+    """
+    logs = {file: _read_records(file) for file in find_json_logs(path)}
+    runs = split_runs(logs)
     points: Dict[str, Dict[int, float]] = {}
-    files = find_json_logs(path)
-    for file in files:
+    for file in runs[-1]:
         last_train_step = 0
-        with open(file) as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f'{file}:{lineno} is not a JSON record: {e}') from e
-                step = int(record.get('step', 0))
-                is_train = 'lr' in record or 'loss' in record
-                if is_train:
-                    last_train_step = step
-                x = step if is_train else max(step, last_train_step)
-                for key, value in record.items():
-                    if key not in _NOT_METRICS and isinstance(value, (int, float)):
-                        points.setdefault(key, {})[x] = float(value)
+        for record in logs[file]:
+            step = int(record.get('step', 0))
+            is_train = _is_train(record)
+            if is_train:
+                last_train_step = step
+            x = step if is_train else max(step, last_train_step)
+            for key, value in record.items():
+                if key not in _NOT_METRICS and isinstance(value, (int, float)):
+                    points.setdefault(key, {})[x] = float(value)
     curves = {key: (sorted(xy), [value for _, value in sorted(xy.items())])
               for key, xy in points.items()}
-    return TrainingLog(path, files, curves)
+    return TrainingLog(path, runs[-1], curves, runs[:-1])
 
 
 def default_keys(logs: Sequence[TrainingLog]) -> List[str]:
@@ -89,7 +151,8 @@ def _file_name(key: str) -> str:
 def plot_logs(paths: Sequence[str],
               out_dir: str,
               keys: Optional[Sequence[str]] = None,
-              legends: Optional[Sequence[str]] = None) -> List[str]:
+              legends: Optional[Sequence[str]] = None,
+              log: Callable[[str], None] = print) -> List[str]:
     """Write one PNG per key, with one curve per log, and return the files written.
 
     Args:
@@ -97,12 +160,21 @@ def plot_logs(paths: Sequence[str],
         out_dir: where the PNGs go (``loss.png``, ``lr.png``, ``accuracy_top1.png``...).
         keys: what to plot; default: loss, lr and the task's headline metric where present.
         legends: a label per log (default: the log's file name, or the work dir's name).
+        log: gets a one-line note for each work dir whose earlier runs are left out (a work dir
+            trained into from scratch again: only its newest run is plotted).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_json_log`; ValueError also where the
+            legends do not match the logs or no default key is in them.
+        KeyError: a key given is in none of the logs.
     """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     logs = [load_json_log(p) for p in paths]
+    for note in filter(None, (training_log.left_out_note() for training_log in logs)):
+        log(note)
     if legends is not None and len(legends) != len(logs):
         raise ValueError(f'{len(legends)} legends for {len(logs)} logs')
     legends = legends or [os.path.basename(os.path.normpath(log.path)) for log in logs]

@@ -985,6 +985,18 @@ SHORT_SHAPE = (1, 3, 224, 224)
 SHORT = dict(warmup=1, repeats=1, memory=False, rounds=1)
 SMALL_VARIANTS = ('pcpvt-small', 'svt-small')
 ALL_VARIANTS = tuple(f'{f}-{a}' for f in FAMILIES for a in ('small', 'base', 'large'))
+#: The archs' initials, as the configs spell them (``twins_svt_s``): ``svt-s`` is ``svt-small``.
+ARCH_INITIALS = {'s': 'small', 'b': 'base', 'l': 'large'}
+
+
+def full_variant_name(name: str) -> str:
+    """``name`` as one of :data:`ALL_VARIANTS` where it is a variant spelled short: the arch as
+    its initial (``svt-s``: ``svt-small``) or left out (``svt``: its small arch); any other name
+    is returned as given (for ``argparse`` to check against ``ALL_VARIANTS`` after it)."""
+    family, _, arch = name.partition('-')
+    if family not in FAMILIES:
+        return name
+    return f'{family}-{ARCH_INITIALS.get(arch, arch or "small")}'
 
 
 def plan(variants: Sequence[str], cases: Sequence[str], kw: dict, batch: Optional[int] = None,
@@ -1011,17 +1023,29 @@ def plan(variants: Sequence[str], cases: Sequence[str], kw: dict, batch: Optiona
     return jobs
 
 
-def run_plan(jobs, extra: dict, out: Optional[str] = None,
-             markdown: Optional[str] = None) -> List[CaseResult]:
-    """Run :func:`plan`'s jobs; after each, rewrite ``out`` (JSON, with ``extra``) and
-    ``markdown``, so an interrupted run keeps the cases it finished."""
+def run_plan(jobs, extra: dict, out: Optional[str] = None, markdown: Optional[str] = None,
+             log=print) -> List[CaseResult]:
+    """Run :func:`plan`'s jobs, logging a line as each starts (``case 3/8: svt-small train
+    2x3x512x512 fp32``); after each, rewrite ``out`` (JSON, with ``extra``) and ``markdown``, so
+    an interrupted run keeps the cases it finished. The JSON's ``planned`` lists every job
+    (variant, mode, shape, amp) and ``finished`` is false until the last one's results are in
+    (the Markdown then ends in a line saying how many cases it holds of how many).
+
+    Returns the results of the jobs, in order.
+    """
     from mmtwins.engine.fileio import atomic_write
+    planned = [dict(variant=v, mode=mode, shape=list(shape), amp=bool(case_kw.get('amp')))
+               for v, mode, shape, case_kw in jobs]
     results = []
-    for v, mode, shape, case_kw in jobs:
+    for i, (v, mode, shape, case_kw) in enumerate(jobs, 1):
+        log(f'case {i}/{len(jobs)}: {v} {mode} {"x".join(map(str, shape))} '
+            f'{"amp" if case_kw.get("amp") else "fp32"}')
         family, arch = v.split('-')
         results.append(compare_case(family, arch, mode, shape, **case_kw))
+        finished = i == len(jobs)
         if out:
-            atomic_write(out, to_json(results, extra))
+            atomic_write(out, to_json(results, dict(extra, planned=planned, finished=finished)))
         if markdown:
-            atomic_write(markdown, format_markdown(results) + '\n')
+            atomic_write(markdown, format_markdown(results) + '\n' + (
+                '' if finished else f'\n{i} of {len(jobs)} cases: the run has not finished.\n'))
     return results

@@ -6,6 +6,8 @@
 
 The paper's Table 1 throughput is the classifier at 224x224, batch 192 on one V100, fp32.
 Throughput is the median over the timed passes; on CPU the memory is the process's peak RSS.
+A line is printed as each pass ends; Ctrl-C during the timed passes reports the median of those
+that finished, then exits with status 1.
 """
 import argparse
 
@@ -14,7 +16,7 @@ from mmengine.config import DictAction
 
 from mmtwins.analysis import (PARTS, benchmark, build_model, default_input_shape, load_config,
                               runnable)
-from mmtwins.analysis.benchmark import AMP_DTYPES
+from mmtwins.analysis.benchmark import AMP_DTYPES, BenchmarkInterrupted
 from mmtwins.apis.config import warn_if_cpu_amp_is_emulated
 
 
@@ -46,8 +48,12 @@ def main(argv=None):
     model = build_model(load_config(args.config, args.cfg_options))
     shape = args.shape or default_input_shape(model)
     module, inputs = runnable(model, args.part, shape, args.batch_size, args.device)
-    result = benchmark(module, inputs, warmup=args.warmup, repeats=args.repeats, amp=args.amp,
-                       amp_dtype=AMP_DTYPES.get(args.amp_dtype))
+    try:
+        result = benchmark(module, inputs, warmup=args.warmup, repeats=args.repeats,
+                           amp=args.amp, amp_dtype=AMP_DTYPES.get(args.amp_dtype))
+    except BenchmarkInterrupted as e:
+        print(f'{args.config} ({args.part}): {e.result.summary()}')
+        raise SystemExit(f'{e}: the figures above are of those')
     print(f'{args.config} ({args.part}): {result.summary()}')
 
 

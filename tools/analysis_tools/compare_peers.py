@@ -31,7 +31,9 @@ from mmtwins.analysis.benchmark import AMP_DTYPES
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--variants', nargs='+', default=list(P.SMALL_VARIANTS),
-                   help="e.g. svt-small pcpvt-base, or 'all' (default: the two small variants)")
+                   type=P.full_variant_name, choices=[*P.ALL_VARIANTS, 'all'], metavar='VARIANT',
+                   help=f"some of {', '.join(P.ALL_VARIANTS)} (or short: svt-s, pcpvt-b; a "
+                   "family alone is its small arch), or 'all' alone (default: the small ones)")
     p.add_argument('--peers', nargs='+', choices=list(P.PEERS), default=None,
                    help='default: every installed peer')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -70,6 +72,8 @@ def parse_args(argv=None):
                    'so an interrupted run keeps the cases it finished)')
     p.add_argument('--markdown', help='write the results as a Markdown table here (likewise)')
     args = p.parse_args(argv)
+    if 'all' in args.variants and len(args.variants) > 1:
+        p.error("--variants: 'all' stands alone (it is every variant)")
     for name, least in (('warmup', 0), ('repeats', 1), ('rounds', 1)):
         if getattr(args, name) < least:
             p.error(f'--{name} must be at least {least}, got {getattr(args, name)}')

@@ -2,8 +2,13 @@
 
     python tools/analysis_tools/plot_logs.py WORK_DIR_OR_JSON [...] --out-dir plots
         [--keys loss lr accuracy/top1] [--legend run-a run-b]
+
+A work dir's logs are read as one run, resumed where it has several; where it was trained into
+from scratch again, only its newest run is plotted, and a note on stderr names the runs left
+out (give one's JSON log to plot it). The PNG files written are printed, one a line.
 """
 import argparse
+import sys
 
 from mmtwins.analysis import plot_logs
 
@@ -21,7 +26,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        paths = plot_logs(args.logs, args.out_dir, args.keys, args.legend)
+        paths = plot_logs(args.logs, args.out_dir, args.keys, args.legend,
+                          log=lambda note: print(note, file=sys.stderr))
     except (FileNotFoundError, KeyError, ValueError) as e:  # the logs or the options given
         raise SystemExit(f'plot_logs.py: error: {e.args[0] if isinstance(e, KeyError) else e}')
     for path in paths:
