@@ -74,6 +74,18 @@ def allow_mmengine_checkpoints() -> None:
     ])
 
 
+def check_checkpoint_file(path: str) -> None:
+    """Fail early, before any model is built, when the checkpoint ``path`` is not a local file
+    (a URL, ``scheme://...``, is left to the loader).
+
+    Raises:
+        FileNotFoundError: no such local file.
+    """
+    if '://' not in path and not os.path.isfile(path):
+        what = 'a directory, not a file' if os.path.isdir(path) else 'no such file'
+        raise FileNotFoundError(f'checkpoint file not found: {path} ({what})')
+
+
 def read_checkpoint(path: str) -> dict:
     """Load a checkpoint file to CPU with torch's weights-only unpickler.
 
@@ -92,8 +104,7 @@ def read_checkpoint(path: str) -> dict:
     if '://' in path:
         from mmengine.runner import CheckpointLoader
         return CheckpointLoader.load_checkpoint(path, map_location='cpu')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
+    check_checkpoint_file(path)
     try:
         # weights_only left to torch's default (True), so that the environment can override it
         return torch.load(path, map_location='cpu')
@@ -136,6 +147,50 @@ def unwrap_state_dict(ckpt: dict, prefix: Optional[str] = None) -> Tuple[StateDi
     if not sd:
         raise CheckpointError(f'the checkpoint has no tensors under prefix {prefix!r}')
     return sd, prefix
+
+
+def fitting_state_dict(model: nn.Module, ckpt: dict, source: str) -> StateDict:
+    """The state dict of the whole-model checkpoint ``ckpt`` (an mmengine checkpoint or a bare
+    state dict; DDP's ``module.`` prefix removed), once it is known to fit ``model`` exactly:
+    the same keys, each of the same shape. mmengine's own loaders (and its inferencers) load
+    non-strictly and only warn, leaving what does not fit randomly initialised.
+
+    Args:
+        model: the built model.
+        ckpt: the loaded checkpoint.
+        source: where ``ckpt`` comes from (its path), for the message.
+
+    Returns:
+        dict: the state dict, ready for ``model.load_state_dict(state)`` (strict).
+
+    Raises:
+        CheckpointError: keys missing, unexpected or of another shape; the message counts each
+            and names the first of them.
+    """
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'checkpoint {source} holds a {type(ckpt).__name__}, not a dict '
+                              'of tensors (a state dict or an mmengine checkpoint)')
+    state = ckpt.get('state_dict', ckpt)
+    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
+                if k in own and getattr(v, 'shape', None) != own[k].shape]
+    if missing or unexpected or reshaped:
+        raise CheckpointError(
+            f'checkpoint {source} does not fit the model of the config: '
+            f'{len(missing)} missing key(s) {_first(missing)}, '
+            f'{len(unexpected)} unexpected key(s) {_first(unexpected)}, '
+            f'{len(reshaped)} of another shape (checkpoint vs model) {_first(reshaped)}. '
+            'It may be the checkpoint of another config, or of a backbone alone: give the '
+            'checkpoint that training with this config wrote')
+    return state
+
+
+def _first(keys: List[str], n: int = 5) -> str:
+    """The first ``n`` of ``keys`` as a list, ``...`` after it if there are more."""
+    return str(keys[:n]) + (' ...' if len(keys) > n else '')
 
 
 def _guess_prefix(sd: StateDict) -> str:

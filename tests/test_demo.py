@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from coco_toy import coco_stats
 from mmtwins.demo import CLASSES, SEG_CLASSES, make_toy_data
 from mmtwins.demo.toy_data import toy_data_paths
 from mmtwins.demo.inference import infer, list_images
+from mmtwins.demo.inference import main as infer_main
+from mmtwins.demo.pipeline import DET_CONFIG, SEG_CONFIG, project_file
 from mmtwins.demo.pipeline import main as demo_main
 
 
@@ -99,9 +102,53 @@ def test_a_real_ade20k_copy_is_never_written_over(tmp_path):
 
     toy = tmp_path / 'toy'
     make_toy_data(str(toy), num_train=2, num_val=1)
-    (toy / '.mmtwins_toy_data').unlink()  # a toy set written before the marker: known by its
-    make_toy_data(str(toy), num_train=1, num_val=1)  # COCO classes, and written over
-    assert (toy / '.mmtwins_toy_data').exists()
+    markers = [toy / 'coco' / '.mmtwins_toy_data',
+               toy / 'ade' / 'ADEChallengeData2016' / '.mmtwins_toy_data']
+    assert all(m.exists() for m in markers) and not (toy / '.mmtwins_toy_data').exists()
+    for legacy in ('.mmtwins_toy_data', None):  # a toy set written before the markers went
+        for marker in markers:  # into the layout roots: known by the one in OUT, or by its
+            marker.unlink()  # COCO classes, and written over
+        if legacy:
+            (toy / legacy).write_text('')
+        make_toy_data(str(toy), num_train=1, num_val=1)
+        assert all(m.exists() for m in markers) and not (toy / '.mmtwins_toy_data').exists()
+
+
+def test_the_toy_data_writer_never_writes_through_a_link_or_into_an_unmarked_ade20k(tmp_path):
+    """data/ade/ADEChallengeData2016, data/ade or data/coco linked to a real data set (as the
+    README sets it up) after a toy set was written to data/: refused, the real files unchanged;
+    so is a real ADE20K copy put in the place of the toy set's."""
+    real = tmp_path / 'real'
+    real_files = ['ade/ADEChallengeData2016/images/training/ADE_train_00000001.jpg',
+                  'ade/ADEChallengeData2016/annotations/training/ADE_train_00000001.png',
+                  'coco/train2017/000000000009.jpg']
+    for relpath in real_files:
+        (real / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (real / relpath).write_bytes(b'real')
+    data = tmp_path / 'data'
+    for relpath in ('ade/ADEChallengeData2016', 'ade', 'coco'):
+        make_toy_data(str(data), num_train=2, num_val=1)
+        link, target = data / relpath, real / relpath
+        shutil.rmtree(link)
+        link.symlink_to(target, target_is_directory=True)
+        with pytest.raises(FileExistsError, match=rf'^{link} is a symbolic link \(to {target}\): '
+                           'the toy data writer does not write through links'):
+            make_toy_data(str(data), num_train=1, num_val=1)
+        link.unlink()
+        assert sorted(str(p.relative_to(real)) for p in real.rglob('*') if p.is_file()) == sorted(
+            real_files)
+        assert all((real / relpath).read_bytes() == b'real' for relpath in real_files)
+
+    make_toy_data(str(data), num_train=2, num_val=1)
+    ade = data / 'ade' / 'ADEChallengeData2016'
+    shutil.rmtree(ade)
+    shutil.copytree(real / 'ade' / 'ADEChallengeData2016', ade)  # a copy, not a link
+    with pytest.raises(FileExistsError, match=r'training holds files that the toy data writer '
+                       r'did not make \(no \.mmtwins_toy_data in .*ADEChallengeData2016\)'):
+        make_toy_data(str(data), num_train=1, num_val=1)
+    assert sorted(str(p.relative_to(ade)) for p in ade.rglob('*')
+                  if p.is_file()) == sorted(f[len('ade/ADEChallengeData2016/'):]
+                                            for f in real_files[:2])
 
 
 def test_the_demo_keeps_its_metrics_when_a_later_step_fails(tmp_path, monkeypatch):
@@ -142,6 +189,54 @@ def test_the_demo_keeps_its_metrics_when_a_later_step_fails(tmp_path, monkeypatc
         pipeline.parse_args(['--num-vis', '-1'])
 
 
+def test_a_demo_run_first_clears_what_would_pass_for_its_own_results(tmp_path, monkeypatch):
+    """A re-run that fails at its first step leaves metrics.json saying so (finished false, its
+    own options) and none of the previous run's summary, drawings, curves or predictions;
+    checkpoints and the data stay."""
+    from mmtwins.demo import pipeline
+    previous = ['summary.md', 'vis/det/vis/000001.png', 'curves/seg/mIoU.png',
+                'det/test/predictions.pkl', 'seg/test/pred_maps/ADE_val_00000001.png']
+    kept = ['det/epoch_12.pth', 'seg/test/20250101_000000/20250101_000000.json',
+            'data/coco/annotations/instances_val.json']
+    for relpath in previous + kept:
+        (tmp_path / relpath).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relpath).write_text('from the previous run')
+    (tmp_path / 'metrics.json').write_text(json.dumps(dict(finished=True, wall_time_s=300.)))
+    demo = pipeline.Demo(pipeline.parse_args(['--out-dir', str(tmp_path), '--num-train', '3',
+                                              '--num-val', '2']))
+
+    def data_fails():
+        raise RuntimeError('the data step failed')
+
+    monkeypatch.setattr(demo, 'make_data', data_fails)
+    with pytest.raises(RuntimeError, match='the data step failed'):
+        demo.run()
+    saved = json.loads((tmp_path / 'metrics.json').read_text())
+    assert saved['finished'] is False and saved['steps'] == [] and 'wall_time_s' not in saved
+    assert (saved['data']['num_train'], saved['data']['num_val']) == (3, 2)
+    assert not any((tmp_path / relpath.split('/')[0]).exists() for relpath in previous[:3])
+    assert not (tmp_path / 'det/test/predictions.pkl').exists()
+    assert not (tmp_path / 'seg/test/pred_maps').exists()
+    assert all((tmp_path / relpath).read_text() == 'from the previous run' for relpath in kept)
+
+
+@pytest.mark.parametrize('argv,error', [
+    (['--num-train', '0'], "argument --num-train: must be an integer >= 1, got '0'"),
+    (['--num-val', '-2'], "argument --num-val: must be an integer >= 1, got '-2'"),
+    (['--seed', '-1'], "argument --seed: must be an integer >= 0, got '-1'"),
+    (['--num-vis', 'two'], "argument --num-vis: must be an integer >= 0, got 'two'"),
+])
+def test_demo_and_toy_data_counts_are_checked_on_the_command_line(argv, error, capsys):
+    from mmtwins.demo import pipeline, toy_data
+    for parse_args in (pipeline.parse_args, toy_data.parse_args):
+        if argv[0] == '--num-vis' and parse_args is toy_data.parse_args:
+            argv = ['--size', '31']
+            error = "argument --size: must be an integer >= 32, got '31'"
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert error in capsys.readouterr().err
+
+
 def test_an_installed_package_runs_its_own_tools(tmp_path, monkeypatch):
     """Installed from a wheel, mmtwins' parent is site-packages: the tools come from its .mim
     copy (not a stray site-packages/tools/), and site-packages is not put first on PYTHONPATH."""
@@ -169,6 +264,52 @@ def test_list_images_errors(tmp_path):
         Image.new('RGB', (8, 8)).save(tmp_path / folder / 'same.png')
     with pytest.raises(ValueError, match='share the file name'):
         list_images([str(tmp_path / 'x'), str(tmp_path / 'y')])
+
+
+@pytest.mark.usefixtures('one_torch_thread')
+def test_infer_refuses_a_checkpoint_that_does_not_fit_the_config(tmp_path, monkeypatch):
+    """mmengine's inferencers load non-strictly (warnings, then predictions of random heads):
+    tools/infer.py refuses another config's checkpoint, a backbone's alone and one of other
+    shapes, and a missing file before any model is built; nothing is written."""
+    import torch
+    from mmtwins.deployment import load_model
+    det_config, seg_config = project_file(DET_CONFIG), project_file(SEG_CONFIG)
+    image, out = tmp_path / 'a.png', tmp_path / 'out'
+    Image.new('RGB', (64, 64)).save(image)
+    seg = load_model(seg_config).state_dict()
+    checkpoints = {
+        'segmentor.pth': (det_config, seg, r'14 missing key\(s\) .*, 46 unexpected key\(s\) '
+                          r"\['neck\.lateral_convs\.3\.conv\.weight'.*, 4 of another shape"),
+        'backbone.pth': (seg_config, {k[len('backbone.'):]: v for k, v in seg.items()
+                                      if k.startswith('backbone.')},
+                         r"\d+ unexpected key\(s\) \['patch_embeds\.0\.proj\.weight'"),
+        'classes.pth': (seg_config, dict(seg, **{'decode_head.conv_seg.weight': torch.zeros(
+            5, *seg['decode_head.conv_seg.weight'].shape[1:])}),
+                        r'1 of another shape \(checkpoint vs model\) '
+                        r"\['decode_head\.conv_seg\.weight \(5, 64, 1, 1\) vs \(4, 64, 1, 1\)'\]"),
+    }
+    for name, (config, state, detail) in checkpoints.items():
+        torch.save({'state_dict': state, 'meta': {}}, tmp_path / name)
+        with pytest.raises(SystemExit, match=rf'^infer\.py: error: checkpoint .*{name} does not '
+                           rf'fit the model of the config: .*{detail}.* It may be the checkpoint '
+                           'of another config'):
+            infer_main([config, str(tmp_path / name), str(image), '--out-dir', str(out),
+                        '--device', 'cpu'])
+    assert not out.exists()
+    # the segmentor's own checkpoint (DDP's module. prefix too) loads
+    torch.save({'state_dict': {f'module.{k}': v for k, v in seg.items()},
+                'meta': dict(dataset_meta=dict(classes=SEG_CLASSES, palette=[(0, 0, 0)] * 4))},
+               tmp_path / 'fits.pth')
+    written = infer(seg_config, str(tmp_path / 'fits.pth'), [str(image)], str(out), 'cpu')
+    assert np.asarray(Image.open(written['pred'][0])).shape == (64, 64)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError('the model was built')
+
+    monkeypatch.setattr('mmtwins.demo.inference.Config.fromfile', no_build)
+    with pytest.raises(SystemExit, match=r'^infer\.py: error: checkpoint file not found: '
+                       r'.*missing\.pth \(no such file\)$'):
+        infer_main([seg_config, str(tmp_path / 'missing.pth'), str(image)])
 
 
 def test_list_images_takes_upper_case_suffixes(tmp_path):

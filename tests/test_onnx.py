@@ -172,8 +172,74 @@ def test_segmentor_checkpoint_is_loaded_strictly(tmp_path):
     for path in (ckpt, backbone_ckpt):
         got = load_model(cfg_file, str(path), backbone_only=True).backbone.state_dict()
         assert all(torch.equal(got[k], v) for k, v in want.items())
-    with pytest.raises(CheckpointError, match='does not fit'):
+    with pytest.raises(CheckpointError, match=r'does not fit .* It may be the checkpoint of '
+                       'another config, or of a backbone alone'):
         load_model(cfg_file, str(backbone_ckpt))  # the whole model needs its whole checkpoint
+
+
+def test_a_missing_checkpoint_is_said_before_the_model_is_built(tmp_path, monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError('the model was built')
+
+    monkeypatch.setattr('mmtwins.deployment.wrappers.build_module', no_build)
+    with pytest.raises(FileNotFoundError, match=r'^checkpoint file not found: .*missing\.pth '
+                       r'\(no such file\)$'):
+        load_model('any_config.py', str(tmp_path / 'missing.pth'))
+    with pytest.raises(FileNotFoundError, match=r'\(a directory, not a file\)$'):
+        load_model('any_config.py', str(tmp_path))
+
+
+def test_the_tool_writes_its_output_only_once_the_export_passed_its_checks(
+        tmp_path, monkeypatch, capsys):
+    """The graph goes to a temporary file; a failed --verify keeps it as NAME.unverified.onnx
+    and an interrupted export leaves nothing, the earlier NAME.onnx unchanged in both cases."""
+    from mmtwins.deployment import pytorch2onnx as tool
+    cfg_file = str(tmp_path / 'fpn_tiny.py')
+    tiny_model_config('fpn_twins_svt_s_80k_ade20k.py').dump(cfg_file)
+    folder = tmp_path / 'onnx'
+    folder.mkdir()
+    out, aside = folder / 'svt.onnx', folder / 'svt.unverified.onnx'
+    out.write_bytes(b'an earlier export')
+    args = [cfg_file, '--backbone-only', '--shape', '64', '64', '--dynamic', '--output-file',
+            str(out), '--verify', '64', '96']
+
+    def off_by_half(*a, **kw):  # ONNX Runtime run for real, its result made to disagree
+        results = verify_onnx(*a, **kw)
+        results[-1]['outputs']['feat3']['max_abs_diff'] = 0.5
+        return results
+
+    monkeypatch.setattr(tool, 'verify_onnx', off_by_half)
+    with pytest.raises(SystemExit, match=r'^ONNX Runtime differs from PyTorch by 0\.5 > 0\.0001\n'
+                       r'verification failed: the export is kept as .*svt\.unverified\.onnx to '
+                       r'inspect, not written to .*svt\.onnx \(the earlier file there is '
+                       r'unchanged\)$'):
+        pytorch2onnx(args)
+    log = capsys.readouterr().out
+    for line in (f'building the model of {cfg_file} (random weights) ...',
+                 'tracing the backbone on a 1x3x64x64 example and exporting it ...',
+                 'running ONNX Runtime and PyTorch on 1x3x64x64 ...',
+                 'running ONNX Runtime and PyTorch on 1x3x64x96 ...'):
+        assert line in log.splitlines()
+    assert out.read_bytes() == b'an earlier export'
+    assert [o.name for o in onnx.load(str(aside)).graph.output] == [f'feat{i}' for i in range(4)]
+    assert sorted(p.name for p in folder.iterdir()) == [out.name, aside.name]
+
+    def interrupted(module, path, *a, **kw):
+        Path(path).write_bytes(b'half an export')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, 'export_onnx', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pytorch2onnx(args)
+    assert out.read_bytes() == b'an earlier export'
+    assert sorted(p.name for p in folder.iterdir()) == [out.name, aside.name]
+
+    monkeypatch.undo()
+    assert pytorch2onnx(args) == str(out)
+    assert [o.name for o in onnx.load(str(out)).graph.output] == [f'feat{i}' for i in range(4)]
+    assert [p.name for p in folder.iterdir()] == [out.name]  # the stale unverified file too
+    log = capsys.readouterr().out
+    assert f'wrote {out}' in log and f'removed {aside}, an earlier export' in log
 
 
 def export_detector(name: str, tmp_path: Path, sizes):

@@ -27,6 +27,8 @@ from mmengine.utils import mkdir_or_exist
 from PIL import Image
 
 from mmtwins.apis import allow_mmengine_checkpoints
+from mmtwins.checkpoint import CheckpointError, check_checkpoint_file, fitting_state_dict
+from mmtwins.cli import cli_errors
 from mmtwins.engine.fileio import atomic_write
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -56,16 +58,39 @@ def list_images(inputs: Sequence[str]) -> List[str]:
     return images
 
 
+def _fit_checked(inferencer_cls: type, checkpoint: str) -> type:
+    """``inferencer_cls`` (an mmengine inferencer) loading ``checkpoint`` only if it fits the
+    model exactly: mmengine loads non-strictly, with warnings, and would leave the parts of
+    the model that the checkpoint lacks randomly initialised."""
+
+    class FitChecked(inferencer_cls):
+
+        def _load_weights_to_model(self, model, ckpt, cfg):
+            if ckpt is not None:  # raises CheckpointError before anything is loaded
+                fitting_state_dict(model, ckpt, checkpoint)
+            super()._load_weights_to_model(model, ckpt, cfg)
+
+    FitChecked.__name__ = FitChecked.__qualname__ = f'FitChecked{inferencer_cls.__name__}'
+    return FitChecked
+
+
 def build_inferencer(config: str,
                      checkpoint: str,
                      device: Optional[str] = None,
                      cfg_options: Optional[dict] = None):
     """mmdet's ``DetInferencer`` or mmseg's ``MMSegInferencer`` for ``config`` (with
-    ``cfg_options`` merged into it) and ``checkpoint``.
+    ``cfg_options`` merged into it) and ``checkpoint``, which must fit the config's model.
 
     Returns:
         tuple: the task (``'det'`` or ``'seg'``) and the inferencer.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` is not a file (said before the model is built).
+        CheckpointError: ``checkpoint`` does not fit the model (keys missing, unexpected or of
+            another shape: the checkpoint of another config, say).
+        ValueError: the config is neither a detector's nor a segmentor's.
     """
+    check_checkpoint_file(checkpoint)
     allow_mmengine_checkpoints()  # torch >= 2.6 loads with weights_only=True
     cfg = Config.fromfile(config)  # also imports the config's custom_imports (mmtwins.models)
     if cfg_options:
@@ -73,11 +98,12 @@ def build_inferencer(config: str,
     scope = cfg.get('default_scope')
     if scope == 'mmdet':
         from mmdet.apis import DetInferencer
-        return 'det', DetInferencer(model=cfg, weights=checkpoint, device=device, scope=scope,
-                                    show_progress=False)
+        return 'det', _fit_checked(DetInferencer, checkpoint)(
+            model=cfg, weights=checkpoint, device=device, scope=scope, show_progress=False)
     if scope == 'mmseg':
         from mmseg.apis import MMSegInferencer
-        return 'seg', MMSegInferencer(model=cfg, weights=checkpoint, device=device, scope=scope)
+        return 'seg', _fit_checked(MMSegInferencer, checkpoint)(
+            model=cfg, weights=checkpoint, device=device, scope=scope)
     raise ValueError(f'{config}: default_scope is {scope!r}; inference supports detectors '
                      "(default_scope='mmdet') and segmentors (default_scope='mmseg')")
 
@@ -114,6 +140,11 @@ def infer(config: str,
 
     Returns:
         dict: the files written, ``vis`` and ``pred`` (one each per image, in input order).
+
+    Raises:
+        FileNotFoundError: an input or the checkpoint is missing (said before the model is
+            built).
+        CheckpointError: the checkpoint does not fit the config's model.
     """
     images = list_images(inputs)
     task, inferencer = build_inferencer(config, checkpoint, device, cfg_options)
@@ -168,8 +199,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[str]]:
     args = parse_args(argv)
-    written = infer(args.config, args.checkpoint, args.inputs, args.out_dir, args.device,
-                    args.score_thr, args.batch_size, args.cfg_options)
+    with cli_errors('infer.py', (FileNotFoundError, CheckpointError)):
+        written = infer(args.config, args.checkpoint, args.inputs, args.out_dir, args.device,
+                        args.score_thr, args.batch_size, args.cfg_options)
     print(f'{len(written["vis"])} images: drawn in {osp.join(args.out_dir, "vis")}, '
           f'predictions in {osp.join(args.out_dir, "pred")}')
     return written

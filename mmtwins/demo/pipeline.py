@@ -30,6 +30,7 @@ import math
 import os
 import os.path as osp
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -39,13 +40,16 @@ from typing import Dict, List, Optional, Sequence
 
 from mmtwins.analysis import plot_logs
 from mmtwins.engine.fileio import atomic_write
-from .toy_data import COCO_ANN_FILE, COCO_IMG_DIR, make_toy_data, toy_data_paths
+from .toy_data import COCO_ANN_FILE, COCO_IMG_DIR, at_least, make_toy_data, toy_data_paths
 
 DET_CONFIG = 'configs/demo/retinanet_twins_svt_toy.py'
 SEG_CONFIG = 'configs/demo/fpn_twins_svt_toy.py'
 LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 DET_METRIC, SEG_METRIC = 'coco/bbox_mAP', 'mIoU'
 NUM_STEPS = 9  # data; train, test (det); train, test, test --tta (seg); draw det, seg; curves
+#: What a run writes under OUT_DIR after its evaluations, removed at the start of the next run.
+PREVIOUS_OUTPUTS = ('summary.md', 'vis', 'curves', 'det/test/predictions.pkl',
+                    'seg/test/pred_maps')
 
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -183,16 +187,22 @@ class Demo:
     def run(self) -> dict:
         """Run every step; returns what ``metrics.json`` holds.
 
-        ``metrics.json`` is rewritten after each evaluation (with ``finished`` false until the
-        last step), so a step that fails keeps the metrics and times of those before it.
+        ``metrics.json`` is written first (``finished`` false until the last step), once the
+        previous run's outputs that would pass for this run's are removed
+        (:data:`PREVIOUS_OUTPUTS`), and rewritten after each evaluation, so a step that fails
+        keeps the metrics and times of those before it.
         """
         det_config, seg_config = project_file(DET_CONFIG), project_file(SEG_CONFIG)
         det_dir, seg_dir = osp.join(self.out_dir, 'det'), osp.join(self.out_dir, 'seg')
-        paths = self.make_data()
         det, seg = dict(config=det_config), dict(config=seg_config)
         result = dict(detection=det, segmentation=seg,
-                      data=dict(paths, num_train=self.opts.num_train, num_val=self.opts.num_val),
+                      data=dict(toy_data_paths(self.data_dir), num_train=self.opts.num_train,
+                                num_val=self.opts.num_val),
                       options=asdict(self.opts), steps=self.steps, finished=False)
+        self.remove_previous_outputs()
+        self.save(result)  # from now on the files describe this run, even if it stops early
+        paths = self.make_data()
+        result['data'].update(paths)
 
         det_run = self.train('det', det_config, det_dir)
         det['checkpoint'] = last_checkpoint(det_dir)
@@ -228,6 +238,17 @@ class Demo:
         self.write_summary(result)
         check_finite(result)
         return result
+
+    def remove_previous_outputs(self) -> None:
+        """Remove what a previous run in ``out_dir`` wrote that this run writes later
+        (:data:`PREVIOUS_OUTPUTS`): left in place, a run that stops early would show them as
+        its own. Training work dirs (checkpoints, logs) stay."""
+        for relpath in PREVIOUS_OUTPUTS:
+            path = osp.join(self.out_dir, relpath)
+            if osp.isdir(path) and not osp.islink(path):
+                shutil.rmtree(path)
+            elif osp.lexists(path):
+                os.remove(path)
 
     def save(self, result: dict) -> None:
         """Write ``result`` to ``metrics.json`` (atomically: the previous one or this one)."""
@@ -313,24 +334,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> DemoOptions:
                         help='where every result goes (default: %(default)s)')
     parser.add_argument('--data-dir',
                         help='where the toy data set is written (default: OUT_DIR/data)')
-    parser.add_argument('--num-train', type=int, default=defaults.num_train,
+    parser.add_argument('--num-train', type=at_least(1), default=defaults.num_train,
                         help='training images (default: %(default)s)')
-    parser.add_argument('--num-val', type=int, default=defaults.num_val,
+    parser.add_argument('--num-val', type=at_least(1), default=defaults.num_val,
                         help='held-out images (default: %(default)s)')
-    parser.add_argument('--seed', type=int, default=defaults.seed, help='the data set\'s seed')
+    parser.add_argument('--seed', type=at_least(0), default=defaults.seed,
+                        help='the data set\'s seed')
     parser.add_argument('--det-options', nargs='+', default=[], metavar='KEY=VALUE',
                         help='config overrides for every run of the detector, e.g. '
                         'train_cfg.val_interval=1 (passed to --cfg-options of the tools)')
     parser.add_argument('--seg-options', nargs='+', default=[], metavar='KEY=VALUE',
                         help='config overrides for every run of the segmentor, e.g. '
                         'train_cfg.val_interval=50')
-    parser.add_argument('--num-vis', type=int, default=defaults.num_vis,
+    parser.add_argument('--num-vis', type=at_least(0), default=defaults.num_vis,
                         help='held-out images to draw predictions on, 0 for none (default: '
                         '%(default)s)')
-    args = parser.parse_args(argv)
-    if args.num_vis < 0:
-        parser.error(f'--num-vis must be 0 or more, got {args.num_vis}')
-    return DemoOptions(**vars(args))
+    return DemoOptions(**vars(parser.parse_args(argv)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

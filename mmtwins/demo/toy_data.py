@@ -21,6 +21,11 @@ Image ``i`` of a split is drawn from its own random stream (seed, split, i): the
 depend on the number of images asked for, so a smaller set is a prefix of a larger one and the
 validation images never depend on the training set. Training and validation images are
 different draws (a held-out split).
+
+A toy set may be written over by another (a smaller one leaves none of a larger one's images).
+Each layout root holds a ``.mmtwins_toy_data`` marker; the writer refuses an ADE20K layout with
+files but no marker (a real ADE20K, whose names the toy set shares) and any folder under OUT
+that is a symbolic link (e.g. ``data/ade/ADEChallengeData2016`` linked to the real data set).
 """
 import argparse
 import colorsys
@@ -30,7 +35,7 @@ import os
 import os.path as osp
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from mmengine.utils import mkdir_or_exist, track_iter_progress
@@ -46,7 +51,9 @@ SPLITS = {'train': ('training', 0), 'val': ('validation', 1)}  # name -> (ADE fo
 # The COCO layout under its data root (what the configs under configs/demo/ read).
 COCO_ANN_FILE = 'annotations/instances_{split}.json'
 COCO_IMG_DIR = '{split}/'
-#: The file that marks a directory as a toy data set, which a new toy set may overwrite.
+MIN_SIZE = 32  # the smallest image side (pixels) the shapes are drawn at
+#: The file that marks a layout root (``OUT/coco``, ``OUT/ade/ADEChallengeData2016``) as a toy
+#: data set's, which a new toy set may overwrite.
 MARKER = '.mmtwins_toy_data'
 
 
@@ -166,19 +173,58 @@ def toy_data_paths(out_dir: str) -> Dict[str, str]:
                 ade=osp.join(out_dir, 'ade', 'ADEChallengeData2016'))
 
 
-def _check_not_a_real_ade20k(out_dir: str, ade_root: str) -> None:
+def _layout_folders(paths: Dict[str, str]) -> List[str]:
+    """Every folder :func:`make_toy_data` writes into, given :func:`toy_data_paths`."""
+    folders = [paths['coco'], paths['ade']]
+    for split, (ade_split, _) in SPLITS.items():
+        folders += [osp.dirname(osp.join(paths['coco'], COCO_ANN_FILE.format(split=split))),
+                    osp.join(paths['coco'], COCO_IMG_DIR.format(split=split)),
+                    osp.join(paths['ade'], 'images', ade_split),
+                    osp.join(paths['ade'], 'annotations', ade_split)]
+    return folders
+
+
+def _check_no_links(out_dir: str, folders: Sequence[str]) -> None:
+    """Refuse to write through a symbolic link between ``out_dir`` and any of ``folders``.
+
+    The README links the real data sets into ``data/`` (``data/coco``,
+    ``data/ade/ADEChallengeData2016``): written through such a link, the toy set would
+    overwrite and delete files of the real one (``OUT`` itself may be a link).
+
+    Raises:
+        FileExistsError: naming the link and where it leads.
+    """
+    out_dir = osp.abspath(out_dir)
+    for folder in folders:
+        path = out_dir
+        for part in osp.relpath(osp.abspath(folder), out_dir).split(os.sep):
+            path = osp.join(path, part)
+            if osp.islink(path):
+                raise FileExistsError(
+                    f'{path} is a symbolic link (to {os.readlink(path)}): the toy data writer '
+                    'does not write through links, which may lead to a real data set. Write the '
+                    'toy data to another directory (make_toy_data.py --out, demo.py --data-dir), '
+                    'or remove the link if the toy set is to take its place')
+
+
+def _check_not_a_real_ade20k(out_dir: str, paths: Dict[str, str]) -> None:
     """Refuse to write where the ADE20K layout holds files this writer did not make.
 
     The toy ADE20K layout has the real data set's directory and file names, so a real copy at
     ``OUT/ade/ADEChallengeData2016`` (as under ``data/``) would have its images overwritten and
-    those numbered above the toy count deleted. A toy set is known by the :data:`MARKER` file
-    in ``out_dir`` (written first), or, written before the marker existed, by its COCO
-    annotation file with the toy classes.
+    those numbered above the toy count deleted. A toy ADE20K layout is known by the
+    :data:`MARKER` file in its root (written before any image); one written before the
+    markers went into the layout roots, by the marker in ``out_dir`` or the toy classes in its
+    COCO annotation file, where the COCO root has no marker either.
 
     Raises:
-        FileExistsError: ``ade_root`` holds files, and ``out_dir`` is no toy set.
+        FileExistsError: the ADE20K layout holds files, and is no toy set.
     """
-    if osp.exists(osp.join(out_dir, MARKER)) or _has_toy_coco_annotations(out_dir):
+    ade_root = paths['ade']
+    if osp.exists(osp.join(ade_root, MARKER)):
+        return
+    if not osp.exists(osp.join(paths['coco'], MARKER)) and (
+            osp.exists(osp.join(out_dir, MARKER)) or _has_toy_coco_annotations(out_dir)):
         return
     for sub in ('images', 'annotations'):
         for split, _ in SPLITS.values():
@@ -186,8 +232,8 @@ def _check_not_a_real_ade20k(out_dir: str, ade_root: str) -> None:
             if osp.isdir(folder) and os.listdir(folder):
                 raise FileExistsError(
                     f'{folder} holds files that the toy data writer did not make (no {MARKER} '
-                    f'in {out_dir}): a real ADE20K copy would lose images to the toy set. Write '
-                    'the toy data to another directory')
+                    f'in {ade_root}): a real ADE20K copy would lose images to the toy set. '
+                    'Write the toy data to another directory')
 
 
 def _has_toy_coco_annotations(out_dir: str) -> bool:
@@ -221,16 +267,26 @@ def make_toy_data(out_dir: str, num_train: int = 400, num_val: int = 100, size: 
 
     Returns:
         dict: as :func:`toy_data_paths`.
+
+    Raises:
+        ValueError: a size or count out of range.
+        FileExistsError: a folder to write is reached through a symbolic link, or the ADE20K
+            layout holds files of no toy set (see :func:`_check_not_a_real_ade20k`); nothing is
+            written then.
     """
-    if size < 32:
-        raise ValueError(f'size must be at least 32 pixels, got {size}')
+    if size < MIN_SIZE:
+        raise ValueError(f'size must be at least {MIN_SIZE} pixels, got {size}')
     if num_train < 1 or num_val < 1:
         raise ValueError(f'both splits need images, got num_train={num_train}, num_val={num_val}')
     paths = toy_data_paths(out_dir)
-    _check_not_a_real_ade20k(out_dir, paths['ade'])
-    mkdir_or_exist(out_dir)
-    with open(osp.join(out_dir, MARKER), 'w') as f:
-        f.write('written by mmtwins.demo.toy_data: a toy data set, safe to overwrite\n')
+    _check_no_links(out_dir, _layout_folders(paths))
+    _check_not_a_real_ade20k(out_dir, paths)
+    for root in (paths['coco'], paths['ade']):
+        mkdir_or_exist(root)
+        with open(osp.join(root, MARKER), 'w') as f:
+            f.write('written by mmtwins.demo.toy_data: a toy data set, safe to overwrite\n')
+    if osp.exists(osp.join(out_dir, MARKER)):  # where earlier versions kept the marker
+        os.remove(osp.join(out_dir, MARKER))
     counts = {'train': num_train, 'val': num_val}
     jobs = [(split, i) for split in SPLITS for i in range(1, counts[split] + 1)]
     shapes: Dict[str, List[List[Shape]]] = {split: [] for split in SPLITS}
@@ -263,6 +319,26 @@ def make_toy_data(out_dir: str, num_train: int = 400, num_val: int = 100, size: 
     return paths
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``minimum``, so that the command line says
+    what is wrong with a count (``argument --num-train: ...``) rather than the writer.
+
+    Returns:
+        callable: ``str -> int``, raising ``argparse.ArgumentTypeError`` for anything else.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f'must be an integer >= {minimum}, got {text!r}')
+        return value
+
+    return parse
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description='Write a small deterministic data set of coloured shapes in the COCO '
@@ -273,12 +349,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--out', default='data/toy',
                         help='root of both layouts, OUT above (default: %(default)s, where the '
                         'configs under configs/demo/ look)')
-    parser.add_argument('--num-train', type=int, default=400, help='default: %(default)s')
-    parser.add_argument('--num-val', type=int, default=100, help='default: %(default)s')
-    parser.add_argument('--size', type=int, default=128,
+    parser.add_argument('--num-train', type=at_least(1), default=400,
+                        help='default: %(default)s')
+    parser.add_argument('--num-val', type=at_least(1), default=100, help='default: %(default)s')
+    parser.add_argument('--size', type=at_least(MIN_SIZE), default=128,
                         help='image side in pixels (default: %(default)s; configs/demo/ train '
                         'at 128)')
-    parser.add_argument('--seed', type=int, default=0, help='default: %(default)s')
+    parser.add_argument('--seed', type=at_least(0), default=0, help='default: %(default)s')
     return parser.parse_args(argv)
 
 

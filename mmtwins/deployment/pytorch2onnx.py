@@ -6,15 +6,17 @@
 """
 import argparse
 import math
+import os
 import os.path as osp
 from typing import List, Optional, Sequence, Tuple
 
 from mmengine.config import DictAction
 from mmengine.utils import mkdir_or_exist
 
+from mmtwins.engine.fileio import move_into_place, temp_file_beside
 from .export import export_onnx
 from .verify import non_default_domain_ops, require_checkers, verify_onnx
-from .wrappers import build_export_module, load_model
+from .wrappers import ExportModule, build_export_module, load_model
 
 TOLERANCE = 1e-4
 #: Largest fraction of differing labels accepted for integer outputs (segmentation labels): an
@@ -66,10 +68,30 @@ def verify_sizes(args: argparse.Namespace) -> List[Tuple[int, int, int]]:
     return [(args.batch, *pairs[0])] + [(1 + i % 2, h, w) for i, (h, w) in enumerate(pairs[1:])]
 
 
+def unverified_path(out: str) -> str:
+    """Where an export that failed ``--verify`` is kept: ``NAME.unverified.onnx`` beside
+    ``out`` (``NAME.onnx``)."""
+    root, ext = osp.splitext(out)
+    return f'{root}.unverified{ext or ".onnx"}'
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    """Export (and optionally verify); returns the ONNX file's path."""
+    """Export (and optionally verify); returns the ONNX file's path.
+
+    The graph is written to a temporary file beside the output, scanned and verified there,
+    and only then moved to the output path: an interrupted export or a failed check never
+    leaves a file under that name, and an earlier file there stays as it was. A graph that
+    fails ``--verify`` is kept as ``NAME.unverified.onnx`` to inspect (one left by an earlier
+    export is removed once a new file is written).
+
+    Raises:
+        SystemExit: sizes too small for the backbone, or ``--verify`` failed.
+    """
     args = parse_args(argv)
     require_checkers(runtime=args.verify is not None)
+    print(f'building the model of {args.config}'
+          + (f' and loading {args.checkpoint}' if args.checkpoint else ' (random weights)')
+          + ' ...', flush=True)
     model = load_model(args.config, args.checkpoint, args.cfg_options, args.backbone_only)
     module = build_export_module(model, args.backbone_only, args.seg_output)
     sizes = verify_sizes(args)
@@ -80,15 +102,44 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     out = args.output_file or osp.join(
         'work_dirs', 'onnx', osp.splitext(osp.basename(args.config))[0] + '.onnx')
     mkdir_or_exist(osp.dirname(osp.abspath(out)))
-    names = export_onnx(module, out, args.shape, args.batch, args.dynamic, args.opset)
-    print(f'exported the {module.kind} to {out} (outputs: {", ".join(names)}; input "images": '
-          'normalised images as after the data_preprocessor)')
-    custom = non_default_domain_ops(out)
-    if custom:
-        print(f'WARNING: operators outside the default ONNX domain: {sorted(custom)}')
-    if args.verify is not None:
-        check_agreement(verify_onnx(out, module, sizes))
+    with temp_file_beside(out) as tmp:
+        print(f'tracing the {module.kind} on a {args.batch}x{module.in_channels}x'
+              f'{args.shape[0]}x{args.shape[1]} example and exporting it ...', flush=True)
+        names = export_onnx(module, tmp, args.shape, args.batch, args.dynamic, args.opset)
+        print(f'exported the {module.kind} (outputs: {", ".join(names)}; input "images": '
+              'normalised images as after the data_preprocessor)')
+        custom = non_default_domain_ops(tmp)
+        if custom:
+            print(f'WARNING: operators outside the default ONNX domain: {sorted(custom)}')
+        if args.verify is not None:
+            _verify_or_keep_aside(tmp, out, module, sizes)
+        move_into_place(tmp, out)
+    print(f'wrote {out}')
+    stale = unverified_path(out)
+    if osp.exists(stale):  # it would be taken for this export's
+        os.remove(stale)
+        print(f'removed {stale}, an earlier export that failed --verify')
     return out
+
+
+def _verify_or_keep_aside(tmp: str, out: str, module: ExportModule,
+                          sizes: List[Tuple[int, int, int]]) -> None:
+    """:func:`check_agreement` of the graph in ``tmp`` at ``sizes``; on failure the graph is
+    moved to :func:`unverified_path` and ``out`` is left as it was.
+
+    Raises:
+        SystemExit: the check failed (ONNX Runtime differs, gives other shapes or cannot run
+            the graph), saying where the graph was kept.
+    """
+    try:
+        check_agreement(verify_onnx(tmp, module, sizes, verbose=True))
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - any failure fails the verification
+        reason = e.code if isinstance(e, SystemExit) else f'{type(e).__name__}: {e}'
+        aside = unverified_path(out)
+        move_into_place(tmp, aside)
+        before = 'the earlier file there is unchanged' if osp.exists(out) else 'nothing written'
+        raise SystemExit(f'{reason}\nverification failed: the export is kept as {aside} to '
+                         f'inspect, not written to {out} ({before})') from None
 
 
 def check_agreement(results: List[dict]) -> None:

@@ -42,7 +42,7 @@ def non_default_domain_ops(path: str) -> Set[str]:
 
 
 def verify_onnx(path: str, module: ExportModule, sizes: Sequence[Sequence[int]],
-                seed: int = 0) -> List[Dict]:
+                seed: int = 0, verbose: bool = False) -> List[Dict]:
     """Run ``path`` in ONNX Runtime (CPU) and ``module`` in PyTorch on the same random images.
 
     Args:
@@ -50,6 +50,7 @@ def verify_onnx(path: str, module: ExportModule, sizes: Sequence[Sequence[int]],
         module (ExportModule): The module that was exported.
         sizes (Sequence[Sequence[int]]): ``(B, H, W)`` of each input to try.
         seed (int): Seed of the random images.
+        verbose (bool): Print a line before each size (each takes a while on a CPU).
 
     Returns:
         list[dict]: Per size: ``size``; ``outputs`` mapping each output name to its shape and
@@ -65,6 +66,9 @@ def verify_onnx(path: str, module: ExportModule, sizes: Sequence[Sequence[int]],
     module = module.eval()
     results = []
     for b, h, w in sizes:
+        if verbose:
+            print(f'running ONNX Runtime and PyTorch on {b}x{module.in_channels}x{h}x{w} ...',
+                  flush=True)
         images = torch.randn(b, module.in_channels, h, w, generator=gen)
         with torch.no_grad():
             expected = [t.numpy() for t in module(images)]

@@ -22,7 +22,7 @@ channel order are done by the caller, as mmdeploy does), padded or not: the Twin
 any size internally.
 """
 import inspect
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,8 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from mmtwins.analysis.model_inputs import build_module, load_config
-from mmtwins.checkpoint import CheckpointError, load_twins_checkpoint, read_checkpoint
+from mmtwins.checkpoint import (check_checkpoint_file, fitting_state_dict, load_twins_checkpoint,
+                                read_checkpoint)
 from mmtwins.models import Twins
 
 Named = List[Tuple[str, torch.Tensor]]
@@ -238,10 +239,16 @@ def load_model(config: Union[str, Config], checkpoint: Optional[str] = None,
     model loads its own (mmengine) checkpoint strictly. Without a checkpoint the weights stay
     random (good for checking an export, not for using it).
 
+    Returns:
+        nn.Module: the model, in eval mode.
+
     Raises:
+        FileNotFoundError: ``checkpoint`` is not a file (said before the model is built).
         CheckpointError: the checkpoint does not fit the model (the keys that differ are named);
             nothing is loaded then.
     """
+    if checkpoint is not None:
+        check_checkpoint_file(checkpoint)  # before the build, which takes a while
     model = build_module(load_config(config, cfg_options))
     if checkpoint is None:
         return model
@@ -249,23 +256,5 @@ def load_model(config: Union[str, Config], checkpoint: Optional[str] = None,
     if isinstance(backbone, Twins) and (backbone is model or backbone_only):
         load_twins_checkpoint(backbone, checkpoint, strict=True)
         return model
-    ckpt = read_checkpoint(checkpoint)
-    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else ckpt
-    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    reshaped = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
-                if k in own and v.shape != own[k].shape]
-    if missing or unexpected or reshaped:
-        raise CheckpointError(f'checkpoint {checkpoint} does not fit the model of the config: '
-                              f'{len(missing)} missing key(s) {_head(missing)}, '
-                              f'{len(unexpected)} unexpected key(s) {_head(unexpected)}, '
-                              f'{len(reshaped)} of another shape (checkpoint vs model) '
-                              f'{_head(reshaped)}')
-    model.load_state_dict(state)
+    model.load_state_dict(fitting_state_dict(model, read_checkpoint(checkpoint), checkpoint))
     return model
-
-
-def _head(keys: Sequence[str], n: int = 5) -> str:
-    return str(list(keys[:n])) + (' ...' if len(keys) > n else '')

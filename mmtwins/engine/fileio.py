@@ -6,12 +6,13 @@ A crash mid-write leaves at most a stray ``.NAME.tmp-*`` file, which nothing eve
 file gets the permissions of any new file (0666 less the umask), as a plain ``open(path, 'wb')``
 would give it, so the group's readers of a shared work dir can read the checkpoints.
 """
+import contextlib
 import io
 import os
 import os.path as osp
 import secrets
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import torch
 from mmengine.fileio import LocalBackend, register_backend
@@ -25,26 +26,49 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str], encoding: str 
     Raises:
         IsADirectoryError: ``path`` is a directory (checked before anything is written).
     """
+    if isinstance(data, str):
+        data = data.encode(encoding)
+    with temp_file_beside(path) as tmp:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        move_into_place(tmp, path)
+
+
+@contextlib.contextmanager
+def temp_file_beside(path: Union[str, Path]) -> Iterator[str]:
+    """A new, empty, hidden file (``.NAME.tmp-*``) in the directory of ``path`` (created if
+    needed), for a writer that cannot write to a file object; :func:`move_into_place` then
+    puts it under its real name. The file is removed on leaving the ``with`` block if it is
+    still there, whatever stopped the writer (an exception, Ctrl-C).
+
+    Yields:
+        str: the temporary file's path.
+
+    Raises:
+        IsADirectoryError: ``path`` is a directory (checked before anything is written).
+    """
     path = osp.abspath(path)
     if osp.isdir(path):
         raise IsADirectoryError(f'{path} is a directory: name the file to write (in it, or '
                                 'elsewhere)')
-    directory = osp.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    if isinstance(data, str):
-        data = data.encode(encoding)
+    os.makedirs(osp.dirname(path), exist_ok=True)
     fd, tmp = _new_temp_file(path)
+    os.close(fd)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        yield tmp
+    finally:
         if osp.exists(tmp):
             os.remove(tmp)
-        raise
-    _fsync_dir(directory)
+
+
+def move_into_place(src: str, path: Union[str, Path]) -> None:
+    """Rename the finished file ``src`` to ``path`` (same file system), replacing any file
+    there in one step, and persist the rename."""
+    path = osp.abspath(path)
+    os.replace(src, path)
+    _fsync_dir(osp.dirname(path))
 
 
 def _new_temp_file(path: str):
