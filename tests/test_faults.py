@@ -523,6 +523,16 @@ def test_a_remote_checkpoint_is_left_to_mmengine(tmp_path):
         hook.before_run(runner)
 
 
+def test_a_remote_last_checkpoint_is_left_to_mmengine(tmp_path):
+    """Checkpoints saved remotely (CheckpointHook out_dir='s3://...'): last_checkpoint in the
+    work dir names a remote file, which resuming neither refuses nor replaces."""
+    runner = toy_runner(tmp_path / 'w', resume=True)
+    pointer = tmp_path / 'w' / 'last_checkpoint'
+    pointer.write_text('s3://bucket/run/iter_4.pth')
+    hook_of(runner, 'AtomicCheckpointHook').before_run(runner)
+    assert pointer.read_text() == 's3://bucket/run/iter_4.pth'
+
+
 def test_no_intact_checkpoint_left_fails_clearly(tmp_path):
     work = tmp_path / 'w'
     work.mkdir()

@@ -13,6 +13,7 @@ import sys
 import weakref
 from importlib.metadata import version
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 import torch
@@ -173,6 +174,30 @@ def test_gpus_that_torch_cannot_use_stop_a_distributed_run(no_gpu, monkeypatch):
     assert runner_api.gpus_torch_cannot_use() is None
 
 
+def test_only_numbered_nvidia_device_files_are_gpus(tmp_path):
+    """Where the driver is loaded /dev also holds nvidiactl, nvidia-uvm, nvidia-modeset and
+    nvidia-caps; one nvidiaN per GPU."""
+    pattern = Path(runner_api.NVIDIA_DEVICES)
+    assert pattern.parent == Path('/dev')
+    for name in ('nvidia0', 'nvidia1', 'nvidia15', 'nvidiactl', 'nvidia-uvm', 'nvidia-uvm-tools',
+                 'nvidia-modeset', 'nvidia-caps'):
+        (tmp_path / name).touch()
+    assert sorted(p.name for p in tmp_path.glob(pattern.name)) == ['nvidia0', 'nvidia1',
+                                                                   'nvidia15']
+
+
+def test_gpus_torch_cannot_use_none_without_device_files_or_when_torch_uses_them(no_gpu,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda, 'is_built', lambda: True)
+    monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+    assert runner_api.gpus_torch_cannot_use() is None  # a machine without GPUs
+    for name in ('nvidia1', 'nvidia0'):
+        (no_gpu / name).touch()
+    assert runner_api.gpus_torch_cannot_use() == f'{no_gpu / "nvidia0"}, {no_gpu / "nvidia1"}'
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert runner_api.gpus_torch_cannot_use() is None
+
+
 def test_cpu_launch_takes_the_configs_timeout_and_turns_off_sync_bn(no_gpu, monkeypatch):
     """As mmengine's init_dist: env_cfg.dist_cfg.timeout (seconds) reaches the gloo group;
     SyncBN, GPU-only in torch, is turned off in the model and at the top (sync_bn)."""
@@ -329,6 +354,16 @@ def test_dist_train_and_dist_test_two_cpu_processes(tmp_path):
     assert 0 <= metrics['coco/bbox_mAP'] <= 1 and 0 <= metrics['coco/bbox_mAP_50'] <= 1
 
 
+def _fake_srun(tmp_path: Path) -> Tuple[Path, Path]:
+    """A bin folder whose srun records its arguments, one a line, in the file returned."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    record = tmp_path / 'srun.args'
+    (bin_dir / 'srun').write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
+    (bin_dir / 'srun').chmod(0o755)
+    return bin_dir, record
+
+
 @pytest.mark.parametrize('script,args,tail', [
     ('slurm_train.sh', ['part', 'job', 'cfg.py', 'work', '--resume'],
      ['train.py', 'cfg.py', '--work-dir=work', '--launcher=slurm', '--resume']),
@@ -336,11 +371,7 @@ def test_dist_train_and_dist_test_two_cpu_processes(tmp_path):
      ['test.py', 'cfg.py', 'ckpt.pth', '--launcher=slurm', '--tta']),
 ])
 def test_slurm_scripts_call_srun(tmp_path, script, args, tail):
-    bin_dir = tmp_path / 'bin'
-    bin_dir.mkdir()
-    record = tmp_path / 'srun.args'
-    (bin_dir / 'srun').write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
-    (bin_dir / 'srun').chmod(0o755)
+    bin_dir, record = _fake_srun(tmp_path)
     _run(['bash', f'tools/{script}', *args], GPUS='16', SRUN_ARGS='--qos=high',
          PATH=f'{bin_dir}:{os.environ["PATH"]}')
     argv = record.read_text().split('\n')[:-1]
@@ -351,33 +382,106 @@ def test_slurm_scripts_call_srun(tmp_path, script, args, tail):
     assert argv[11] == str(REPO / 'tools' / tail[0]) and argv[12:] == tail[1:]
 
 
-def test_slurm_scripts_run_from_sbatchs_copy_and_check_their_arguments(tmp_path):
-    """sbatch runs a copy of the script from its spool directory: the tools are found in the
-    directory the job was submitted from. A missing WORK_DIR (an option in its place, as in
-    mmseg's slurm_train.sh) or a GPU count that is not one is refused with the usage."""
-    bin_dir = tmp_path / 'bin'
-    bin_dir.mkdir()
-    record = tmp_path / 'srun.args'
-    (bin_dir / 'srun').write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
-    (bin_dir / 'srun').chmod(0o755)
+@pytest.mark.parametrize('cmd', [
+    ['tools/dist_train.sh', 'cfg.py'],  # no GPU count
+    ['tools/dist_train.sh', 'cfg.py', '0'],
+    ['tools/dist_train.sh', 'cfg.py', '2x'],
+    ['tools/dist_train.sh', 'cfg.py', '--resume'],
+    ['tools/dist_test.sh', 'cfg.py', 'ckpt.pth'],  # no GPU count
+    ['tools/dist_test.sh', 'cfg.py', 'ckpt.pth', '0'],
+    ['tools/slurm_train.sh', 'part', 'job', 'cfg.py'],  # no WORK_DIR
+    ['tools/slurm_train.sh', 'part', 'job', 'cfg.py', '--resume'],  # mmseg's argument order
+    ['tools/slurm_test.sh', 'part', 'job', 'cfg.py'],  # no CHECKPOINT
+    ['tools/slurm_test.sh', 'part', 'job', 'cfg.py', '--tta'],  # an option where it goes
+])
+def test_launch_scripts_answer_a_missing_or_malformed_argument_with_the_usage(tmp_path, cmd):
+    """Not bash's 'unbound variable', nor a launch with a GPU count that is none or an option
+    taken for WORK_DIR / CHECKPOINT."""
+    bin_dir, record = _fake_srun(tmp_path)
+    proc = subprocess.run(['bash', *cmd], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}',
+                                   PYTHON=sys.executable, PORT=str(_free_port())))
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        f'usage: {Path(cmd[0]).name} '), proc.stderr
+    assert not record.exists()
+
+
+@pytest.mark.parametrize('script,args,tail', [
+    ('slurm_train.sh', ['part', 'job', 'cfg.py', 'work'],
+     ['train.py', 'cfg.py', '--work-dir=work', '--launcher=slurm']),
+    ('slurm_test.sh', ['part', 'job', 'cfg.py', 'ckpt.pth'],
+     ['test.py', 'cfg.py', 'ckpt.pth', '--launcher=slurm']),
+])
+def test_slurm_scripts_find_the_tools_by_the_submit_dir_only_when_run_from_a_copy(
+        tmp_path, script, args, tail):
+    """sbatch runs a copy of the script from its spool directory, in another working directory
+    (sbatch --chdir): it takes the tools of SLURM_SUBMIT_DIR; the script itself, run inside an
+    allocation submitted from elsewhere, takes its own."""
+    bin_dir, record = _fake_srun(tmp_path)
     spool = tmp_path / 'spool'
     spool.mkdir()
-    shutil.copy(REPO / 'tools' / 'slurm_train.sh', spool / 'slurm_script')
-    env = dict(PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_SUBMIT_DIR=str(REPO))
-    _run(['bash', str(spool / 'slurm_script'), 'part', 'job', 'cfg.py', 'work'], **env)
-    argv = record.read_text().split('\n')[:-1]
-    assert argv[-4:] == [str(REPO / 'tools' / 'train.py'), 'cfg.py', '--work-dir=work',
-                         '--launcher=slurm']
-    record.unlink()
-    for cmd in (['tools/slurm_train.sh', 'part', 'job', 'cfg.py', '--resume'],
-                ['tools/slurm_test.sh', 'part', 'job', 'cfg.py'],
-                ['tools/dist_train.sh', 'cfg.py', '--resume'],
-                ['tools/dist_test.sh', 'cfg.py', 'ckpt.pth', '0']):
-        proc = subprocess.run(['bash', *cmd], cwd=REPO, capture_output=True, text=True,
-                              env=dict(os.environ, **env))
-        assert proc.returncode == 2 and proc.stderr.startswith(
-            f'usage: {Path(cmd[0]).name} '), proc.stderr
-        assert not record.exists()
+    shutil.copy(REPO / 'tools' / script, spool / 'slurm_script')
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    for path, submit_dir in ((spool / 'slurm_script', REPO), (REPO / 'tools' / script, elsewhere)):
+        subprocess.run(['bash', str(path), *args], cwd=elsewhere, check=True,
+                       env=dict(os.environ, PYTHON=sys.executable, SLURM_SUBMIT_DIR=str(submit_dir),
+                                PATH=f'{bin_dir}:{os.environ["PATH"]}'))
+        argv = record.read_text().split('\n')[:-1]
+        assert argv[-len(tail):] == [str(REPO / 'tools' / tail[0]), *tail[1:]]
+        record.unlink()
+
+
+@pytest.mark.parametrize('script,args', [
+    ('dist_train.sh', ['cfg.py', '2']),
+    ('dist_test.sh', ['cfg.py', 'ckpt.pth', '2']),
+    ('slurm_train.sh', ['part', 'job', 'cfg.py', 'work']),
+    ('slurm_test.sh', ['part', 'job', 'cfg.py', 'ckpt.pth']),
+])
+def test_every_launch_script_runs_the_python_it_names(tmp_path, script, args):
+    """Each script takes its interpreter from launch_python.sh: here the .venv of its checkout
+    (a stub that records how it was called), named on stderr."""
+    checkout = tmp_path / 'checkout'
+    (checkout / 'tools').mkdir(parents=True)
+    for name in (script, 'launch_python.sh'):
+        shutil.copy(REPO / 'tools' / name, checkout / 'tools')
+    record = tmp_path / 'python.args'
+    venv_python = checkout / '.venv' / 'bin' / 'python'
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(f'#!/bin/sh\nprintf "%s\\n" "$0" "$@" > {record}\n')
+    venv_python.chmod(0o755)
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'srun').write_text('#!/bin/bash\nshift 2  # -p PARTITION\n'
+                                 'while [[ $1 == -* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / 'srun').chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('PYTHON', 'VIRTUAL_ENV', 'CONDA_DEFAULT_ENV', 'SLURM_SUBMIT_DIR')}
+    proc = subprocess.run(['bash', str(checkout / 'tools' / script), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(env, PATH=f'{bin_dir}:{env["PATH"]}', PORT=str(_free_port())))
+    assert proc.returncode == 0, proc.stderr
+    chosen = str(checkout / 'tools' / '..' / '.venv' / 'bin' / 'python')
+    assert f'{script}: running the tools with {chosen}\n' in proc.stderr
+    assert record.read_text().split('\n')[0] == chosen
+
+
+def test_launch_scripts_name_the_python_they_found_on_the_path(tmp_path):
+    """An activated environment's python is named by its path, a missing one as not found."""
+    env_bin = tmp_path / 'env' / 'bin'
+    env_bin.mkdir(parents=True)
+    (env_bin / 'python').write_text('#!/bin/sh\n')
+    (env_bin / 'python').chmod(0o755)
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ('PYTHON', 'VIRTUAL_ENV', 'CONDA_DEFAULT_ENV')}
+    for extra, named in ((dict(VIRTUAL_ENV=str(tmp_path / 'env')), str(env_bin / 'python')),
+                         (dict(PYTHON=str(tmp_path / 'nowhere')),
+                          f'{tmp_path / "nowhere"} (not found)')):
+        proc = subprocess.run(
+            ['bash', '-c', f'TOOLS={tmp_path}/tools; source {REPO}/tools/launch_python.sh'],
+            capture_output=True, text=True, check=True,
+            env=dict(clean, PATH=f'{env_bin}:{clean["PATH"]}', **extra))
+        assert proc.stderr == f'bash: running the tools with {named}\n'
 
 
 def test_launch_scripts_take_the_activated_environments_python(tmp_path):
