@@ -164,19 +164,18 @@ def fitting_state_dict(model: nn.Module, ckpt: dict, source: str) -> StateDict:
         dict: the state dict, ready for ``model.load_state_dict(state)`` (strict).
 
     Raises:
-        CheckpointError: keys missing, unexpected or of another shape; the message counts each
-            and names the first of them.
+        CheckpointError: not a dict of tensors; keys missing, unexpected or of another shape
+            (the message counts each and names the first of them).
     """
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f'checkpoint {source} holds a {type(ckpt).__name__}, not a dict '
-                              'of tensors (a state dict or an mmengine checkpoint)')
-    state = ckpt.get('state_dict', ckpt)
-    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    try:
+        state, _ = unwrap_state_dict(ckpt, prefix='')  # keys as they are, but DDP's module.
+    except CheckpointError as err:
+        raise CheckpointError(f'checkpoint {source}: {err}') from None
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     reshaped = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
-                if k in own and getattr(v, 'shape', None) != own[k].shape]
+                if k in own and v.shape != own[k].shape]
     if missing or unexpected or reshaped:
         raise CheckpointError(
             f'checkpoint {source} does not fit the model of the config: '

@@ -1,6 +1,8 @@
-"""What the command-line tools share: their refusals printed as one line, not a traceback."""
+"""What the command-line tools share: their refusals printed as one line, not a traceback, and
+argument types that say what is wrong with a value."""
+import argparse
 import contextlib
-from typing import Iterator, Tuple, Type
+from typing import Callable, Iterator, Tuple, Type
 
 
 @contextlib.contextmanager
@@ -12,3 +14,23 @@ def cli_errors(prog: str, errors: Tuple[Type[BaseException], ...]) -> Iterator[N
         yield
     except errors as err:
         raise SystemExit(f'{prog}: error: {err}') from None
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``minimum``, so that the command line says
+    what is wrong with a count (``argument --num-train: ...``) rather than the code that gets it.
+
+    Returns:
+        callable: ``str -> int``, raising ``argparse.ArgumentTypeError`` for anything else.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f'must be an integer >= {minimum}, got {text!r}')
+        return value
+
+    return parse

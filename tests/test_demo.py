@@ -219,6 +219,16 @@ def test_a_demo_run_first_clears_what_would_pass_for_its_own_results(tmp_path, m
     assert not (tmp_path / 'seg/test/pred_maps').exists()
     assert all((tmp_path / relpath).read_text() == 'from the previous run' for relpath in kept)
 
+    users = tmp_path / 'users'  # no demo ran there: folders of the same names are the user's
+    (users / 'vis').mkdir(parents=True)
+    (users / 'vis' / 'mine.png').write_text('mine')
+    (users / 'summary.md').write_text('mine')
+    demo = pipeline.Demo(pipeline.parse_args(['--out-dir', str(users)]))
+    monkeypatch.setattr(demo, 'make_data', data_fails)
+    with pytest.raises(RuntimeError, match='the data step failed'):
+        demo.run()
+    assert (users / 'vis' / 'mine.png').read_text() == (users / 'summary.md').read_text() == 'mine'
+
 
 @pytest.mark.parametrize('argv,error', [
     (['--num-train', '0'], "argument --num-train: must be an integer >= 1, got '0'"),

@@ -475,6 +475,18 @@ def _resume_check_on_rank(rank: int, work: str, store: str) -> None:
         runner.cfg.load_from = f'{work}/iter_4.pth'
         with pytest.raises(CheckpointError, match=f'cannot resume from {work}/iter_4.pth: '):
             hook.before_run(runner)  # rank 1 too: a rank going on would wait for the others
+
+        # another error of the main process (a pointer it cannot write) stops every rank too
+        runner.cfg.load_from = None
+        (Path(work) / 'last_checkpoint').write_text(f'{work}/iter_4.pth')
+        dist.barrier()
+        if rank == 0:
+            def unwritable(path, data):
+                raise PermissionError(f'[Errno 13] Permission denied: {path!r}')
+            checkpoint_hook.atomic_write = unwritable
+        expected = (PermissionError if rank == 0 else CheckpointError, 'Permission denied')
+        with pytest.raises(expected[0], match=expected[1]):
+            hook.before_run(runner)
     finally:
         dist.destroy_process_group()
 
@@ -487,7 +499,8 @@ def test_every_rank_follows_the_main_processs_resume_check(tmp_path):
     (work / 'last_checkpoint').write_text(str(work / 'iter_4.pth'))
     torch.multiprocessing.spawn(_resume_check_on_rank, (str(work), str(tmp_path / 'store')),
                                 nprocs=2)
-    assert (work / 'last_checkpoint').read_text() == str(work / 'iter_2.pth')
+    # as the last check left it: the pointer it could not rewrite
+    assert (work / 'last_checkpoint').read_text() == str(work / 'iter_4.pth')
 
 
 def test_resuming_an_explicitly_named_damaged_checkpoint_fails_clearly(tmp_path):

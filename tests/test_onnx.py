@@ -187,6 +187,9 @@ def test_a_missing_checkpoint_is_said_before_the_model_is_built(tmp_path, monkey
         load_model('any_config.py', str(tmp_path / 'missing.pth'))
     with pytest.raises(FileNotFoundError, match=r'\(a directory, not a file\)$'):
         load_model('any_config.py', str(tmp_path))
+    with pytest.raises(SystemExit, match=r'^pytorch2onnx.py: error: checkpoint file not found: '
+                       r'.*missing\.pth \(no such file\)$'):  # the tool: one line
+        pytorch2onnx(['any_config.py', str(tmp_path / 'missing.pth'), '--shape', '64', '64'])
 
 
 def test_the_tool_writes_its_output_only_once_the_export_passed_its_checks(
@@ -363,8 +366,8 @@ def test_missing_checkers_stop_the_tool_before_the_export(monkeypatch, tmp_path)
                        r'exported graph: pip install -e \.\[deploy\] \(or: pip install '
                        r'onnxruntime\)$'):
         pytorch2onnx(args + ['--verify'])
-    with pytest.raises(FileNotFoundError):  # no --verify: onnxruntime is not needed
-        pytorch2onnx(args)
+    with pytest.raises(SystemExit, match='^pytorch2onnx.py: error: .*missing.py'):
+        pytorch2onnx(args)  # no --verify: onnxruntime is not needed, the config is
     gone.add('onnx')
     with pytest.raises(SystemExit, match='^onnx not installed'):
         pytorch2onnx(args)

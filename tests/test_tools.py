@@ -609,7 +609,9 @@ def test_setup_refuses_a_python_older_than_3_10_before_installing_anything(tmp_p
     """An old python3 would only show as pip finding no torch, and its venv would be reused on
     every retry: both are refused at once, with what to do."""
     old = tmp_path / 'python3.8'
-    old.write_text('#!/bin/sh\n[ "$1" = -V ] && { echo "Python 3.8.10"; exit 0; }\nexit 1\n')
+    # a Python 3.8 answers the version check with its exit status 10
+    old.write_text('#!/bin/sh\n[ "$1" = -V ] && { echo "Python 3.8.10"; exit 0; }\n'
+                   '[ "$1" = -c ] && exit 10\nexit 1\n')
     old.chmod(0o755)
 
     def setup(**env):
@@ -622,5 +624,10 @@ def test_setup_refuses_a_python_older_than_3_10_before_installing_anything(tmp_p
     (tmp_path / 'venv' / 'bin').mkdir(parents=True)
     shutil.copy(old, tmp_path / 'venv' / 'bin' / 'python')
     proc = setup(MMTWINS_VENV=str(tmp_path / 'venv'))
-    assert proc.returncode == 1 and 'holds Python 3.8.10, older than the 3.10' in proc.stderr
+    assert proc.returncode == 1 and 'holds Python 3.8.10, older than the' in proc.stderr
     assert f'rm -rf {tmp_path / "venv"}' in proc.stderr
+    broken = tmp_path / 'python3.12'  # one that fails every command is not taken for an old one
+    broken.write_text('#!/bin/sh\nexit 1\n')
+    broken.chmod(0o755)
+    proc = setup(MMTWINS_VENV=str(tmp_path / 'venv2'), PYTHON=str(broken))
+    assert proc.returncode != 0 and 'needs 3.10' not in proc.stderr

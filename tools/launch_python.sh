@@ -11,4 +11,5 @@ if [ -z "${PYTHON:-}" ]; then
         PYTHON=python
     fi
 fi
-echo "$(basename "$0"): running the tools with $(command -v "$PYTHON" || echo "$PYTHON (not found)")" >&2
+found=$(command -v "$PYTHON" || echo "$PYTHON (not found)")
+echo "$(basename "$0"): running the tools with $found" >&2

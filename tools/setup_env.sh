@@ -33,10 +33,14 @@ fi
 
 # mmtwins needs Python >= 3.10 (setup.py's python_requires); an older one would only show as
 # "no matching distribution" for the pinned torch, and its venv would be reused on every retry
-too_old() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2> /dev/null; (( $? == 1 )); }
+too_old() {  # exit status 10 for an old Python: one that crashes is not taken for old
+    "$1" -c 'import sys; sys.exit(10 if sys.version_info < (3, 10) else 0)' 2> /dev/null
+    (( $? == 10 ))
+}
 if [[ -x $venv/bin/python ]] && too_old "$venv/bin/python"; then
-    log "$venv holds Python $("$venv/bin/python" -V 2>&1 | cut -d' ' -f2), older than the 3.10 mmtwins"
-    log "needs: remove it (rm -rf $venv) and run this again with PYTHON=python3.10 or newer"
+    log "$venv holds Python $("$venv/bin/python" -V 2>&1 | cut -d' ' -f2), older than the"
+    log "3.10 mmtwins needs: remove it (rm -rf $venv) and run this again with PYTHON=python3.10"
+    log "or newer"
     exit 1
 fi
 if [[ ! -x $venv/bin/python ]]; then
@@ -66,8 +70,9 @@ pip() { "$venv/bin/python" -m pip "$@" 2> >(grep -v '^WARNING: Location .* is ig
 pip install -q -c "$constraints" pip
 log "installing build tools and torch (first time: a ~5 GB download)"
 pip install -q -c "$constraints" 'setuptools' wheel ninja 'numpy' packaging
-# not quiet: pip's download progress is the only sign of life during the torch download
-pip install -c "$constraints" torch torchvision | { grep -vE '^(Requirement already satisfied|Looking in (indexes|links))' || true; }
+# not quiet, and straight to the terminal (pip draws its progress bar only there): the download
+# progress is the only sign of life during the torch download
+pip install -c "$constraints" torch torchvision
 
 mmcv_version=$(sed -n 's/^mmcv==//p' "$constraints")
 # The compiled ops hold torch's C++ ABI: a torch pin change must not reuse an older build. And
@@ -90,7 +95,9 @@ if [[ -z $mmcv_wheel ]]; then
     log "building mmcv $mmcv_version with ops from source into $wheels (about 12 minutes, once)"
     mkdir -p "$wheels"
     tmp=$(mktemp -d "$wheels/.build.XXXXXX")
-    build_log=$wheels/mmcv-$mmcv_version-$py_tag-build.log  # whole, kept if the build fails
+    # the whole build output, kept if the build fails (one file per build: set-ups can share
+    # the cache)
+    build_log=$(mktemp "$wheels/mmcv-$mmcv_version-$py_tag-build-XXXXXX.log")
     # No build isolation: the build must compile against the torch installed above.
     MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} pip wheel -v --no-build-isolation --no-deps \
         -c "$constraints" "mmcv==$mmcv_version" -w "$tmp" 2>&1 | tee "$build_log" \

@@ -21,7 +21,13 @@ SRUN_ARGS=${SRUN_ARGS:-}
 TOOLS=$(cd "$(dirname "$0")" && pwd)
 # sbatch runs a copy of this script from its spool directory: the tools are then those of the
 # directory the job was submitted from.
-[ -f "$TOOLS/launch_python.sh" ] || TOOLS=$(cd "${SLURM_SUBMIT_DIR:-.}/tools" && pwd)
+if [[ ! -f $TOOLS/launch_python.sh ]]; then
+    TOOLS=$(cd "${SLURM_SUBMIT_DIR:-.}/tools" 2> /dev/null && pwd) || {
+        echo "$(basename "$0"): no tools/ in ${SLURM_SUBMIT_DIR:-$PWD}: submit the job from the" \
+             "mmtwins checkout" >&2
+        exit 2
+    }
+fi
 # shellcheck source=tools/launch_python.sh
 source "$TOOLS/launch_python.sh"
 

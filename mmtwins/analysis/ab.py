@@ -21,8 +21,7 @@ from typing import Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .peers import (ALL_VARIANTS, CHECKOUT, SMALL_VARIANTS, build_impl, full_variant_name,
-                    make_step)
+from .peers import CHECKOUT, add_variants_argument, build_impl, make_step
 
 Arms = Dict[str, Callable[[], ContextManager]]
 
@@ -259,10 +258,7 @@ def add_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument('--mode', choices=['train', 'infer'], default='train')
     parser.add_argument('--amp', action='store_true', help='autocast (fp16 on GPU, bf16 on CPU)')
     parser.add_argument('--steps', type=int, default=25, help='steps of each, the first 5 untimed')
-    parser.add_argument('--variants', nargs='+', default=list(SMALL_VARIANTS),
-                        type=full_variant_name, choices=ALL_VARIANTS, metavar='VARIANT',
-                        help=f'some of {", ".join(ALL_VARIANTS)}, or short: svt-b for svt-base, '
-                        'a family alone for its small arch (default: the small ones)')
+    add_variants_argument(parser)
     return parser
 
 

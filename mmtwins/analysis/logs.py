@@ -96,6 +96,9 @@ def split_runs(logs: Dict[str, List[dict]]) -> List[List[str]]:
     A log whose first training step is not after the previous log's first step starts a new
     run (training restarted from scratch in the same work dir; a resumed run starts after the
     checkpoint it resumes from); a log with no training record stays with the run before it.
+    A run resumed from a checkpoint saved before its first logged step (a checkpoint interval
+    shorter than the log interval, and a crash before the second log line) looks like a
+    restart too: its earlier log is then left out, with the note naming it.
     """
     runs: List[List[str]] = []
     previous_first = None
@@ -152,7 +155,7 @@ def plot_logs(paths: Sequence[str],
               out_dir: str,
               keys: Optional[Sequence[str]] = None,
               legends: Optional[Sequence[str]] = None,
-              log: Callable[[str], None] = print) -> List[str]:
+              note: Callable[[str], None] = print) -> List[str]:
     """Write one PNG per key, with one curve per log, and return the files written.
 
     Args:
@@ -160,7 +163,7 @@ def plot_logs(paths: Sequence[str],
         out_dir: where the PNGs go (``loss.png``, ``lr.png``, ``accuracy_top1.png``...).
         keys: what to plot; default: loss, lr and the task's headline metric where present.
         legends: a label per log (default: the log's file name, or the work dir's name).
-        log: gets a one-line note for each work dir whose earlier runs are left out (a work dir
+        note: gets a one-line note for each work dir whose earlier runs are left out (a work dir
             trained into from scratch again: only its newest run is plotted).
 
     Raises:
@@ -173,8 +176,8 @@ def plot_logs(paths: Sequence[str],
     import matplotlib.pyplot as plt
 
     logs = [load_json_log(p) for p in paths]
-    for note in filter(None, (training_log.left_out_note() for training_log in logs)):
-        log(note)
+    for line in filter(None, (log.left_out_note() for log in logs)):
+        note(line)
     if legends is not None and len(legends) != len(logs):
         raise ValueError(f'{len(legends)} legends for {len(logs)} logs')
     legends = legends or [os.path.basename(os.path.normpath(log.path)) for log in logs]

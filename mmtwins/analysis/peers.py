@@ -49,6 +49,7 @@ GELU, LayerNorm, other; on a GPU the kernels' time, next to the step's wall time
 its matmul operators reach inside the network (:func:`kernel_breakdown`), which says how much of
 a step an implementation's own layout and element-wise work costs next to the shared kernels.
 """
+import argparse
 import contextlib
 import functools
 import json
@@ -997,6 +998,18 @@ def full_variant_name(name: str) -> str:
     if family not in FAMILIES:
         return name
     return f'{family}-{ARCH_INITIALS.get(arch, arch or "small")}'
+
+
+def add_variants_argument(parser: argparse.ArgumentParser, allow_all: bool = False) -> None:
+    """``--variants``: some of :data:`ALL_VARIANTS`, short names spelled out
+    (:func:`full_variant_name`) and checked by argparse before anything runs; default the small
+    ones. With ``allow_all``, ``all`` too (every variant; the caller refuses it beside others)."""
+    parser.add_argument(
+        '--variants', nargs='+', default=list(SMALL_VARIANTS), type=full_variant_name,
+        choices=[*ALL_VARIANTS, *(['all'] if allow_all else [])], metavar='VARIANT',
+        help=f"some of {', '.join(ALL_VARIANTS)} (or short: svt-s, pcpvt-b; a family alone is "
+        "its small arch)" + (", or 'all' alone" if allow_all else '')
+        + ' (default: the small ones)')
 
 
 def plan(variants: Sequence[str], cases: Sequence[str], kw: dict, batch: Optional[int] = None,

@@ -42,9 +42,10 @@ def setup_cpu_distributed(cfg: Config) -> bool:
     """Prepare a distributed run on CPUs only: gloo process group and a CPU DDP wrapper.
 
     Does nothing (returns False) for ``launcher='none'``, when a GPU, NPU, MLU or MUSA device
-    is available (mmengine's launchers set those up) or when a process group already exists. Only ``--launcher pytorch`` (``torchrun``, as
-    ``tools/dist_train.sh`` uses) is supported on CPUs; its environment (``RANK``,
-    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) is read by ``init_process_group``.
+    is available (mmengine's launchers set those up) or when a process group already exists.
+    Only ``--launcher pytorch`` (``torchrun``, as ``tools/dist_train.sh`` uses) is supported on
+    CPUs; its environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) is read
+    by ``init_process_group``.
 
     Returns:
         bool: True if this call initialised the gloo process group.
@@ -62,7 +63,8 @@ def setup_cpu_distributed(cfg: Config) -> bool:
             f'--launcher {launcher}: this machine has NVIDIA GPUs ({unusable}), but torch '
             f'{torch.__version__} (CUDA {torch.version.cuda}) cannot use them: '
             'torch.cuda.is_available() is False, most often because the driver is older than '
-            f'CUDA {torch.version.cuda} needs (nvidia-smi shows its version). Install a torch '
+            f'CUDA {torch.version.cuda} needs (nvidia-smi shows its version), or because this '
+            "job may not open the devices (a scheduler's CPU-only allocation). Install a torch "
             'build for this driver, or set CUDA_VISIBLE_DEVICES= to run on the CPUs.')
     if launcher != 'pytorch':
         raise RuntimeError(f'--launcher {launcher} needs GPUs, and this machine has none. On CPUs '

@@ -71,8 +71,8 @@ def apply_tta(cfg: Config) -> None:
     scope = cfg.get('default_scope')
     if scope == 'mmdet' and _contains_key(cfg.model, 'mask_head'):
         raise ConfigError('--tta: mmdet 3.x has no test-time augmentation for instance masks (its '
-                         'DetTTAModel merges boxes only), so the Mask R-CNN configs define none. '
-                         'Test without --tta; RetinaNet configs support it.')
+                          'DetTTAModel merges boxes only), so the Mask R-CNN configs define none. '
+                          'Test without --tta; RetinaNet configs support it.')
     if scope == 'mmdet':
         _default_det_tta(cfg)
     elif scope == 'mmpretrain':
@@ -80,7 +80,7 @@ def apply_tta(cfg: Config) -> None:
     missing = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
     if missing:
         raise ConfigError(f'--tta needs {" and ".join(missing)} in the config '
-                         f'({cfg.filename or "given as a dict"}), which has none')
+                          f'({cfg.filename or "given as a dict"}), which has none')
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
     cfg.tta_model.module = cfg.model
     cfg.model = cfg.tta_model
@@ -178,12 +178,12 @@ def trigger_visualization_hook(cfg: Config, args: argparse.Namespace) -> None:
     scope = cfg.get('default_scope')
     if scope not in _VIS_HOOKS:
         raise ConfigError(f'--show/--show-dir support mmdet, mmseg and mmpretrain configs, not '
-                         f'default_scope={scope!r}')
+                          f'default_scope={scope!r}')
     hook = cfg.get('default_hooks', {}).get('visualization')
     if hook is None:
         raise ConfigError('VisualizationHook must be included in default_hooks, e.g. '
-                           f'"visualization=dict(type=\'{_VIS_HOOKS[scope]}\')" '
-                           f'({cfg.filename or "config given as a dict"} has none)')
+                          f'"visualization=dict(type=\'{_VIS_HOOKS[scope]}\')" '
+                          f'({cfg.filename or "config given as a dict"} has none)')
     if scope == 'mmpretrain':
         hook.update(enable=True, show=args.show, wait_time=args.wait_time,
                     out_dir=args.show_dir,
@@ -202,7 +202,7 @@ def trigger_visualization_hook(cfg: Config, args: argparse.Namespace) -> None:
             hook['test_out_dir'] = args.show_dir
         elif 'visualizer' not in cfg:
             raise ConfigError('--show-dir: mmseg saves through the config\'s visualizer, and '
-                               f'{cfg.filename or "the config"} defines none')
+                              f'{cfg.filename or "the config"} defines none')
         else:
             cfg.visualizer['save_dir'] = args.show_dir
 
@@ -215,23 +215,23 @@ def build_test_cfg(args: argparse.Namespace) -> Config:
     if args.show or args.show_dir:
         if args.tta and cfg.get('default_scope') == 'mmpretrain':
             raise ConfigError("--show/--show-dir with --tta: mmpretrain's visualization hook "
-                             'draws the batch it is given as images, which under --tta is a '
-                             'list of augmented views; paint the predictions without --tta')
+                              'draws the batch it is given as images, which under --tta is a '
+                              'list of augmented views; paint the predictions without --tta')
         trigger_visualization_hook(cfg, args)
     if args.tta:
         apply_tta(cfg)
     if args.amp:
         if cfg.get('default_scope') == 'mmdet' and get_device() == 'cpu':
             raise ConfigError("--amp on a CPU autocasts to bf16, and mmcv's CPU NMS takes float32 "
-                             'boxes only, so a detector fails in its post-processing: test '
-                             'detectors on a CPU without --amp (with it on a GPU)')
+                              'boxes only, so a detector fails in its post-processing: test '
+                              'detectors on a CPU without --amp (with it on a GPU)')
         warn_if_cpu_amp_is_emulated()
         cfg.test_cfg = dict(cfg.get('test_cfg') or dict(type='TestLoop'), fp16=True)
     if args.out and cfg.get('default_scope') == 'mmseg':
         set_seg_output(cfg, args.out)
     elif args.out and not args.out.endswith(PICKLE_SUFFIXES):
         raise ConfigError(f'--out must name a .pkl/.pickle file for {cfg.get("default_scope")} '
-                         f'configs, got {args.out}')
+                          f'configs, got {args.out}')
     return cfg
 
 

@@ -44,14 +44,14 @@ def build_train_cfg(args: argparse.Namespace) -> Config:
                       level=logging.WARNING)
         elif wrapper_type != 'OptimWrapper':
             raise ConfigError('--amp needs optim_wrapper.type OptimWrapper (it becomes '
-                             f'AmpOptimWrapper), got {wrapper_type}')
+                              f'AmpOptimWrapper), got {wrapper_type}')
         else:
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.loss_scale = 'dynamic'
     if args.auto_scale_lr:
         if 'base_batch_size' not in (cfg.get('auto_scale_lr') or {}):
             raise ConfigError('--auto-scale-lr needs auto_scale_lr=dict(enable=False, '
-                             'base_batch_size=N) in the config')
+                              'base_batch_size=N) in the config')
         cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
@@ -78,8 +78,8 @@ def check_amp_device(cfg: Config) -> None:
         return
     if not accelerator_available():
         raise ConfigError('AMP training (--amp, or optim_wrapper.type AmpOptimWrapper) needs a '
-                           "GPU, NPU, MLU or MUSA device: mmengine's AmpOptimWrapper has no CPU "
-                           'mode, and this machine has none of them. Train without --amp here.')
+                          "GPU, NPU, MLU or MUSA device: mmengine's AmpOptimWrapper has no CPU "
+                          'mode, and this machine has none of them. Train without --amp here.')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from mmtwins.analysis import plot_logs
+from mmtwins.cli import at_least
 from mmtwins.engine.fileio import atomic_write
-from .toy_data import COCO_ANN_FILE, COCO_IMG_DIR, at_least, make_toy_data, toy_data_paths
+from .toy_data import COCO_ANN_FILE, COCO_IMG_DIR, make_toy_data, toy_data_paths
 
 DET_CONFIG = 'configs/demo/retinanet_twins_svt_toy.py'
 SEG_CONFIG = 'configs/demo/fpn_twins_svt_toy.py'
@@ -202,7 +203,6 @@ class Demo:
         self.remove_previous_outputs()
         self.save(result)  # from now on the files describe this run, even if it stops early
         paths = self.make_data()
-        result['data'].update(paths)
 
         det_run = self.train('det', det_config, det_dir)
         det['checkpoint'] = last_checkpoint(det_dir)
@@ -242,7 +242,11 @@ class Demo:
     def remove_previous_outputs(self) -> None:
         """Remove what a previous run in ``out_dir`` wrote that this run writes later
         (:data:`PREVIOUS_OUTPUTS`): left in place, a run that stops early would show them as
-        its own. Training work dirs (checkpoints, logs) stay."""
+        its own. Only where a previous run's ``metrics.json`` is there: folders of the same
+        names in an ``out_dir`` no demo has run in are the user's. Training work dirs
+        (checkpoints, logs) stay."""
+        if not osp.isfile(osp.join(self.out_dir, 'metrics.json')):
+            return
         for relpath in PREVIOUS_OUTPUTS:
             path = osp.join(self.out_dir, relpath)
             if osp.isdir(path) and not osp.islink(path):

@@ -35,12 +35,13 @@ import os
 import os.path as osp
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from mmengine.utils import mkdir_or_exist, track_iter_progress
 from PIL import Image, ImageDraw
 
+from mmtwins.cli import at_least
 from mmtwins.engine.fileio import atomic_write
 
 CLASSES = ('rectangle', 'circle', 'triangle')
@@ -317,26 +318,6 @@ def make_toy_data(out_dir: str, num_train: int = 400, num_val: int = 100, size: 
         atomic_write(osp.join(paths['coco'], COCO_ANN_FILE.format(split=split)),
                      json.dumps(_coco_dict(shapes[split], names, size)))
     return paths
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer of at least ``minimum``, so that the command line says
-    what is wrong with a count (``argument --num-train: ...``) rather than the writer.
-
-    Returns:
-        callable: ``str -> int``, raising ``argparse.ArgumentTypeError`` for anything else.
-    """
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f'must be an integer >= {minimum}, got {text!r}')
-        return value
-
-    return parse
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -11,8 +11,9 @@ import os.path as osp
 from typing import List, Optional, Sequence, Tuple
 
 from mmengine.config import DictAction
-from mmengine.utils import mkdir_or_exist
 
+from mmtwins.checkpoint import CheckpointError
+from mmtwins.cli import cli_errors
 from mmtwins.engine.fileio import move_into_place, temp_file_beside
 from .export import export_onnx
 from .verify import non_default_domain_ops, require_checkers, verify_onnx
@@ -85,10 +86,18 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     export is removed once a new file is written).
 
     Raises:
-        SystemExit: sizes too small for the backbone, or ``--verify`` failed.
+        SystemExit: sizes too small for the backbone, ``--verify`` failed, or a missing config
+            or checkpoint, a checkpoint that does not fit, an output path that is a directory
+            (``pytorch2onnx.py: error: ...``, before the model is built where it can be).
     """
     args = parse_args(argv)
     require_checkers(runtime=args.verify is not None)
+    with cli_errors('pytorch2onnx.py', (FileNotFoundError, IsADirectoryError, CheckpointError)):
+        return export(args)
+
+
+def export(args: argparse.Namespace) -> str:
+    """The export of :func:`main` for its parsed ``args``; returns the ONNX file's path."""
     print(f'building the model of {args.config}'
           + (f' and loading {args.checkpoint}' if args.checkpoint else ' (random weights)')
           + ' ...', flush=True)
@@ -101,8 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                          f'H, W >= {module.min_input_size}')
     out = args.output_file or osp.join(
         'work_dirs', 'onnx', osp.splitext(osp.basename(args.config))[0] + '.onnx')
-    mkdir_or_exist(osp.dirname(osp.abspath(out)))
-    with temp_file_beside(out) as tmp:
+    with temp_file_beside(out) as tmp:  # creates the output's directory
         print(f'tracing the {module.kind} on a {args.batch}x{module.in_channels}x'
               f'{args.shape[0]}x{args.shape[1]} example and exporting it ...', flush=True)
         names = export_onnx(module, tmp, args.shape, args.batch, args.dynamic, args.opset)

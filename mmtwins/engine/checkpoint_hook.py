@@ -129,14 +129,19 @@ class AtomicCheckpointHook(CheckpointHook):
         # The main process alone reads the checkpoint (a whole file per rank would be read from
         # a shared file system otherwise) and tells every rank the outcome, after rewriting the
         # pointer that they all read again when they load the checkpoint: all go on, or all stop
-        # with the same error.
-        outcome = [None]
+        # with the same error (another error of the main process, such as a pointer it cannot
+        # write, reaches the others as a CheckpointError naming it: they must not wait).
+        outcome, error = [None], None
         if is_main_process():
             try:
                 self._check_resume(runner)
-            except CheckpointError as err:
-                outcome = [err]
+            except Exception as err:  # noqa: BLE001 - every rank must learn of any failure
+                error = err
+                outcome = [err if isinstance(err, CheckpointError) else CheckpointError(
+                    f'the resume check failed on the main process: {type(err).__name__}: {err}')]
         broadcast_object_list(outcome)
+        if error is not None:
+            raise error
         if outcome[0] is not None:
             raise outcome[0]
 

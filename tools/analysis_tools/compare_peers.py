@@ -26,26 +26,24 @@ import torch
 
 from mmtwins.analysis import peers as P
 from mmtwins.analysis.benchmark import AMP_DTYPES
+from mmtwins.cli import at_least
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--variants', nargs='+', default=list(P.SMALL_VARIANTS),
-                   type=P.full_variant_name, choices=[*P.ALL_VARIANTS, 'all'], metavar='VARIANT',
-                   help=f"some of {', '.join(P.ALL_VARIANTS)} (or short: svt-s, pcpvt-b; a "
-                   "family alone is its small arch), or 'all' alone (default: the small ones)")
+    P.add_variants_argument(p, allow_all=True)
     p.add_argument('--peers', nargs='+', choices=list(P.PEERS), default=None,
                    help='default: every installed peer')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--warmup', type=int, default=5,
+    p.add_argument('--warmup', type=at_least(0), default=5,
                    help='untimed steps per implementation, which measure the peak memory of '
                    'the first and of all of them; the heap of a training process takes a few '
                    'steps to settle (measured: the '
                    "peers' first 3-4 training steps at 512x512 are slower than the later ones)")
-    p.add_argument('--repeats', type=int, default=8,
+    p.add_argument('--repeats', type=at_least(1), default=8,
                    help='timed steps per implementation (a multiple of 4 gives each of four '
                    'implementations every turn position equally often)')
-    p.add_argument('--rounds', type=int, default=1,
+    p.add_argument('--rounds', type=at_least(1), default=1,
                    help='run every case this many times, each with fresh worker processes, and '
                    "report the median of the rounds and the speed-up's spread over them: a "
                    "process's speed depends on its memory allocator's state, which differs "
@@ -74,9 +72,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if 'all' in args.variants and len(args.variants) > 1:
         p.error("--variants: 'all' stands alone (it is every variant)")
-    for name, least in (('warmup', 0), ('repeats', 1), ('rounds', 1)):
-        if getattr(args, name) < least:
-            p.error(f'--{name} must be at least {least}, got {getattr(args, name)}')
     return args
 
 

@@ -27,7 +27,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         paths = plot_logs(args.logs, args.out_dir, args.keys, args.legend,
-                          log=lambda note: print(note, file=sys.stderr))
+                          note=lambda line: print(line, file=sys.stderr))
     except (FileNotFoundError, KeyError, ValueError) as e:  # the logs or the options given
         raise SystemExit(f'plot_logs.py: error: {e.args[0] if isinstance(e, KeyError) else e}')
     for path in paths:
