@@ -255,3 +255,11 @@ def test_revision_ab_checks_the_revision_files_and_variants_before_running(monke
     assert tool.parse_args(['--against', 'HEAD', '--variants', 'svt', 'pcpvt-b']).variants == [
         'svt-small', 'pcpvt-base']
     assert len(taken) == 1  # nothing else reached the revision
+
+
+def test_revision_ab_defaults_to_the_small_variants_and_takes_no_all():
+    """'all' is compare_peers' alone (revision_ab would split it into a family and an arch)."""
+    tool = analysis_tool('revision_ab')
+    assert tool.parse_args(['--against', 'HEAD']).variants == ['pcpvt-small', 'svt-small']
+    with pytest.raises(SystemExit):
+        tool.parse_args(['--against', 'HEAD', '--variants', 'all'])

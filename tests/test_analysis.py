@@ -361,3 +361,40 @@ def test_cpu_profiling_logs_nothing_to_stderr():
                          text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert 'profiler_start' not in res.stderr and 'ERROR' not in res.stderr, res.stderr
+
+
+def test_runs_split_at_a_first_step_not_after_the_previous_one_and_not_at_validation_logs(
+        tmp_path):
+    """Run A: a log of validation records alone (tools/test.py into the work dir), then a run
+    killed after one log line at step 50; run B trained from scratch, also first logged at 50;
+    run C likewise, followed by a log of an epoch's validation alone (step 1, the epoch): it
+    stays with C. Each earlier run is named, with its count of logs where it has several."""
+    work = tmp_path / 'exp'
+    logs = {'20250101_000000': [dict(mIoU=1., step=0)],
+            '20250102_000000': [dict(loss=1., lr=0.1, step=50)],
+            '20250103_000000': [dict(loss=2., lr=0.1, step=it) for it in (50, 100)],
+            '20250104_000000': [dict(loss=it / 100, lr=0.2, step=it) for it in (50, 100, 150)],
+            '20250105_000000': [dict(mIoU=3., step=1)]}
+    for stamp, records in logs.items():
+        (work / stamp / 'vis_data').mkdir(parents=True)
+        _write_log(work / stamp / 'vis_data' / f'{stamp}.json', records)
+    log = load_json_log(str(work))
+    assert [os.path.basename(f) for f in log.files] == ['20250104_000000.json',
+                                                        '20250105_000000.json']
+    assert [[os.path.basename(f) for f in run] for run in log.earlier_runs] == [
+        ['20250101_000000.json', '20250102_000000.json'], ['20250103_000000.json']]
+    assert log.curves['loss'] == ([50, 100, 150], [0.5, 1.0, 1.5])
+    assert log.left_out_note() == (
+        f'{work}: plotting the newest run (from 20250104_000000); left out the earlier run(s) '
+        'trained from scratch into the same work dir: 20250101_000000 (2 logs), '
+        '20250103_000000 (pass a JSON log, TIMESTAMP/vis_data/TIMESTAMP.json, to plot one of '
+        'those)')
+    one = work / '20250104_000000' / 'vis_data' / '20250104_000000.json'
+    assert load_json_log(str(one)).left_out_note() is None  # nothing left out: no note
+
+
+def test_an_interrupted_benchmark_is_still_a_keyboard_interrupt():
+    """A caller that stops on Ctrl-C (except KeyboardInterrupt) stops on BenchmarkInterrupted."""
+    with pytest.raises(KeyboardInterrupt) as e:
+        benchmark(_CtrlCAt(2), torch.zeros(1, 3, 8, 8), warmup=0, repeats=3, log=lambda _: None)
+    assert type(e.value).__name__ == 'BenchmarkInterrupted' and len(e.value.result.runs) == 1

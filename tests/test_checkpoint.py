@@ -411,3 +411,20 @@ def test_same_widths_other_depths_is_refused_and_nothing_is_loaded(src_arch, dst
                        match=rf'PCPVT-{src_arch} checkpoint that does not fit(.|\n)*stage 2: '):
         load_twins_checkpoint(model, PCPVT(arch=src_arch).state_dict())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_url_is_left_to_the_loader_and_a_misfit_is_named_by_its_file():
+    """check_checkpoint_file does not look for a URL on disk; fitting_state_dict names the
+    checkpoint in every refusal and lists the first five keys of each kind, then '...'."""
+    from mmtwins.checkpoint import check_checkpoint_file, fitting_state_dict
+    for url in ('https://example.org/svt_s.pth', 's3://bucket/run/iter_4.pth'):
+        check_checkpoint_file(url)  # no network: nothing is fetched or checked
+    model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(3)])  # 6 keys
+    with pytest.raises(CheckpointError, match=r"^checkpoint /w/a\.pth: the checkpoint has no "
+                       r"tensors under prefix ''$"):
+        fitting_state_dict(model, {'state_dict': {}}, '/w/a.pth')
+    with pytest.raises(CheckpointError, match=re.escape(
+            "checkpoint /w/b.pth does not fit the model of the config: 6 missing key(s) "
+            "['0.weight', '0.bias', '1.weight', '1.bias', '2.weight'] ..., 1 unexpected key(s) "
+            "['other'], 0 of another shape (checkpoint vs model) [].")):
+        fitting_state_dict(model, {'state_dict': {'other': torch.ones(1)}}, '/w/b.pth')

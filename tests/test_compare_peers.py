@@ -478,3 +478,7 @@ def test_run_plan_logs_each_case_as_it_starts_and_marks_the_json_unfinished(monk
     data = json.loads(out.read_text())
     assert data['finished'] is False and len(data['cases']) == 1 and data['planned'] == planned
     assert md.read_text().endswith('\n\n1 of 2 cases: the run has not finished.\n')
+
+
+def test_compare_peers_defaults_to_the_small_variants():
+    assert analysis_tool('compare_peers').parse_args([]).variants == ['pcpvt-small', 'svt-small']

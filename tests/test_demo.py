@@ -406,3 +406,54 @@ def test_demo_pipeline_shortened(tmp_path, monkeypatch):
     assert [p.rsplit('/', 1)[1] for p in written['pred']] == [
         f'ADE_val_{i:08d}.png' for i in range(1, 9)]
     assert all(np.asarray(Image.open(p)).shape == (SIZE, SIZE) for p in written['pred'])
+
+
+def test_the_toy_data_root_itself_may_be_a_link(tmp_path):
+    """OUT linked to a scratch disk is written through; only the folders below it may not be
+    links."""
+    scratch = tmp_path / 'scratch'
+    scratch.mkdir()
+    (tmp_path / 'toy').symlink_to(scratch, target_is_directory=True)
+    make_toy_data(str(tmp_path / 'toy'), num_train=1, num_val=1)
+    assert (scratch / 'coco' / '.mmtwins_toy_data').exists()
+    assert len(_read_coco(scratch, 'val')['images']) == 1
+
+
+def test_a_demo_rerun_removes_links_among_the_previous_outputs_not_what_they_lead_to(
+        tmp_path, monkeypatch):
+    """A previous run's vis/ that is a link (to a folder of the user's) and a dangling
+    summary.md link are removed as links; the folder they led to stays as it was."""
+    from mmtwins.demo import pipeline
+    elsewhere, out = tmp_path / 'elsewhere', tmp_path / 'demo'
+    elsewhere.mkdir()
+    (elsewhere / 'keep.png').write_text('mine')
+    out.mkdir()
+    (out / 'vis').symlink_to(elsewhere, target_is_directory=True)
+    (out / 'summary.md').symlink_to(tmp_path / 'gone.md')
+    (out / 'metrics.json').write_text(json.dumps(dict(finished=True)))
+    demo = pipeline.Demo(pipeline.parse_args(['--out-dir', str(out)]))
+
+    def data_fails():
+        raise RuntimeError('the data step failed')
+
+    monkeypatch.setattr(demo, 'make_data', data_fails)
+    with pytest.raises(RuntimeError, match='the data step failed'):
+        demo.run()
+    assert not os.path.lexists(out / 'vis') and not os.path.lexists(out / 'summary.md')
+    assert (elsewhere / 'keep.png').read_text() == 'mine'
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_mmengine_loads_any_of_it(
+        tmp_path, monkeypatch):
+    """mmengine's loader (non-strict, with warnings) never gets a checkpoint that does not fit."""
+    import torch
+    from mmseg.apis import MMSegInferencer
+    from mmtwins.checkpoint import CheckpointError
+    from mmtwins.demo.inference import build_inferencer
+    loaded = []
+    monkeypatch.setattr(MMSegInferencer, '_load_weights_to_model',
+                        lambda self, model, ckpt, cfg: loaded.append(ckpt))
+    torch.save({'state_dict': {'extra.weight': torch.ones(1)}}, tmp_path / 'other.pth')
+    with pytest.raises(CheckpointError, match='other.pth does not fit the model of the config'):
+        build_inferencer(project_file(SEG_CONFIG), str(tmp_path / 'other.pth'), 'cpu')
+    assert loaded == []

@@ -655,3 +655,24 @@ def test_test_metrics_json_is_written_by_the_main_process_only(tmp_path, monkeyp
     logged = json.loads(path.read_text())
     assert logged['mae'] == pytest.approx(metrics['mae']) and metrics['mae'] > 0
     assert [p.name for p in path.parent.iterdir() if p.name.startswith('.')] == []  # no temp file
+
+
+def test_atomic_write_creates_the_folder_takes_a_bare_name_and_syncs_the_rename(
+        tmp_path, monkeypatch):
+    """The file's data, then its directory entry, reach the disk (fsync of each); a path in
+    folders not there yet, and a bare file name (the current directory), are written."""
+    import stat
+    synced, fsync = [], os.fsync
+
+    def record(fd):
+        synced.append('dir' if stat.S_ISDIR(os.fstat(fd).st_mode) else 'file')
+        fsync(fd)
+
+    monkeypatch.setattr(os, 'fsync', record)
+    atomic_write(tmp_path / 'new' / 'deeper' / 'metrics.json', '{}')
+    assert (tmp_path / 'new' / 'deeper' / 'metrics.json').read_text() == '{}'
+    assert synced == ['file', 'dir']
+    monkeypatch.chdir(tmp_path)
+    atomic_write('plain.json', b'x')
+    assert (tmp_path / 'plain.json').read_bytes() == b'x'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['new', 'plain.json']

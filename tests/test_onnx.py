@@ -9,6 +9,7 @@ One export per model serves every size. The sizes cover each LSA padding case of
 * 97x131: 25x33, both sides (and odd sizes that PatchEmbed pads);
 * 800x1344: 200x336 tokens, the COCO-like case with bottom padding only.
 """
+import re
 from pathlib import Path
 
 import onnx
@@ -371,3 +372,37 @@ def test_missing_checkers_stop_the_tool_before_the_export(monkeypatch, tmp_path)
     gone.add('onnx')
     with pytest.raises(SystemExit, match='^onnx not installed'):
         pytorch2onnx(args)
+
+
+def test_the_tool_reports_a_misfit_checkpoint_or_a_folder_as_output_in_one_line(tmp_path):
+    cfg_file = str(tmp_path / 'fpn_tiny.py')
+    tiny_model_config('fpn_twins_svt_s_80k_ade20k.py').dump(cfg_file)
+    ckpt = tmp_path / 'other.pth'
+    torch.save({'state_dict': {'extra.weight': torch.ones(1)}}, ckpt)
+    with pytest.raises(SystemExit, match=r'^pytorch2onnx\.py: error: checkpoint .*other\.pth '
+                       'does not fit the model of the config'):
+        pytorch2onnx([cfg_file, str(ckpt), '--shape', '64', '64'])
+    with pytest.raises(SystemExit, match=rf'^pytorch2onnx\.py: error: {re.escape(str(tmp_path))} '
+                       'is a directory: name the file to write'):
+        pytorch2onnx([cfg_file, '--backbone-only', '--shape', '64', '64', '--output-file',
+                      str(tmp_path)])
+
+
+def test_a_failed_verify_with_no_earlier_output_says_nothing_was_written(tmp_path, monkeypatch):
+    """An output named without .onnx, in a folder not there yet: the graph that failed is kept
+    as NAME.unverified.onnx, and the message says that nothing was written."""
+    from mmtwins.deployment import pytorch2onnx as tool
+    cfg_file = str(tmp_path / 'fpn_tiny.py')
+    tiny_model_config('fpn_twins_svt_s_80k_ade20k.py').dump(cfg_file)
+
+    def runtime_fails(*args, **kwargs):
+        raise RuntimeError('ONNX Runtime cannot run the graph')
+
+    monkeypatch.setattr(tool, 'verify_onnx', runtime_fails)
+    out = tmp_path / 'onnx' / 'svt'
+    with pytest.raises(SystemExit, match=r'^RuntimeError: ONNX Runtime cannot run the graph\n'
+                       r'verification failed: the export is kept as .*/onnx/svt\.unverified\.onnx '
+                       r'to inspect, not written to .*/onnx/svt \(nothing written\)$'):
+        pytorch2onnx([cfg_file, '--backbone-only', '--shape', '64', '64', '--output-file',
+                      str(out), '--verify'])
+    assert [p.name for p in out.parent.iterdir()] == ['svt.unverified.onnx']

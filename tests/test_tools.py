@@ -631,3 +631,14 @@ def test_setup_refuses_a_python_older_than_3_10_before_installing_anything(tmp_p
     broken.chmod(0o755)
     proc = setup(MMTWINS_VENV=str(tmp_path / 'venv2'), PYTHON=str(broken))
     assert proc.returncode != 0 and 'needs 3.10' not in proc.stderr
+
+
+def test_cli_errors_reports_only_the_refusals_it_names():
+    """A refusal of the types named is one line; anything else (a bug) keeps its traceback."""
+    from mmtwins.cli import cli_errors
+    with pytest.raises(SystemExit, match='^prog: error: bad value$'):
+        with cli_errors('prog', (ValueError, )):
+            raise ValueError('bad value')
+    with pytest.raises(KeyError):
+        with cli_errors('prog', (ValueError, )):
+            raise KeyError('a bug')
