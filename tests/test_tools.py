@@ -136,7 +136,7 @@ def no_gpu(monkeypatch, tmp_path):
 
 def test_cpu_launchers_other_than_pytorch_fail_clearly(no_gpu):
     assert setup_cpu_distributed(Config(dict(launcher='none'))) is False
-    with pytest.raises(RuntimeError, match='needs GPUs.*tools/dist_train.sh'):
+    with pytest.raises(ConfigError, match='needs GPUs.*tools/dist_train.sh'):
         setup_cpu_distributed(Config(dict(launcher='slurm')))
 
 
@@ -160,7 +160,7 @@ def test_gpus_that_torch_cannot_use_stop_a_distributed_run(no_gpu, monkeypatch):
     monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
     assert runner_api.gpus_torch_cannot_use() == str(no_gpu / 'nvidia0')
     for launcher in ('pytorch', 'slurm'):
-        with pytest.raises(RuntimeError, match=f'--launcher {launcher}: this machine has NVIDIA '
+        with pytest.raises(ConfigError, match=f'--launcher {launcher}: this machine has NVIDIA '
                            r'GPUs \(.*nvidia0\), but torch .* cannot use them.*driver is older'
                            '.*CUDA_VISIBLE_DEVICES= to run on the CPUs'):
             setup_cpu_distributed(Config(dict(launcher=launcher)))
@@ -549,13 +549,17 @@ def test_train_and_test_print_a_refusal_as_one_line(tmp_path):
     cfg.train_dataloader.dataset.data_root = str(tmp_path / 'no_coco')
     config = tmp_path / 'retinanet.py'
     cfg.dump(str(config))
-    for tool, args, message in [
-            ('train.py', [], r'config .*retinanet.py has \d+ problems:\n  - model.backbone.'
-             "drop_path_rat: SVT has no argument 'drop_path_rat'; did you mean 'drop_path_rate'"),
-            ('train.py', ['--auto-scale-lr', '--cfg-options', 'auto_scale_lr=None'],
-             '--auto-scale-lr needs auto_scale_lr=dict'),
-            ('test.py', ['ckpt.pth', '--out', 'preds.json'],
-             '--out must name a .pkl/.pickle file for mmdet')]:
+    cases = [
+        ('train.py', [], r'config .*retinanet.py has \d+ problems:\n  - model.backbone.'
+         "drop_path_rat: SVT has no argument 'drop_path_rat'; did you mean 'drop_path_rate'"),
+        ('train.py', ['--auto-scale-lr', '--cfg-options', 'auto_scale_lr=None'],
+         '--auto-scale-lr needs auto_scale_lr=dict'),
+        ('test.py', ['ckpt.pth', '--out', 'preds.json'],
+         '--out must name a .pkl/.pickle file for mmdet')]
+    if not runner_api.accelerator_available() and not runner_api.gpus_torch_cannot_use():
+        cases.append(('test.py', ['ckpt.pth', '--launcher', 'slurm'],  # a machine without GPUs
+                      '--launcher slurm needs GPUs, and this machine has none'))
+    for tool, args, message in cases:
         proc = subprocess.run([sys.executable, f'tools/{tool}', str(config), *args], cwd=REPO,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]

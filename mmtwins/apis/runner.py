@@ -34,32 +34,33 @@ from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
 
 from mmtwins.checkpoint import allow_mmengine_checkpoints
+from mmtwins.engine import ConfigError
 
 NVIDIA_DEVICES = '/dev/nvidia[0-9]*'  # one device file per GPU the driver found
 
 
-def setup_cpu_distributed(cfg: Config) -> bool:
-    """Prepare a distributed run on CPUs only: gloo process group and a CPU DDP wrapper.
+def on_cpus_distributed(cfg: Config) -> bool:
+    """Whether ``cfg``'s run is a distributed one without an accelerator for it: a launcher
+    other than ``none``, no GPU, NPU, MLU or MUSA device (mmengine's launchers set those up),
+    and no process group yet."""
+    return (cfg.get('launcher', 'none') != 'none' and not accelerator_available()
+            and not dist.is_initialized())
 
-    Does nothing (returns False) for ``launcher='none'``, when a GPU, NPU, MLU or MUSA device
-    is available (mmengine's launchers set those up) or when a process group already exists.
-    Only ``--launcher pytorch`` (``torchrun``, as ``tools/dist_train.sh`` uses) is supported on
-    CPUs; its environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) is read
-    by ``init_process_group``.
 
-    Returns:
-        bool: True if this call initialised the gloo process group.
+def check_launcher(cfg: Config) -> None:
+    """Refuse a distributed run this machine cannot start, before anything is built.
 
     Raises:
-        RuntimeError: the machine has GPUs that torch cannot use (:func:`gpus_torch_cannot_use`),
-            or the launcher is not ``pytorch``.
+        ConfigError: the machine has NVIDIA GPUs that torch cannot use
+            (:func:`gpus_torch_cannot_use`), or, without an accelerator, a launcher other than
+            ``pytorch``.
     """
-    launcher = cfg.get('launcher', 'none')
-    if launcher == 'none' or accelerator_available() or dist.is_initialized():
-        return False
+    if not on_cpus_distributed(cfg):
+        return
+    launcher = cfg.launcher
     unusable = gpus_torch_cannot_use()
     if unusable:
-        raise RuntimeError(
+        raise ConfigError(
             f'--launcher {launcher}: this machine has NVIDIA GPUs ({unusable}), but torch '
             f'{torch.__version__} (CUDA {torch.version.cuda}) cannot use them: '
             'torch.cuda.is_available() is False, most often because the driver is older than '
@@ -67,9 +68,28 @@ def setup_cpu_distributed(cfg: Config) -> bool:
             "job may not open the devices (a scheduler's CPU-only allocation). Install a torch "
             'build for this driver, or set CUDA_VISIBLE_DEVICES= to run on the CPUs.')
     if launcher != 'pytorch':
-        raise RuntimeError(f'--launcher {launcher} needs GPUs, and this machine has none. On CPUs '
-                           'use tools/dist_train.sh / tools/dist_test.sh (--launcher pytorch, '
-                           'the gloo backend) or run single-process with --launcher none.')
+        raise ConfigError(f'--launcher {launcher} needs GPUs, and this machine has none. On CPUs '
+                          'use tools/dist_train.sh / tools/dist_test.sh (--launcher pytorch, '
+                          'the gloo backend) or run single-process with --launcher none.')
+
+
+def setup_cpu_distributed(cfg: Config) -> bool:
+    """Prepare a distributed run on CPUs only: gloo process group and a CPU DDP wrapper.
+
+    Does nothing (returns False) unless :func:`on_cpus_distributed`. Only ``--launcher
+    pytorch`` (``torchrun``, as ``tools/dist_train.sh`` uses) is supported on CPUs; its
+    environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) is read by
+    ``init_process_group``.
+
+    Returns:
+        bool: True if this call initialised the gloo process group.
+
+    Raises:
+        ConfigError: as :func:`check_launcher`, which the tools run before building anything.
+    """
+    check_launcher(cfg)
+    if not on_cpus_distributed(cfg):
+        return False
     dist_cfg = cfg.setdefault('env_cfg', ConfigDict()).setdefault('dist_cfg', ConfigDict())
     timeout = dist_cfg.get('timeout')  # seconds, as mmengine's init_dist takes it
     dist.init_process_group(backend='gloo', **({} if timeout is None else dict(

@@ -23,7 +23,7 @@ from mmengine.utils import mkdir_or_exist
 from mmtwins.cli import cli_errors
 from mmtwins.engine import ConfigError
 from .config import add_common_args, load_config, warn_if_cpu_amp_is_emulated
-from .runner import build_runner, owned_process_group
+from .runner import build_runner, check_launcher, owned_process_group
 
 PICKLE_SUFFIXES = ('.pkl', '.pickle')
 
@@ -268,5 +268,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     with cli_errors('test.py', (ConfigError, )):
         cfg = build_test_cfg(args)
+        check_launcher(cfg)
     with owned_process_group():
         return run_test(cfg, args.out)

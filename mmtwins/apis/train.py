@@ -13,7 +13,7 @@ from mmengine.logging import print_log
 from mmtwins.cli import cli_errors
 from mmtwins.engine import ConfigError, preflight_check, train_dataloaders
 from .config import add_common_args, load_config
-from .runner import accelerator_available, build_runner, owned_process_group
+from .runner import accelerator_available, build_runner, check_launcher, owned_process_group
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -89,6 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     with cli_errors('train.py', (ConfigError, )):
         cfg = build_train_cfg(args)
+        check_launcher(cfg)
         check_amp_device(cfg)
         preflight_check(cfg, train_dataloaders(cfg))
     with owned_process_group():
