@@ -15,7 +15,7 @@ from ade_toy import miou_from_maps, read_label_maps
 from coco_toy import coco_stats
 from mmtwins.demo import CLASSES, SEG_CLASSES, make_toy_data
 from mmtwins.demo.toy_data import toy_data_paths
-from mmtwins.demo.inference import infer, list_images
+from mmtwins.demo.inference import InputError, infer, list_images
 from mmtwins.demo.inference import main as infer_main
 from mmtwins.demo.pipeline import DET_CONFIG, SEG_CONFIG, project_file
 from mmtwins.demo.pipeline import main as demo_main
@@ -272,8 +272,37 @@ def test_list_images_errors(tmp_path):
     for folder in ('x', 'y'):
         (tmp_path / folder).mkdir()
         Image.new('RGB', (8, 8)).save(tmp_path / folder / 'same.png')
-    with pytest.raises(ValueError, match='share the file name'):
+    with pytest.raises(InputError, match='share the file name'):
         list_images([str(tmp_path / 'x'), str(tmp_path / 'y')])
+
+
+def test_infer_refusals_are_one_line_before_any_model_is_built(tmp_path, monkeypatch):
+    """tools/infer.py prints its own refusals as one line (exit status 1), not a traceback:
+    inputs whose outputs would overwrite each other, and a config that is neither a
+    detector's nor a segmentor's (mmpretrain's); no model is built for either."""
+    import mmengine.registry
+
+    def no_build(*args, **kwargs):
+        raise AssertionError('a model was built')
+
+    monkeypatch.setattr(mmengine.registry.Registry, 'build', no_build)
+    for folder in ('x', 'y'):
+        (tmp_path / folder).mkdir()
+        Image.new('RGB', (8, 8)).save(tmp_path / folder / 'same.png')
+    (tmp_path / 'any.pth').write_bytes(b'')
+    seg_config, cls_config = project_file(SEG_CONFIG), project_file('configs/twins_svt_s_in1k.py')
+    refusals = {
+        (seg_config, 'x', 'y'): r"several inputs share the file name\(s\) \['same'\]: their "
+                                'outputs would overwrite each other; run them separately$',
+        (cls_config, 'x'): r"twins_svt_s_in1k\.py: default_scope is 'mmpretrain'; inference "
+                           r"supports detectors \(default_scope='mmdet'\) and segmentors",
+    }
+    for (config, *folders), message in refusals.items():
+        with pytest.raises(SystemExit, match=rf'^infer\.py: error: .*{message}') as err:
+            infer_main([config, str(tmp_path / 'any.pth'),
+                        *(str(tmp_path / f) for f in folders), '--out-dir', str(tmp_path / 'o')])
+        assert '\n' not in str(err.value)
+    assert not (tmp_path / 'o').exists()
 
 
 @pytest.mark.usefixtures('one_torch_thread')

@@ -98,10 +98,13 @@ if [[ -z $mmcv_wheel ]]; then
     # the whole build output, kept if the build fails (one file per build: set-ups can share
     # the cache)
     build_log=$(mktemp "$wheels/mmcv-$mmcv_version-$py_tag-build-XXXXXX.log")
+    # on the terminal: "compiling [i/n] FILE" for each source, and the lines that say how it ended
+    progress='s#^ *(\[[0-9]+/[0-9]+\]) .* -c (-c )?[^ ]*/([^/ ]+\.(cpp|cu)) .*#  compiling \1 \3#p'
+    outcome='/^(ERROR|error:|Created wheel)/p'
     # No build isolation: the build must compile against the torch installed above.
     MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} pip wheel -v --no-build-isolation --no-deps \
         -c "$constraints" "mmcv==$mmcv_version" -w "$tmp" 2>&1 | tee "$build_log" \
-        | sed -nuE 's#^ *(\[[0-9]+/[0-9]+\]) .* -c (-c )?[^ ]*/([^/ ]+\.(cpp|cu)) .*#  compiling \1 \3#p; /^(ERROR|error:|Created wheel)/p' >&2 || true
+        | sed -nuE -e "$progress" -e "$outcome" >&2 || true
     built=$(ls "$tmp"/mmcv-*.whl 2>/dev/null | head -n1 || true)
     if [[ -z $built ]]; then
         rm -rf "$tmp"

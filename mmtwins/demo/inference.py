@@ -29,14 +29,24 @@ from PIL import Image
 from mmtwins.apis import allow_mmengine_checkpoints
 from mmtwins.checkpoint import CheckpointError, check_checkpoint_file, fitting_state_dict
 from mmtwins.cli import cli_errors
+from mmtwins.engine import ConfigError
 from mmtwins.engine.fileio import atomic_write
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 CHUNK = 16  # images per inferencer call: the drawn images of one call are held in memory
 
 
+class InputError(ValueError):
+    """Inputs that cannot be processed as asked (their outputs would overwrite each other)."""
+
+
 def list_images(inputs: Sequence[str]) -> List[str]:
-    """Image files of ``inputs`` (files, or folders searched recursively), in order."""
+    """Image files of ``inputs`` (files, or folders searched recursively), in order.
+
+    Raises:
+        FileNotFoundError: an input is missing, or a folder holds no image.
+        InputError: two images share a file name (their outputs would share one).
+    """
     images = []
     for path in inputs:
         if osp.isdir(path):
@@ -53,7 +63,7 @@ def list_images(inputs: Sequence[str]) -> List[str]:
     stems = [osp.splitext(osp.basename(p))[0] for p in images]
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:
-        raise ValueError(f'several inputs share the file name(s) {duplicates}: their outputs '
+        raise InputError(f'several inputs share the file name(s) {duplicates}: their outputs '
                          'would overwrite each other; run them separately')
     return images
 
@@ -88,7 +98,7 @@ def build_inferencer(config: str,
         FileNotFoundError: ``checkpoint`` is not a file (said before the model is built).
         CheckpointError: ``checkpoint`` does not fit the model (keys missing, unexpected or of
             another shape: the checkpoint of another config, say).
-        ValueError: the config is neither a detector's nor a segmentor's.
+        ConfigError: the config is neither a detector's nor a segmentor's.
     """
     check_checkpoint_file(checkpoint)
     allow_mmengine_checkpoints()  # torch >= 2.6 loads with weights_only=True
@@ -104,7 +114,7 @@ def build_inferencer(config: str,
         from mmseg.apis import MMSegInferencer
         return 'seg', _fit_checked(MMSegInferencer, checkpoint)(
             model=cfg, weights=checkpoint, device=device, scope=scope)
-    raise ValueError(f'{config}: default_scope is {scope!r}; inference supports detectors '
+    raise ConfigError(f'{config}: default_scope is {scope!r}; inference supports detectors '
                      "(default_scope='mmdet') and segmentors (default_scope='mmseg')")
 
 
@@ -144,7 +154,9 @@ def infer(config: str,
     Raises:
         FileNotFoundError: an input or the checkpoint is missing (said before the model is
             built).
+        InputError: two inputs share a file name (also said before).
         CheckpointError: the checkpoint does not fit the config's model.
+        ConfigError: the config is neither a detector's nor a segmentor's.
     """
     images = list_images(inputs)
     task, inferencer = build_inferencer(config, checkpoint, device, cfg_options)
@@ -198,8 +210,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[str]]:
+    """Run :func:`infer`; its refusals (the errors its docstring lists) exit with their
+    message as one line."""
     args = parse_args(argv)
-    with cli_errors('infer.py', (FileNotFoundError, CheckpointError)):
+    with cli_errors('infer.py', (FileNotFoundError, InputError, CheckpointError, ConfigError)):
         written = infer(args.config, args.checkpoint, args.inputs, args.out_dir, args.device,
                         args.score_thr, args.batch_size, args.cfg_options)
     print(f'{len(written["vis"])} images: drawn in {osp.join(args.out_dir, "vis")}, '

@@ -40,7 +40,8 @@ def __getattr__(name):
         raise RuntimeError(f'mmcv op {name!r} is not built on this machine (mmcv-lite)')
     return op
 EOF
-    "$python" -c 'import sys; sys.path.insert(0, sys.argv[1]); import mmseg.models, mmpretrain.models, timm' "$site"
+    "$python" -c 'import sys; sys.path.insert(0, sys.argv[1])
+import mmseg.models, mmpretrain.models, timm' "$site"
     echo "offline stack ready in $site"
     ;;
 *)
