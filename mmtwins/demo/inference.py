@@ -115,7 +115,7 @@ def build_inferencer(config: str,
         return 'seg', _fit_checked(MMSegInferencer, checkpoint)(
             model=cfg, weights=checkpoint, device=device, scope=scope)
     raise ConfigError(f'{config}: default_scope is {scope!r}; inference supports detectors '
-                     "(default_scope='mmdet') and segmentors (default_scope='mmseg')")
+                      "(default_scope='mmdet') and segmentors (default_scope='mmseg')")
 
 
 def _save_det(pred: dict, classes: Sequence[str], out_file: str) -> None:
