@@ -176,12 +176,12 @@ def fitting_state_dict(model: nn.Module, ckpt: dict, source: str) -> StateDict:
     unexpected = [k for k in state if k not in own]
     reshaped = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
                 if k in own and v.shape != own[k].shape]
-    if missing or unexpected or reshaped:
+    misfits = [f'{len(keys)} {kind} {_first(keys)}' for kind, keys in (
+        ('missing key(s)', missing), ('unexpected key(s)', unexpected),
+        ('of another shape (checkpoint vs model)', reshaped)) if keys]
+    if misfits:
         raise CheckpointError(
-            f'checkpoint {source} does not fit the model of the config: '
-            f'{len(missing)} missing key(s) {_first(missing)}, '
-            f'{len(unexpected)} unexpected key(s) {_first(unexpected)}, '
-            f'{len(reshaped)} of another shape (checkpoint vs model) {_first(reshaped)}. '
+            f'checkpoint {source} does not fit the model of the config: {", ".join(misfits)}. '
             'It may be the checkpoint of another config, or of a backbone alone: give the '
             'checkpoint that training with this config wrote')
     return state

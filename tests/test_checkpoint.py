@@ -415,7 +415,7 @@ def test_same_widths_other_depths_is_refused_and_nothing_is_loaded(src_arch, dst
 
 def test_a_url_is_left_to_the_loader_and_a_misfit_is_named_by_its_file():
     """check_checkpoint_file does not look for a URL on disk; fitting_state_dict names the
-    checkpoint in every refusal and lists the first five keys of each kind, then '...'."""
+    checkpoint in every refusal and lists the first five keys of each kind found, then '...'."""
     from mmtwins.checkpoint import check_checkpoint_file, fitting_state_dict
     for url in ('https://example.org/svt_s.pth', 's3://bucket/run/iter_4.pth'):
         check_checkpoint_file(url)  # no network: nothing is fetched or checked
@@ -426,5 +426,9 @@ def test_a_url_is_left_to_the_loader_and_a_misfit_is_named_by_its_file():
     with pytest.raises(CheckpointError, match=re.escape(
             "checkpoint /w/b.pth does not fit the model of the config: 6 missing key(s) "
             "['0.weight', '0.bias', '1.weight', '1.bias', '2.weight'] ..., 1 unexpected key(s) "
-            "['other'], 0 of another shape (checkpoint vs model) [].")):
+            "['other']. It may be")):
         fitting_state_dict(model, {'state_dict': {'other': torch.ones(1)}}, '/w/b.pth')
+    with pytest.raises(CheckpointError, match=re.escape(
+            "does not fit the model of the config: 1 of another shape (checkpoint vs model) "
+            "['2.bias (2,) vs (1,)']. It may be")):
+        fitting_state_dict(model, {**model.state_dict(), '2.bias': torch.ones(2)}, '/w/c.pth')

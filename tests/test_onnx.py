@@ -96,6 +96,8 @@ def test_segmentor_logits_and_labels_via_the_tool(tmp_path, capsys):
     assert 'exported the segmentor' in log and 'seg_logits' in log
     assert 'ONNX Runtime matches PyTorch' in log
     assert non_default_domain_ops(out) == set()
+    assert dims(onnx.load(out).graph.output[0]) == [
+        'batch', 150, 'seg_logits_height', 'seg_logits_width']
 
     # The exported computation is mmseg's own whole-image inference.
     torch.manual_seed(0)
@@ -113,6 +115,8 @@ def test_segmentor_logits_and_labels_via_the_tool(tmp_path, capsys):
         torch.testing.assert_close(module(images)[0], expected.argmax(dim=1), rtol=0, atol=0)
     path = str(tmp_path / 'labels.onnx')
     assert export_onnx(module, path, (64, 96)) == ['seg_labels']
+    assert dims(onnx.load(path).graph.output[0]) == [
+        'batch', 'seg_labels_height', 'seg_labels_width']
     [res] = verify_onnx(path, module, [(2, 97, 131)])
     assert res['outputs']['seg_labels'] == dict(shape=(2, 97, 131), mismatches=0)
     other = build_export_module(randomize_parameters_(load_model(cfg_file), seed=1),
@@ -138,6 +142,8 @@ def test_upernet_pyramid_pooling_exports_with_dynamic_sizes(tmp_path):
     shapes = [r['outputs']['seg_logits']['shape'] for r in results]
     assert shapes == [(2, 150, 97, 131), (1, 150, 200, 224)]
     assert max_diff(results) <= TOL
+    assert dims(onnx.load(path).graph.output[0]) == [
+        'batch', 150, 'seg_logits_height', 'seg_logits_width']
 
 
 def test_segmentor_checkpoint_is_loaded_strictly(tmp_path):

@@ -110,6 +110,9 @@ class SegmentorExport(ExportModule):
         logits = head.forward(self.segmentor.extract_feat(images))
         logits = resize(logits, size=images.shape[2:], mode='bilinear',
                         align_corners=head.align_corners, warning=False)
+        # The same shape again, the classes as a Python int: the exported graph then declares
+        # them as a number (the resize's output shape leaves them to the exporter's naming).
+        logits = logits.reshape(logits.shape[0], head.out_channels, *logits.shape[2:])
         if self.output == 'logits':
             return [('seg_logits', logits)]
         if head.out_channels == 1:

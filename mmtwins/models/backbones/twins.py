@@ -34,7 +34,7 @@ class Twins(BaseModule):
         arch (str | dict): A variant name from ``arch_zoo`` (``'small'``, ``'s'``, ...) or a
             dict with the keys of :data:`ARCH_KEYS`, each a sequence with one entry per stage
             (``window_sizes`` entries are an int or ``None`` for a stage of only global attention;
-            the key may be left out, meaning all ``None``).
+            :class:`PCPVT` lets the key be left out, meaning all ``None``, :class:`SVT` does not).
         in_channels (int): Channels of the input images.
         out_indices (int | Sequence[int], optional): Stages whose feature maps are returned, in
             increasing order (negative indices count from the last stage); by default every
@@ -400,3 +400,15 @@ class SVT(Twins):
         'base': _arch([96, 192, 384, 768], [3, 6, 12, 24], [4, 4, 4, 4], [2, 2, 18, 2], 7),
         'large': _arch([128, 256, 512, 1024], [4, 8, 16, 32], [4, 4, 4, 4], [2, 2, 18, 2], 7),
     })
+
+    @classmethod
+    def _resolve_arch(cls, arch: Union[str, dict]) -> dict:
+        """As :meth:`Twins._resolve_arch`, but a custom dict must give ``window_sizes``: left
+        out, it would mean global attention only, PCPVT's design, not SVT's."""
+        resolved = super()._resolve_arch(arch)  # a misspelt key is named as unknown first
+        if isinstance(arch, dict) and 'window_sizes' not in arch:
+            raise ValueError(
+                "SVT: custom arch is missing key 'window_sizes': one entry per stage, the window "
+                'side of its locally-grouped attention blocks (7 in every stage of the paper), '
+                'or None for a stage of only global attention')
+        return resolved
