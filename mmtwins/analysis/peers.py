@@ -41,7 +41,7 @@ as on the network, so it says how much of a difference in time is the allocator'
 For inference cases the achieved GFLOP/s (the forward pass's FLOPs, counted by
 :func:`mmtwins.analysis.flops.count_complexity`, over the median time) is also reported as a
 fraction of the machine's dense matmul GFLOP/s in the case's precision (measured around each
-case, :func:`matmul_gflops`).
+case, :func:`dense_gflops`: the faster of the BLAS and, on a CPU in fp32, oneDNN).
 
 With ``kernels=True`` (``--kernels``) one more step of every implementation runs under
 ``torch.profiler``: its time by operator category (matmul, fused attention, convolution, copies,
@@ -74,6 +74,7 @@ from mmtwins.apis.config import cpu_has_native_bf16
 from mmtwins.models import PCPVT, SVT
 from mmtwins.models.backbones.twins import ARCH_KEYS
 from mmtwins.models.layers.block import NORM_EPS
+from mmtwins.models.layers.linear import linear, use_onednn
 from .benchmark import (PeakMemory, autocast_context, autocast_dtype, peak_live_mb,
                         quiet_cpu_profiler, sync_device)
 
@@ -288,8 +289,37 @@ def _category(name: str) -> str:
     return 'other'
 
 
-def _gemm_flops(name: str, shapes) -> int:
-    """2 x multiply-accumulates of one matmul operator call from its input shapes."""
+#: Where the convolution operators take their input map and weight: mmtwins' fp32 CPU linears
+#: run as 1x1 convolutions over a (1, C, 1, M) map (:mod:`..models.layers.linear`). oneDNN's
+#: kernels run in the last two, which count the FLOPs; the others are dispatch.
+_CONV_OPERANDS = {'aten::conv2d': (0, 1), 'aten::convolution': (0, 1),
+                  'aten::_convolution': (0, 1), 'aten::mkldnn_convolution': (0, 1),
+                  'aten::convolution_backward': (1, 2)}
+
+
+def _token_linear(name: str, shapes) -> Optional[Tuple[list, list]]:
+    """(input map, weight) shapes where the operator is such a 1x1 convolution, else None."""
+    if name not in _CONV_OPERANDS:
+        return None
+    x, w = (shapes[i] for i in _CONV_OPERANDS[name])
+    token_map = len(x) == 4 and x[0] == 1 and x[2] == 1
+    return (x, w) if token_map and len(w) == 4 and w[2:] == [1, 1] else None
+
+
+def _gemm_flops(name: str, shapes, args) -> int:
+    """2 x multiply-accumulates of one matmul operator call from its input shapes (``args``,
+    its concrete arguments where recorded, give a convolution's backward which of the input
+    and weight gradients it computed; both where not recorded)."""
+    linear = _token_linear(name, shapes)
+    if linear is not None:
+        if name not in ('aten::mkldnn_convolution', 'aten::convolution_backward'):
+            return 0
+        (_, c, _, m), (o, *_) = linear
+        grads = 1
+        if name == 'aten::convolution_backward':
+            mask = args[-1] if args and isinstance(args[-1], list) else [True, True]
+            grads = sum(map(bool, mask[:2]))
+        return 2 * m * c * o * grads
     a, b = shapes[:2] if name in ('aten::mm', 'aten::bmm') else shapes[1:3]
     return 2 * math.prod(a) * b[-1]
 
@@ -301,7 +331,8 @@ def kernel_breakdown(step: Callable, device: Optional[torch.device] = None) -> d
     ``step`` runs once under ``torch.profiler``; each operator's self time (its own, not its
     children's; on CUDA, the time of the kernels it launched itself) goes to its category of
     :data:`KERNEL_CATEGORIES`, so the categories add up to the time the processor was busy with
-    the step. The matmul operators' FLOPs come from their input shapes.
+    the step. mmtwins' linears that run as oneDNN 1x1 convolutions count as matmuls. The matmul
+    operators' FLOPs come from their input shapes.
 
     Returns:
         dict: ``ms`` (category -> milliseconds, plus ``total``), ``matmul_gflops``, the GFLOP/s
@@ -325,10 +356,12 @@ def kernel_breakdown(step: Callable, device: Optional[torch.device] = None) -> d
     for event in prof.events():
         if event.device_type != DeviceType.CPU:  # a kernel: counted through the op launching it
             continue
-        category = _category(event.name)
+        linear = _token_linear(event.name, event.input_shapes)
+        category = 'matmul' if linear else _category(event.name)
         ms[category] += (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
         if category == 'matmul':
-            gemm_flops += _gemm_flops(event.name, event.input_shapes)
+            gemm_flops += _gemm_flops(event.name, event.input_shapes,
+                                      getattr(event, 'concrete_inputs', None))
     ms['total'] = sum(ms.values())
     return dict(ms=ms, matmul_gflops=gemm_flops / ms['matmul'] / 1e6 if ms['matmul'] else None,
                 wall_ms=wall * 1e3)
@@ -554,9 +587,9 @@ class CaseResult:
     ``seconds``: the median step time (over several rounds of fresh processes, the median of the
     rounds' medians, which ``round_seconds`` lists);
     ``gflops``: the case's forward GFLOP (2 x multiply-accumulates, attention included);
-    ``matmul_gflops``: this machine's dense matmul GFLOP/s in the case's precision (fp32, or
-    the autocast dtype), the better of two measurements taken just before and just after the
-    case's steps.
+    ``dense_gflops``: this machine's dense matmul GFLOP/s in the case's precision (fp32, or
+    the autocast dtype) by kernel (:func:`dense_gflops`), each the better of two measurements
+    taken just before and just after the case's steps; ``matmul_gflops``: the best of them.
     """
     variant: str
     mode: str
@@ -573,6 +606,7 @@ class CaseResult:
     cosine: Optional[float] = None  # autocast cases: output cosine similarity with fp32
     gflops: Optional[float] = None
     matmul_gflops: Optional[float] = None
+    dense_gflops: Dict[str, float] = field(default_factory=dict)
     interleaved: bool = True
     kernels: Dict[str, dict] = field(default_factory=dict)  # entry -> kernel_breakdown()
     round_seconds: Dict[str, List[float]] = field(default_factory=dict)  # per round: median
@@ -679,7 +713,7 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
         macs = count_complexity(build_impl('mmtwins', family, arch), torch.randn(*shape)).flops
         res.gflops = 2 * macs / 1e9
     ceiling_dtype = autocast_dtype(dev, amp_dtype) if amp else torch.float32
-    res.matmul_gflops = matmul_gflops(device, ceiling_dtype)
+    dense = dense_gflops(device, ceiling_dtype)
     # Interleaved: every worker alive at once. One at a time: each entry's steps in a block, for
     # cases where several processes' memory would not fit side by side.
     groups = [entries] if interleave else [[e] for e in entries]
@@ -707,7 +741,9 @@ def compare_case(family: str, arch: str, mode: str, shape: Sequence[int], peers:
                 if all(f is not None for _, f in steps):
                     faults.setdefault(n, []).append(statistics.median(f for _, f in steps))
     # The ceiling: the better of two measurements, before and after the timed steps.
-    res.matmul_gflops = max(res.matmul_gflops, matmul_gflops(device, ceiling_dtype))
+    after = dense_gflops(device, ceiling_dtype)
+    res.dense_gflops = {k: max(g, after[k]) for k, g in dense.items()}
+    res.matmul_gflops = max(res.dense_gflops.values())
     res.seconds = {n: statistics.median(ts) for n, ts in res.round_seconds.items()}
     res.page_faults = {n: statistics.median(fs) for n, fs in faults.items()
                        if len(fs) == rounds}
@@ -735,23 +771,32 @@ def autocast_cosine(model: nn.Module, x: torch.Tensor,
     return torch.nn.functional.cosine_similarity(ref.double(), low.double(), dim=0).item()
 
 
-def matmul_gflops(device: str = 'cpu', dtype: torch.dtype = torch.float32,
-                  n: Optional[int] = None, repeats: int = 10) -> float:
-    """Dense matmul GFLOP/s of this machine in ``dtype`` (the ceiling for the GFLOP/s
-    fractions), n x n by n x n: n = 2048 on a CPU, 8192 on a GPU (which a smaller product does
-    not fill). fp32 runs as the device runs it by default (on CUDA: no TF32)."""
+def dense_gflops(device: str = 'cpu', dtype: torch.dtype = torch.float32,
+                 n: Optional[int] = None, repeats: int = 10) -> Dict[str, float]:
+    """Dense matmul GFLOP/s of this machine in ``dtype`` by kernel, n x n by n x n: n = 2048 on
+    a CPU, 8192 on a GPU (which a smaller product does not fill). ``blas`` is ``a @ b`` as the
+    device runs it by default (on CUDA: no TF32; on a CPU in fp32: MKL); ``onednn``, where
+    mmtwins' linears take it (a CPU in fp32, :func:`..models.layers.linear.use_onednn`), is the
+    same product through that route. The best of them is the ceiling of the GFLOP/s
+    fractions."""
     dev = torch.device(device)
     n = n or (2048 if dev.type == 'cpu' else 8192)
     a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
-    a @ b
-    sync_device(dev)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
+    kernels = {'blas': lambda: a @ b}
+    if use_onednn(a, b):
+        kernels['onednn'] = lambda: linear(a, b)
+    rates = {}
+    for name, product in kernels.items():
+        product()
         sync_device(dev)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product()
+            sync_device(dev)
+            best = min(best, time.perf_counter() - start)
+        rates[name] = 2 * n**3 / best / 1e9
+    return rates
 
 
 def _ms(seconds: float) -> str:
@@ -855,7 +900,8 @@ def format_case(r: CaseResult) -> str:
                 f'{p} {d:.1e}' for p, d in diffs.items())
     if r.flops_fraction() is not None:
         line += (f'; {r.gflops / r.seconds["mmtwins"]:.0f} GFLOP/s = '
-                 f'{r.flops_fraction():.2f} of dense matmul ({r.matmul_gflops:.0f})')
+                 f'{r.flops_fraction():.2f} of dense matmul ({r.matmul_gflops:.0f}: '
+                 + ', '.join(f'{k} {g:.0f}' for k, g in r.dense_gflops.items()) + ')')
     if r.saved_mb:
         line += (f'; saved-for-backward MB {_mem(r, "saved_mb")} '
                  f'(ratio {r.memory_ratio() or float("nan"):.2f})')

@@ -1,7 +1,8 @@
 """The two spatial attentions of Twins (paper section 3.2), on token sequences.
 
 Both take ``x`` of shape (B, N, C) with N = H * W tokens in row-major order and ``hw = (H, W)``,
-and return (B, N, C). Attention runs through ``F.scaled_dot_product_attention``.
+and return (B, N, C). Attention runs through ``F.scaled_dot_product_attention``, the linears
+through :func:`.linear.apply_linear` (oneDNN on CPUs).
 """
 from typing import Tuple
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embed import pad_amounts
+from .linear import apply_linear
 
 
 def _check_heads(dim: int, num_heads: int) -> int:
@@ -61,15 +63,15 @@ class GlobalSubsampledAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
-        q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        q = apply_linear(self.q, x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         if self.sr_ratio > 1:
             x = x.transpose(1, 2).reshape(B, C, hw[0], hw[1])
             x = self.norm(self.sr(x).flatten(2).transpose(1, 2))
-        k, v = _heads(self.kv(x).view(B, -1, 2, self.num_heads, self.head_dim))
+        k, v = _heads(apply_linear(self.kv, x).view(B, -1, 2, self.num_heads, self.head_dim))
         x = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(apply_linear(self.proj, x))
 
 
 class LocallyGroupedAttention(nn.Module):
@@ -122,7 +124,8 @@ class LocallyGroupedAttention(nn.Module):
         nh, nw = Hp // ws, Wp // ws
         # (B, nh, ws, nw, ws, C) -> (B * nh * nw, ws * ws, C): one row of tokens per window
         x = x.view(B, nh, ws, nw, ws, C).transpose(2, 3).reshape(B * nh * nw, ws * ws, C)
-        q, k, v = _heads(self.qkv(x).view(-1, ws * ws, 3, self.num_heads, self.head_dim))
+        qkv = apply_linear(self.qkv, x).view(-1, ws * ws, 3, self.num_heads, self.head_dim)
+        q, k, v = _heads(qkv)
         mask = None
         if padded:
             mask = self._key_mask(H, W, Hp, Wp, x.device).repeat(B, 1, 1, 1)
@@ -131,7 +134,7 @@ class LocallyGroupedAttention(nn.Module):
         # Projected per window: (B * nh * nw, heads, ws * ws, d) -> (B * nh * nw, ws * ws, C) is
         # a view of the attention's output, which it keeps for backward anyway, so the
         # projection keeps no copy of its own. Then un-windowed to (B, Hp, Wp, C) and cropped.
-        x = self.proj(x.transpose(1, 2).reshape(-1, ws * ws, C))
+        x = apply_linear(self.proj, x.transpose(1, 2).reshape(-1, ws * ws, C))
         x = x.view(B, nh, nw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if padded:
             x = x[:, :H, :W]

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.nn.modules import module as _module
 
 from .embed import is_exporting
+from .linear import is_plain, linear, linear_grads, no_global_hooks, use_onednn
 
 #: Default bound on the elements of one chunk's hidden slice (2**20: 4 MB in fp32).
 CHUNK_ELEMS = 1 << 20
@@ -68,12 +68,14 @@ def _mlp_chunks(x: torch.Tensor, norm: Optional[_Norm], w1, b1, w2, b2, rows: Op
     out = x.new_empty(x.shape[0], w2.shape[0], dtype=w2.dtype) if len(spans) != 1 else None
     for s, e in spans:
         xc = x[s:e] if norm is None else norm(x[s:e])
-        h = F.linear(xc, w1, b1)
+        h = linear(xc, w1, b1)
         if keep is not None:
             keep.append(h)
         if out is None:
-            return F.linear(F.gelu(h), w2, b2)
-        if b2 is None:
+            return linear(F.gelu(h), w2, b2)
+        if use_onednn(h, w2):
+            out[s:e] = linear(F.gelu(h), w2, b2)
+        elif b2 is None:
             torch.mm(F.gelu(h), w2.t(), out=out[s:e])
         else:
             torch.addmm(b2, F.gelu(h), w2.t(), out=out[s:e])
@@ -127,6 +129,18 @@ def _add(acc: Optional[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
     return t if acc is None else acc.add_(t)
 
 
+def _linear_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, need_x: bool, gw, gb,
+                     need_w: bool, need_b: bool, acc_dtype: torch.dtype):
+    """One chunk of a linear's backward: ``(g @ w, gw + g.T @ x, gb + g.sum(0))``, each None
+    where not needed; ``gw``/``gb`` None (the first chunk) give the chunk's own."""
+    if use_onednn(x, w):
+        gxc, gwc, gbc = linear_grads(g, x, w, (need_x, need_w, need_b))
+        return gxc, _add(gw, gwc) if need_w else None, _add(gb, gbc) if need_b else None
+    return (g.mm(w) if need_x else None,
+            _add_product(gw, g.t(), x, acc_dtype) if need_w else None,
+            _add(gb, g.sum(0, dtype=acc_dtype)) if need_b else None)
+
+
 class _ChunkedMlpFunction(torch.autograd.Function):
     """Differentiable chunked MLP with an optional pre-norm; see the module docstring. Under
     autocast it computes in the autocast dtype, as ``F.linear`` would, and returns gradients in
@@ -167,24 +181,17 @@ class _ChunkedMlpFunction(torch.autograd.Function):
                 xc = x2[s:e]
             else:
                 xc, mean, rstd = norm.with_stats(x2[s:e])
-            h = hidden[i] if hidden else F.linear(xc, w1c, b1c)
-            gc = g[s:e]
-            if need_w2:
-                gw2 = _add_product(gw2, gc.t(), F.gelu(h), acc_dtype)
-            if need_b2:
-                gb2 = _add(gb2, gc.sum(0, dtype=acc_dtype))
-            gh = torch.ops.aten.gelu_backward(gc.mm(w2c), h)
-            if need_w1:
-                gw1 = _add_product(gw1, gh.t(), xc, acc_dtype)
-            if need_b1:
-                gb1 = _add(gb1, gh.sum(0, dtype=acc_dtype))
+            h = hidden[i] if hidden else linear(xc, w1c, b1c)
+            ga, gw2, gb2 = _linear_backward(g[s:e], F.gelu(h), w2c, True, gw2, gb2, need_w2,
+                                            need_b2, acc_dtype)
+            gh = torch.ops.aten.gelu_backward(ga, h)
+            gxc, gw1, gb1 = _linear_backward(gh, xc, w1c, need_y, gw1, gb1, need_w1, need_b1,
+                                             acc_dtype)
             if not need_y:
                 continue
-            if norm is None:
-                gxc = gh.mm(w1c)
-            else:
+            if norm is not None:
                 gxc, gnwc, gnbc = torch.ops.aten.native_layer_norm_backward(
-                    _to(gh.mm(w1c), x2.dtype), x2[s:e], x2.shape[-1:], mean, rstd, norm_w,
+                    _to(gxc, x2.dtype), x2[s:e], x2.shape[-1:], mean, rstd, norm_w,
                     norm_b, [need_x, need_nw, need_nb])
                 gnw = _add(gnw, _to(gnwc, acc_dtype)) if need_nw else None
                 gnb = _add(gnb, _to(gnbc, acc_dtype)) if need_nb else None
@@ -202,22 +209,18 @@ class _ChunkedMlpFunction(torch.autograd.Function):
                 cast(gw2, w2), cast(gb2, w2), None, None)
 
 
-_HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
-
-
 def _plain_layers(mlp: 'Mlp', norm: Optional[nn.Module]) -> bool:
     """True where the chunked path may stand in for ``mlp``'s layers (and the pre-norm): it
     reads the weights of ``fc1``, ``fc2`` and the norm, computes the exact GELU and skips
     ``drop1``, so each must be exactly ``nn.Linear``, ``nn.GELU(approximate='none')``,
     ``nn.Dropout`` or ``nn.LayerNorm``, and no module hook, its own or global, may be set."""
-    if any(getattr(_module, f'_global{h}', None) for h in _HOOKS):
+    if not no_global_hooks():
         return False
     layers = [(mlp.fc1, nn.Linear), (mlp.act, nn.GELU), (mlp.drop1, nn.Dropout),
               (mlp.fc2, nn.Linear)]
     if norm is not None:
         layers.append((norm, nn.LayerNorm))
-    plain = all(type(m) is cls and not any(getattr(m, h) for h in _HOOKS) for m, cls in layers)
-    return plain and mlp.act.approximate == 'none'
+    return all(is_plain(m, cls) for m, cls in layers) and mlp.act.approximate == 'none'
 
 
 class Mlp(nn.Module):
