@@ -310,11 +310,11 @@ def _gemm_flops(name: str, shapes, args) -> int:
     """2 x multiply-accumulates of one matmul operator call from its input shapes (``args``,
     its concrete arguments where recorded, give a convolution's backward which of the input
     and weight gradients it computed; both where not recorded)."""
-    linear = _token_linear(name, shapes)
-    if linear is not None:
+    token = _token_linear(name, shapes)
+    if token is not None:
         if name not in ('aten::mkldnn_convolution', 'aten::convolution_backward'):
             return 0
-        (_, c, _, m), (o, *_) = linear
+        (_, c, _, m), (o, *_) = token
         grads = 1
         if name == 'aten::convolution_backward':
             mask = args[-1] if args and isinstance(args[-1], list) else [True, True]
@@ -356,8 +356,8 @@ def kernel_breakdown(step: Callable, device: Optional[torch.device] = None) -> d
     for event in prof.events():
         if event.device_type != DeviceType.CPU:  # a kernel: counted through the op launching it
             continue
-        linear = _token_linear(event.name, event.input_shapes)
-        category = 'matmul' if linear else _category(event.name)
+        token = _token_linear(event.name, event.input_shapes)
+        category = 'matmul' if token else _category(event.name)
         ms[category] += (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
         if category == 'matmul':
             gemm_flops += _gemm_flops(event.name, event.input_shapes,

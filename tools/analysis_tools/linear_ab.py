@@ -7,7 +7,7 @@ by step in alternating order.
     python tools/analysis_tools/linear_ab.py --mode infer --size 224 --batch 8
 
 Prints the median step time (ms) of each arm after 5 untimed steps. Where the route is not taken
-(a GPU, autocast, one thread) both arms run the same code.
+(a GPU, autocast, one thread, a CPU other than x86-64) both arms run the same code.
 """
 import argparse
 import contextlib

@@ -2,7 +2,7 @@
 
 Both take ``x`` of shape (B, N, C) with N = H * W tokens in row-major order and ``hw = (H, W)``,
 and return (B, N, C). Attention runs through ``F.scaled_dot_product_attention``, the linears
-through :func:`.linear.apply_linear` (oneDNN on CPUs).
+through :func:`.linear.apply_linear` (oneDNN for fp32 on x86-64 CPUs, see there).
 """
 from typing import Tuple
 

@@ -2,20 +2,23 @@
 
 On a CPU PyTorch computes ``F.linear`` and ``torch.mm`` in fp32 with its BLAS, MKL in the
 official wheels, and its convolutions with oneDNN. On an AMD EPYC Zen 5 (2 cores, AVX-512) MKL's
-sgemm ran the linears of a Twins block at 190-240 GFLOP/s, about the AVX2 peak of two cores
-(``MKL_ENABLE_INSTRUCTIONS=AVX512`` changed nothing), while oneDNN ran the same products, forward
-and backward, at 340-550 with its AVX-512 kernels (``ONEDNN_VERBOSE=1`` names
-``brgconv_1x1:avx512_core``). ``tools/analysis_tools/linear_ab.py`` times a whole model both
-ways on any CPU. A 1x1 convolution over a channels-last map is a matrix product, and (M, C)
-row-major tokens already are the (1, C, 1, M) channels-last map, so the route costs no copy;
-values agree with ``F.linear`` to fp32 rounding (the order of summation differs).
+sgemm ran a 2048x2048 product at 239-241 GFLOP/s, about the AVX2 peak of two cores
+(``MKL_ENABLE_INSTRUCTIONS=AVX512`` changed nothing), and oneDNN at 501-505 with its AVX-512
+kernels (``ONEDNN_VERBOSE=1`` names ``brgconv_1x1:avx512_core``); through oneDNN the training
+steps of SVT-S and PCPVT-S at 512x512 were 1.51x and 1.48x faster
+(``tools/analysis_tools/linear_ab.py``, which times a model both ways on any CPU).
+
+A 1x1 convolution over a channels-last map is a matrix product, and (M, C) row-major tokens
+already are the (1, C, 1, M) channels-last map, so the route adds no copy for them; values
+agree with ``F.linear`` to fp32 rounding (the order of summation differs).
 
 The route is taken by :func:`use_onednn`: on a CPU, in fp32, outside autocast (whose bf16
 products already run in oneDNN), where PyTorch's convolution would use oneDNN for it (enabled,
-more than one thread, more than :data:`ONEDNN_MIN_NUMEL` input elements), and not while a graph
-is being recorded for export (an exported graph keeps its ``Gemm``/``MatMul`` nodes).
-``USE_ONEDNN = False`` switches it off everywhere.
+more than one thread, more than :data:`ONEDNN_MIN_NUMEL` input elements), on x86-64 CPUs, and
+not while a graph is being recorded for export (an exported graph keeps its ``Gemm``/``MatMul``
+nodes) or compiled. ``USE_ONEDNN = False`` switches it off everywhere.
 """
+import platform
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -26,7 +29,8 @@ from torch.nn.modules import module as _module
 from .embed import is_exporting
 
 #: Route fp32 CPU linears through oneDNN (see the module docstring); False: ``F.linear``.
-USE_ONEDNN = True
+#: x86-64 only: on ARM PyTorch's oneDNN runs on other kernels (ACL), not measured for this.
+USE_ONEDNN = platform.machine().lower() in ('x86_64', 'amd64')
 
 _HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
 
@@ -38,8 +42,10 @@ def no_global_hooks() -> bool:
 
 def is_plain(module: nn.Module, cls: type) -> bool:
     """True where ``module`` is exactly a ``cls`` (no subclass: quantised, LoRA-wrapped) with no
-    module hook of its own, so computing with its parameters equals calling it."""
-    return type(module) is cls and not any(getattr(module, h) for h in _HOOKS)
+    module hook and no ``forward`` of its own (offloading and adapter tools replace it on the
+    instance), so computing with its parameters equals calling it."""
+    return (type(module) is cls and not any(getattr(module, h) for h in _HOOKS)
+            and 'forward' not in vars(module))
 
 
 #: PyTorch runs a 1x1 convolution of one image with oneDNN only above this many input elements
@@ -48,14 +54,21 @@ def is_plain(module: nn.Module, cls: type) -> bool:
 #: ``F.linear`` for small products), so :func:`use_onednn` leaves those to ``F.linear``.
 ONEDNN_MIN_NUMEL = 20480
 
+#: Tensor types the route takes; a subclass (a quantised or sharded weight, a fake tensor) may
+#: not implement the convolution it calls.
+_PLAIN = (torch.Tensor, nn.Parameter)
+
 
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the product of ``x`` (the linear's input) with ``weight`` goes through oneDNN
-    (module docstring)."""
-    return (USE_ONEDNN and not is_exporting() and x.device.type == 'cpu'
+    """Whether the product of ``x`` (..., C), a linear's input, with ``weight`` (O, C) goes
+    through oneDNN (see the module docstring). Not while ``torch.compile`` traces the model:
+    its inductor picks its own kernels for a linear."""
+    return (USE_ONEDNN and not is_exporting() and not torch.compiler.is_compiling()
+            and type(x) in _PLAIN and type(weight) in _PLAIN and x.device.type == 'cpu'
             and x.dtype == weight.dtype == torch.float32 and x.numel() > ONEDNN_MIN_NUMEL
-            and torch.get_num_threads() > 1 and not torch.is_autocast_enabled('cpu')
-            and torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available())
+            and weight.numel() > 0 and torch.get_num_threads() > 1
+            and not torch.is_autocast_enabled('cpu') and torch.backends.mkldnn.enabled
+            and torch.backends.mkldnn.is_available())
 
 
 def _as_map(x: torch.Tensor) -> torch.Tensor:
@@ -69,11 +82,16 @@ def _from_map(y: torch.Tensor) -> torch.Tensor:
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """``F.linear`` on row-major (M, C) tokens through oneDNN, forward and backward."""
+    """``F.linear`` through oneDNN, forward and backward. Keeps for backward what ``F.linear``
+    keeps: the weight, and the input only where the weight needs a gradient.
+
+    Shapes:
+        x (M, C) row-major, weight (O, C), bias (O,) or None -> (M, O).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         return _from_map(F.conv2d(_as_map(x), weight[:, :, None, None], bias))
 
     @staticmethod
@@ -84,7 +102,8 @@ class _OneDnnLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor,
            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through oneDNN where :func:`use_onednn`; differentiable.
+    """``F.linear(x, weight, bias)``, through oneDNN where :func:`use_onednn`; differentiable,
+    twice too.
 
     Shapes:
         x (..., C), weight (O, C), bias (O,) -> (..., O).
@@ -95,29 +114,40 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def linear_grads(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+def linear_grads(grad: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor,
                  needs: Sequence[bool]) -> Tuple[Optional[torch.Tensor], ...]:
-    """The backward of ``linear(x, weight, bias)`` for :func:`use_onednn` inputs: ``(grad @
-    weight, grad.T @ x, grad.sum(0))``, each only where ``needs`` says (else None). oneDNN
-    computes the products; the bias gradient is PyTorch's sum, whose blocked summation is
-    exact to fp32 rounding (oneDNN's own was measured 0.6 % off over 2048 rows).
+    """The backward of ``linear(x, weight, bias)``: ``(grad @ weight, grad.T @ x, grad.sum(0))``,
+    each only where ``needs`` says (else None); ``x`` may be None where the weight needs no
+    gradient. oneDNN computes the products for fp32 CPU tensors (any other input gives the same
+    values through PyTorch's own convolution); the bias gradient is PyTorch's sum, exact to fp32
+    rounding (oneDNN's own was measured 0.6 % off over 2048 rows).
 
     Shapes:
         grad (M, O), x (M, C), weight (O, C) -> (M, C), (O, C), (O,).
     """
     need_x, need_w, need_b = needs[:3]
     gx = gw = None
-    if need_x or need_w:
+    g = _as_map(grad.contiguous())
+    if need_w:
         gx, gw, _ = torch.ops.aten.convolution_backward(
-            _as_map(grad.contiguous()), _as_map(x.contiguous()), weight[:, :, None, None],
-            None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_x, need_w, False])
-    return (None if gx is None else _from_map(gx), None if gw is None else gw.view(weight.shape),
-            grad.sum(0) if need_b else None)
+            g, _as_map(x.contiguous()), weight[:, :, None, None], None, [1, 1], [0, 0], [1, 1],
+            False, [0, 0], 1, [need_x, True, False])
+        gw = gw.view(weight.shape)
+    elif need_x:
+        gx = F.conv2d(g, weight.t().contiguous()[:, :, None, None])
+    return (None if gx is None else _from_map(gx), gw, grad.sum(0) if need_b else None)
 
 
 def apply_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``: a plain ``nn.Linear`` without hooks goes through :func:`linear`; any other
-    layer (quantised, LoRA-wrapped, pruned, hooked) is called as it is."""
-    if is_plain(layer, nn.Linear) and no_global_hooks():
+    """``layer(x)``: a plain ``nn.Linear`` (:func:`is_plain`, no global hook) on an input the
+    route takes (:func:`use_onednn`) is computed from its weights through oneDNN; every other
+    case calls the layer, so its hooks, quantisation, adapters and its scope in a traced or
+    exported graph stay.
+
+    Shapes:
+        x (..., C) -> (..., O).
+    """
+    if (is_plain(layer, nn.Linear) and no_global_hooks()
+            and use_onednn(x, layer.weight)):
         return linear(x, layer.weight, layer.bias)
     return layer(x)

@@ -73,7 +73,7 @@ def _mlp_chunks(x: torch.Tensor, norm: Optional[_Norm], w1, b1, w2, b2, rows: Op
             keep.append(h)
         if out is None:
             return linear(F.gelu(h), w2, b2)
-        if use_onednn(h, w2):
+        if use_onednn(h, w2):  # oneDNN writes a new tensor, copied into ``out``
             out[s:e] = linear(F.gelu(h), w2, b2)
         elif b2 is None:
             torch.mm(F.gelu(h), w2.t(), out=out[s:e])
@@ -132,7 +132,11 @@ def _add(acc: Optional[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
 def _linear_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, need_x: bool, gw, gb,
                      need_w: bool, need_b: bool, acc_dtype: torch.dtype):
     """One chunk of a linear's backward: ``(g @ w, gw + g.T @ x, gb + g.sum(0))``, each None
-    where not needed; ``gw``/``gb`` None (the first chunk) give the chunk's own."""
+    where not needed; ``gw``/``gb`` None (the first chunk) give the chunk's own.
+
+    Shapes:
+        g (M, O), x (M, C), w (O, C) -> (M, C), (O, C), (O,).
+    """
     if use_onednn(x, w):
         gxc, gwc, gbc = linear_grads(g, x, w, (need_x, need_w, need_b))
         return gxc, _add(gw, gwc) if need_w else None, _add(gb, gbc) if need_b else None
