@@ -242,7 +242,7 @@ def test_revision_ab_checks_the_revision_files_and_variants_before_running(monke
     monkeypatch.setattr(tool, 'MODEL_FILES', ['mmtwins/models/layers/mlp.py', new])
     tool.main(['--against', 'HEAD'])
     assert taken == [['mmtwins/models/layers/mlp.py']]
-    assert capsys.readouterr().out == (f'not in revision HEAD, so run as in the working tree by '
+    assert capsys.readouterr().err == (f'not in revision HEAD, so run as in the working tree by '
                                        f'both arms: {new}\n')
     with pytest.raises(SystemExit, match=f'^--files: not in revision HEAD: {new}; give only'):
         tool.main(['--against', 'HEAD', '--files', 'mmtwins/models/layers/mlp.py', new])

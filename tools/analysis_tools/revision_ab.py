@@ -46,7 +46,7 @@ def main(argv=None):
                          'only files that the revision has')
     if missing:
         print(f'not in revision {args.against}, so run as in the working tree by both arms: '
-              f'{", ".join(missing)}')
+              f'{", ".join(missing)}', file=sys.stderr)  # stdout: one line per variant
     run_variants(args, {'working tree': contextlib.nullcontext,
                         args.against: revision_arm(args.against,
                                                    [f for f in files if f not in missing])})
