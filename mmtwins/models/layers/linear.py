@@ -63,9 +63,11 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the product of ``x`` (..., C), a linear's input, with ``weight`` (O, C) goes
     through oneDNN (see the module docstring). Not while ``torch.compile`` traces the model:
     its inductor picks its own kernels for a linear."""
-    return (USE_ONEDNN and not is_exporting() and not torch.compiler.is_compiling()
-            and type(x) in _PLAIN and type(weight) in _PLAIN and x.device.type == 'cpu'
-            and x.dtype == weight.dtype == torch.float32 and x.numel() > ONEDNN_MIN_NUMEL
+    # Cheapest first: a GPU step, launch-bound at small batches, stops at the device. The export
+    # checks come before numel(), which a trace would record as a tensor.
+    return (USE_ONEDNN and x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32
+            and not is_exporting() and not torch.compiler.is_compiling()
+            and type(x) in _PLAIN and type(weight) in _PLAIN and x.numel() > ONEDNN_MIN_NUMEL
             and weight.numel() > 0 and torch.get_num_threads() > 1
             and not torch.is_autocast_enabled('cpu') and torch.backends.mkldnn.enabled
             and torch.backends.mkldnn.is_available())
