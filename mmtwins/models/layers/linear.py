@@ -112,6 +112,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
     """
     if not use_onednn(x, weight):
         return F.linear(x, weight, bias)
+    return onednn_linear(x, weight, bias)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`linear` through oneDNN, for a caller that checked :func:`use_onednn` already.
+
+    Shapes:
+        x (..., C), weight (O, C), bias (O,) -> (..., O).
+    """
     y = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -151,5 +161,5 @@ def apply_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if (is_plain(layer, nn.Linear) and no_global_hooks()
             and use_onednn(x, layer.weight)):
-        return linear(x, layer.weight, layer.bias)
+        return onednn_linear(x, layer.weight, layer.bias)
     return layer(x)

@@ -25,7 +25,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .embed import is_exporting
-from .linear import is_plain, linear, linear_grads, no_global_hooks, use_onednn
+from .linear import (is_plain, linear, linear_grads, no_global_hooks, onednn_linear,
+                     use_onednn)
 
 #: Default bound on the elements of one chunk's hidden slice (2**20: 4 MB in fp32).
 CHUNK_ELEMS = 1 << 20
@@ -75,7 +76,7 @@ def _mlp_chunks(x: torch.Tensor, norm: Optional[_Norm], w1, b1, w2, b2, rows: Op
         if out is None:
             return linear(F.gelu(h), w2, b2)
         if use_onednn(h, w2):  # oneDNN writes a new tensor, copied into ``out``
-            out[s:e] = linear(F.gelu(h), w2, b2)
+            out[s:e] = onednn_linear(F.gelu(h), w2, b2)
         elif b2 is None:
             torch.mm(F.gelu(h), w2.t(), out=out[s:e])
         else:
