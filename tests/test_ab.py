@@ -1,4 +1,5 @@
 """The in-process A/B tools (mmtwins/analysis/ab.py, tools/analysis_tools/*_ab.py)."""
+import contextlib
 import subprocess
 import sys
 import types
@@ -12,7 +13,7 @@ from mmtwins.analysis.ab import (_in_sys_modules, alternate, format_arms, module
                                  revision_arm)
 from mmtwins.models.backbones import SVT
 from mmtwins.models.layers import (GlobalSubsampledAttention, LocallyGroupedAttention, Mlp,
-                                   PatchEmbed)
+                                   PatchEmbed, attention)
 from mmtwins.models.layers.mlp import CHUNK_ELEMS
 from mmtwins.registry import MODELS
 
@@ -108,6 +109,23 @@ def test_sdpa_ab_tool_prints_both_arms(capsys):
     line, = capsys.readouterr().out.splitlines()
     assert line.startswith('svt-small train 1x3x32x32 fp32 cpu: fused ')
     assert ', math-all ' in line
+
+
+def test_sdpa_ab_times_mmtwins_own_choice_too_where_it_composes(capsys, monkeypatch):
+    monkeypatch.setattr(attention, 'COMPOSE_CPU', True)
+    tool = analysis_tool('sdpa_ab')
+    tool.main(['--size', '32', '--steps', '6', '--variants', 'svt', '--batch', '1', '--mode',
+               'infer', '--amp'])
+    line, = capsys.readouterr().out.splitlines()
+    assert line.startswith('svt-small infer 1x3x32x32 amp cpu: fused ')
+    assert ', math-gsa ' in line and ', mmtwins ' in line
+    layer = GlobalSubsampledAttention(32, 2, sr_ratio=2).eval()
+    x = torch.randn(2, 49, 32)
+    for arm, kernel in [(tool.kernel_only, True), (contextlib.nullcontext, False)]:
+        with arm(), torch.inference_mode(), torch.autocast('cpu', torch.bfloat16), \
+                CountOps() as ops:
+            layer(x, (7, 7))
+        assert any('scaled_dot_product' in n for n in ops.ops) == kernel
 
 
 def test_patched_restores_static_methods_and_inherited_attributes():

@@ -1,13 +1,17 @@
 """A/B of the attention kernel in one process: mmtwins' step with ``scaled_dot_product_attention``
-dispatching as usual (a fused kernel) against the math path (``softmax(q k^T / sqrt(d)) v`` as
+dispatching as usual (a fused kernel) against its math path (``softmax(q k^T / sqrt(d)) v`` as
 separate operators) in GSA, LSA or both, switched step by step in alternating order.
 
     python tools/analysis_tools/sdpa_ab.py --device cuda --batch 16 --where gsa   # GSA only
     python tools/analysis_tools/sdpa_ab.py --device cuda --batch 16 --amp --where all
+    python tools/analysis_tools/sdpa_ab.py --mode infer --amp --where all        # + mmtwins' own
 
-The kernel is chosen when the forward runs, and the backward follows it. Prints the median step
-time (ms) of each arm after 5 untimed steps, and on a GPU each arm's peak memory in its first
-step (the math path keeps the attention weights for backward).
+The kernel is chosen when the forward runs, and the backward follows it. Both arms always call
+``scaled_dot_product_attention``; in bf16 CPU inference, where mmtwins' own choice
+(:func:`mmtwins.models.layers.attention.attend`) composes small attentions from bf16 matmuls
+instead, a third arm, ``mmtwins``, runs that choice. Prints the median step time (ms) of each arm
+after 5 untimed steps, and on a GPU each arm's peak memory in its first step (the math path
+keeps the attention weights for backward).
 """
 import argparse
 import contextlib
@@ -16,7 +20,7 @@ import sys
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmtwins.analysis.ab import add_step_args, combined, patched, run_variants
-from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention
+from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention, attention
 
 WHERE = {'gsa': (GlobalSubsampledAttention, ), 'lsa': (LocallyGroupedAttention, ),
          'all': (GlobalSubsampledAttention, LocallyGroupedAttention)}
@@ -32,9 +36,14 @@ def math_forward(forward):
     return wrapped
 
 
+#: mmtwins' composition of bf16 CPU inference switched off: every attention calls the kernel.
+kernel_only = patched(attention, 'COMPOSE_MAX_SCORES', 0)
+
+
 def math_arm(classes):
     """An arm running the attention of ``classes`` through the math path."""
-    return combined([patched(cls, 'forward', math_forward(cls.forward)) for cls in classes])
+    return combined([kernel_only]
+                    + [patched(cls, 'forward', math_forward(cls.forward)) for cls in classes])
 
 
 def parse_args(argv=None):
@@ -46,8 +55,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run_variants(args, {'fused': contextlib.nullcontext,
-                        f'math-{args.where}': math_arm(WHERE[args.where])})
+    arms = {'fused': kernel_only, f'math-{args.where}': math_arm(WHERE[args.where])}
+    if attention.COMPOSE_CPU and args.amp and args.mode == 'infer' and args.device == 'cpu':
+        arms['mmtwins'] = contextlib.nullcontext
+    run_variants(args, arms)
 
 
 if __name__ == '__main__':

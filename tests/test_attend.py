@@ -1,0 +1,119 @@
+"""``attend``: PyTorch's fused attention, or in bf16 CPU inference (AVX512-BF16 without AMX, small
+score tensors) its composition from matmuls and a softmax, with the same values."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmtwins.analysis.peers import autocast_cosine
+from mmtwins.models import PCPVT, SVT
+from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention, attention
+from mmtwins.models.layers.attention import attend
+
+from conftest import TINY_PCPVT, TINY_SVT
+
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """The composition's CPU condition, whatever this machine is; its values are the same on any
+    CPU, only its speed was measured on one."""
+    monkeypatch.setattr(attention, 'COMPOSE_CPU', True)
+
+
+def fused_ran(fn, *args, **kwargs):
+    """(whether ``fn`` called ``F.scaled_dot_product_attention``, its result)."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return sdpa(*a, **kw)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        out = fn(*args, **kwargs)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    return bool(calls), out
+
+
+def qkv(batch=3, heads=2, nq=49, nk=49, d=16, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    return [torch.randn(batch, heads, n, d).to(dtype) for n in (nq, nk, nk)]
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_bf16_inference_composes_with_the_fused_kernels_values(bf16_cpu, masked):
+    q, k, v = qkv()
+    # per batch element, as LSA's key mask (windows, 1, 1, keys); every row keeps one key
+    mask = torch.rand(3, 1, 1, 49) > 0.3 if masked else None
+    if masked:
+        mask[..., 0] = True
+    with torch.inference_mode():
+        fused, out = fused_ran(attend, q, k, v, mask)
+        exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+        kernel = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert not fused and out.dtype == torch.bfloat16 and out.shape == q.shape
+    # bf16 rounding of the logits and weights: within a few bf16 ulps of the exact values, as
+    # the fused kernel (which keeps them in fp32) is
+    err, kernel_err = [(t.double() - exact).abs().max().item() for t in (out, kernel)]
+    assert err < 0.03 and kernel_err < 0.03
+
+
+@pytest.mark.parametrize('case', ['fp32', 'gradient', 'dropout', 'too many scores', 'other CPU',
+                                  'exporting'])
+def test_the_fused_kernel_runs_where_the_composition_does_not_apply(bf16_cpu, monkeypatch, case):
+    q, k, v = qkv(dtype=torch.float32 if case == 'fp32' else torch.bfloat16)
+    dropout = 0.5 if case == 'dropout' else 0.
+    if case == 'gradient':
+        q.requires_grad_()
+    if case == 'too many scores':  # 3 x 2 x 49 x 49 scores
+        monkeypatch.setattr(attention, 'COMPOSE_MAX_SCORES', 3 * 2 * 49 * 49 - 1)
+    if case == 'other CPU':
+        monkeypatch.setattr(attention, 'COMPOSE_CPU', False)
+    if case == 'exporting':
+        monkeypatch.setattr(attention, 'is_exporting', lambda: True)
+    fused, out = fused_ran(attend, q, k, v, None, dropout)
+    assert fused and out.shape == q.shape
+
+
+def test_the_composition_takes_up_to_its_bound_of_scores(bf16_cpu, monkeypatch):
+    monkeypatch.setattr(attention, 'COMPOSE_MAX_SCORES', 3 * 2 * 49 * 49)
+    with torch.no_grad():
+        assert not fused_ran(attend, *qkv())[0]
+    assert not fused_ran(attend, *qkv())[0]  # no tensor needs a gradient
+
+
+def test_a_pytorch_without_the_cpu_probes_keeps_the_fused_kernel(monkeypatch):
+    monkeypatch.delattr(torch.cpu, '_is_amx_tile_supported')
+    assert attention._bf16_without_amx() is False
+
+
+@pytest.mark.parametrize('hw', [(14, 14), (9, 10)], ids=['whole windows', 'padded'])
+@pytest.mark.parametrize('cls', [LocallyGroupedAttention, GlobalSubsampledAttention])
+def test_attention_layers_in_bf16_inference_compose_to_the_fused_values(bf16_cpu, monkeypatch,
+                                                                        cls, hw):
+    torch.manual_seed(0)
+    layer = (cls(32, 2, window_size=7) if cls is LocallyGroupedAttention
+             else cls(32, 2, sr_ratio=2)).eval()
+    x = torch.randn(2, hw[0] * hw[1], 32)
+    with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16):
+        fused, composed = fused_ran(layer, x, hw)
+        monkeypatch.setattr(attention, 'COMPOSE_MAX_SCORES', 0)
+        kernel = layer(x, hw)
+    assert not fused and composed.dtype == kernel.dtype == torch.bfloat16
+    with torch.inference_mode():
+        exact = layer.double()(x.double(), hw)
+    for out in (composed, kernel):
+        assert F.cosine_similarity(out.double().flatten(), exact.flatten(), 0) > 0.9999
+
+
+@pytest.mark.parametrize('cls,arch', [(SVT, TINY_SVT), (PCPVT, TINY_PCPVT)])
+def test_whole_network_under_bf16_autocast_composes_within_the_cosine_bound(bf16_cpu, cls, arch):
+    torch.manual_seed(0)
+    model = cls(arch=arch).eval()
+    x = torch.randn(2, 3, 96, 80)
+    assert autocast_cosine(model, x) >= 0.999
+    # every bf16 call composes (tiny score tensors); the fp32 reference took the kernel
+    with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16):
+        assert not fused_ran(model, x)[0]
