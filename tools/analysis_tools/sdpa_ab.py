@@ -37,7 +37,7 @@ def math_forward(forward):
 
 
 #: mmtwins' composition of bf16 CPU inference switched off: every attention calls the kernel.
-kernel_only = patched(attention, 'COMPOSE_MAX_SCORES', 0)
+kernel_only = patched(attention, 'COMPOSE_CPU', False)
 
 
 def math_arm(classes):

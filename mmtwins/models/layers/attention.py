@@ -14,16 +14,15 @@ from torch import nn
 from .embed import is_exporting, pad_amounts
 from .linear import apply_linear
 
-#: bf16 CPU inference composes attention (:func:`attend`) where its score tensor (batch x heads x
-#: queries x keys) has at most this many elements; 0 never composes. Measured on an AMD EPYC Zen 5
-#: (AVX-512 with bf16, no AMX; every attention call of SVT-S and PCPVT-S at 512x512, batch 2):
-#: PyTorch's fused CPU kernel is slower in bf16 than in fp32 there, and the composition took
-#: 1.2-2.3x less time up to 2**22 scores (1.59 against 3.61 ms for PCPVT-S's third-stage GSA,
-#: 6.4 against 7.8 ms for SVT-S's first-stage LSA), 1.3-1.75x more at 2**23 and 2**24 (where
-#: its scores, 16 MB and more, no longer stay in cache). Whole inference steps in bf16 autocast
-#: (``tools/analysis_tools/sdpa_ab.py --mode infer --amp``): PCPVT-S's took 0.88-0.89x the time
-#: of the kernel's, SVT-S's 0.97-1.01x (within the machine's noise).
-COMPOSE_MAX_SCORES = 1 << 22
+#: The most scores (batch x heads x queries x keys) one step of :func:`attend`'s composition
+#: computes at a time: it runs query chunks of that size, whose scores stay in cache. Measured on
+#: an AMD EPYC Zen 5 (AVX-512 with bf16, no AMX), where PyTorch's fused CPU kernel is slower in
+#: bf16 than in fp32, with ``tools/analysis_tools/sdpa_ab.py``-style A/B runs of whole bf16
+#: inference steps at 512x512, batch 2: with chunks of 2**20 scores PCPVT-S's step took 0.81-0.82x
+#: the time it took with the kernel, SVT-S's 0.92-0.94x (2**18: 0.90x and 1.10x; 2**19: 0.85x
+#: and 0.97x; 2**21: 0.84x and 0.93x; 2**22: 0.88x and 1.01x). One call alone, SVT-S's first-stage
+#: GSA (2**24 scores): 8.0 ms in chunks of 2**20, 13.0 ms with the kernel, 23.6 ms whole.
+COMPOSE_CHUNK_SCORES = 1 << 20
 
 
 def _bf16_without_amx() -> bool:
@@ -36,39 +35,55 @@ def _bf16_without_amx() -> bool:
         return False
 
 
-#: Whether this CPU is one where :func:`attend` composes (:func:`_bf16_without_amx`).
+#: Whether :func:`attend` composes bf16 inference on this CPU (:func:`_bf16_without_amx`).
 COMPOSE_CPU = _bf16_without_amx()
 
 
 def _composes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
-    """Whether :func:`attend` composes: bf16 inference on a CPU of :func:`_bf16_without_amx`,
-    no gradient needed, no dropout, at most :data:`COMPOSE_MAX_SCORES` scores, and not while
-    exporting or compiling (a graph keeps the one attention operator)."""
+    """Whether :func:`attend` composes: bf16 inference on a CPU of :data:`COMPOSE_CPU`, no
+    gradient needed, no dropout, and not while exporting or compiling (a graph keeps the one
+    attention operator)."""
     if not (COMPOSE_CPU and q.device.type == 'cpu' and q.dtype == torch.bfloat16
             and not dropout_p and not is_exporting() and not torch.compiler.is_compiling()):
         return False
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return not needs_grad and q.shape[:-1].numel() * k.shape[-2] <= COMPOSE_MAX_SCORES
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+
+
+def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` (``mask`` False: a score of -inf) in query chunks of at
+    most :data:`COMPOSE_CHUNK_SCORES` scores (at least one query row each); shapes as
+    :func:`attend`'s."""
+    q = q * q.shape[-1] ** -0.5
+    k_t = k.transpose(-2, -1)
+    drop = None if mask is None else ~mask
+    per_row = drop is not None and drop.dim() > 1 and drop.shape[-2] > 1
+    rows = max(1, COMPOSE_CHUNK_SCORES // (q.shape[:-2].numel() * k.shape[-2]))
+    outs = []
+    for s in range(0, max(q.shape[-2], 1), rows):  # no queries: one empty chunk
+        scores = q[..., s:s + rows, :] @ k_t
+        if drop is not None:
+            scores = scores.masked_fill(drop[..., s:s + rows, :] if per_row else drop,
+                                        float('-inf'))
+        outs.append(scores.softmax(-1) @ v)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, -2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            mask: Optional[torch.Tensor] = None, dropout_p: float = 0.) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)``; in bf16
-    inference on a CPU with AVX512-BF16 and no AMX, up to :data:`COMPOSE_MAX_SCORES` scores,
-    composed as ``softmax(q k^T / sqrt(d)) v`` in bf16 (logits and weights rounded to bf16,
-    where the kernel keeps them in fp32; a whole SVT-S or PCPVT-S stays within cosine 0.99997 of
-    fp32 either way).
+    inference on a CPU with AVX512-BF16 and no AMX (:data:`COMPOSE_CPU`) composed from bf16
+    matmuls and a softmax instead (:func:`_composed`; logits and weights rounded to bf16, where
+    the kernel keeps them in fp32; a whole SVT-S or PCPVT-S stays within cosine 0.99997 of fp32
+    either way).
 
     Shapes:
         q (B, heads, Nq, d), k and v (B, heads, Nk, d), mask boolean, broadcastable to
         (B, heads, Nq, Nk), True where a key is attended -> (B, heads, Nq, d).
     """
-    if not _composes(q, k, v, dropout_p):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float('-inf'))
-    return scores.softmax(-1) @ v
+    if _composes(q, k, v, dropout_p):
+        return _composed(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 def _check_heads(dim: int, num_heads: int) -> int:
