@@ -54,19 +54,22 @@ def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """``softmax(q k^T / sqrt(d)) v`` (``mask`` False: a score of -inf) in query chunks of at
     most :data:`COMPOSE_CHUNK_SCORES` scores (at least one query row each); shapes as
     :func:`attend`'s."""
-    q = q * q.shape[-1] ** -0.5
-    k_t = k.transpose(-2, -1)
+    # Contiguous (B, heads, N, d) operands: their batch dims collapse, so no product copies them
+    q = (q * q.shape[-1] ** -0.5).contiguous()
+    k_t, v = k.contiguous().transpose(-2, -1), v.contiguous()
     drop = None if mask is None else ~mask
     per_row = drop is not None and drop.dim() > 1 and drop.shape[-2] > 1
-    rows = max(1, COMPOSE_CHUNK_SCORES // (q.shape[:-2].numel() * k.shape[-2]))
-    outs = []
-    for s in range(0, max(q.shape[-2], 1), rows):  # no queries: one empty chunk
+    B, heads, N, d = q.shape
+    rows = max(1, COMPOSE_CHUNK_SCORES // (B * heads * k.shape[-2]))
+    # (B, N, heads, d) memory, as the fused kernel's output: the callers' merge of the heads,
+    # (B, N, heads * d), is then a view
+    out = q.new_empty(B, N, heads, v.shape[-1]).transpose(1, 2)
+    for s in range(0, N, rows):
         scores = q[..., s:s + rows, :] @ k_t
         if drop is not None:
-            scores = scores.masked_fill(drop[..., s:s + rows, :] if per_row else drop,
-                                        float('-inf'))
-        outs.append(scores.softmax(-1) @ v)
-    return outs[0] if len(outs) == 1 else torch.cat(outs, -2)
+            scores.masked_fill_(drop[..., s:s + rows, :] if per_row else drop, float('-inf'))
+        out[..., s:s + rows, :] = scores.softmax(-1) @ v
+    return out
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
