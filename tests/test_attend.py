@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from mmtwins.analysis.peers import autocast_cosine
 from mmtwins.models import PCPVT, SVT
-from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention, attention
+from mmtwins.models.layers import (GlobalSubsampledAttention, LocallyGroupedAttention, attention,
+                                   linear)
 from mmtwins.models.layers.attention import attend
 
 from conftest import TINY_PCPVT, TINY_SVT
@@ -101,9 +102,9 @@ def test_query_chunks_give_the_values_of_one_whole_composition(bf16_cpu, monkeyp
     torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
 
 
-def test_a_pytorch_without_the_cpu_probes_keeps_the_fused_kernel(monkeypatch):
+def test_a_pytorch_without_the_cpu_probes_keeps_pytorchs_own_bf16_kernels(monkeypatch):
     monkeypatch.delattr(torch.cpu, '_is_amx_tile_supported')
-    assert attention._bf16_without_amx() is False
+    assert linear.bf16_without_amx() is False
 
 
 @pytest.mark.parametrize('hw', [(14, 14), (9, 10)], ids=['whole windows', 'padded'])

@@ -1,6 +1,8 @@
-"""The fp32 CPU linears through oneDNN (mmtwins/models/layers/linear.py): the route is taken
-where it should be, gives F.linear's values and gradients, and leaves every other case alone."""
+"""The CPU linears through oneDNN (mmtwins/models/layers/linear.py): the route is taken where it
+should be (fp32; bf16 where this CPU computes it natively without AMX), gives F.linear's values
+and gradients, and leaves every other case alone."""
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -106,15 +108,22 @@ def test_linear_grads_are_the_backward_of_linear():
     torch.testing.assert_close(gx_t, gx)
 
 
-@pytest.mark.parametrize('case', ['fp64', 'bf16 autocast', 'small', 'one thread', 'switched off',
+@pytest.mark.parametrize('case', ['fp64', 'bf16 autocast, no native bf16', 'bf16, no native bf16',
+                                  'fp16 autocast', 'small', 'one thread', 'switched off',
                                   'oneDNN disabled', 'compiling', 'tracing'])
 def test_linear_is_f_linear_itself_where_the_route_does_not_apply(case, monkeypatch):
     x, w = torch.randn(2, 700, 48), torch.randn(96, 48)
     context = contextlib.nullcontext()
     if case == 'fp64':
         x, w = x.double(), w.double()
-    elif case == 'bf16 autocast':
-        context = torch.autocast('cpu', dtype=torch.bfloat16)
+    elif case.startswith('bf16'):
+        monkeypatch.setattr(linear_module, 'ONEDNN_BF16', False)
+        if 'autocast' in case:
+            context = torch.autocast('cpu', dtype=torch.bfloat16)
+        else:
+            x, w = x.bfloat16(), w.bfloat16()
+    elif case == 'fp16 autocast':
+        context = torch.autocast('cpu', dtype=torch.float16)
     elif case == 'small':
         x = x[:, :200]  # 2 * 200 * 48 = 19200 input elements: PyTorch would not take oneDNN
     elif case == 'one thread':
@@ -133,6 +142,64 @@ def test_linear_is_f_linear_itself_where_the_route_does_not_apply(case, monkeypa
         assert not use_onednn(x, w)
         ops = _profiled_ops(lambda: linear(x, w))
     assert not ops & ONEDNN_OPS
+
+
+def _assert_bf16_close(got, want):
+    """Equal to bf16 rounding: both compute in bf16 with fp32 sums, rounded once more or less."""
+    for g, r in zip(got, want, strict=True):
+        assert g.dtype == r.dtype
+        assert (g.float() - r.float()).abs().max() <= 2e-2 * r.float().abs().max()
+
+
+@pytest.mark.parametrize('case', ['bf16 tensors', 'fp32 under autocast'])
+def test_bf16_products_take_the_route_on_a_cpu_with_native_bf16(case, monkeypatch):
+    monkeypatch.setattr(linear_module, 'ONEDNN_BF16', True)
+    torch.manual_seed(0)
+    tensors = torch.randn(2, 700, 48), torch.randn(96, 48) / 7, torch.randn(96)
+    context = contextlib.nullcontext
+    if case == 'bf16 tensors':
+        tensors = [t.bfloat16() for t in tensors]
+    else:
+        context = functools.partial(torch.autocast, 'cpu', dtype=torch.bfloat16)
+    with context():
+        assert linear_module.onednn_dtype(*tensors[:2]) == torch.bfloat16
+        got = _with_grads(lambda *t: linear(*t), *tensors)
+        ops = _profiled_ops(lambda: _with_grads(lambda *t: linear(*t), *tensors))
+        want = _with_grads(lambda *t: F.linear(*t), *tensors)
+    # output bf16; gradients in each operand's dtype, as autocast's casts give them
+    assert got[0].dtype == torch.bfloat16
+    assert [g.dtype for g in got[1:]] == [t.dtype for t in tensors]
+    _assert_bf16_close(got, want)
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # else PyTorch's own bf16 convolution
+        assert ONEDNN_OPS <= ops and not ops & BLAS_OPS
+
+
+@pytest.mark.parametrize('chunk_elems', [None, 1 << 17])  # 1 chunk; 2 of 1024 rows
+def test_chunked_mlp_under_bf16_autocast_through_onednn_matches_the_blas_path(chunk_elems,
+                                                                             monkeypatch):
+    monkeypatch.setattr(linear_module, 'ONEDNN_BF16', True)
+    torch.manual_seed(0)
+    mlp, norm = Mlp(32, 128, chunk_elems=chunk_elems), torch.nn.LayerNorm(32)
+    x = torch.randn(2, 1024, 32, requires_grad=True)
+    params = [p for m in (mlp, norm) for p in m.parameters()]
+
+    def run():
+        xg = x.detach().clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = mlp(xg, norm=norm)
+        y.float().backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        grads = [xg.grad] + [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return [y.detach()] + grads
+
+    ops = _profiled_ops(run)
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert ONEDNN_OPS <= ops and not ops & BLAS_OPS
+    got = run()
+    assert [g.dtype for g in got] == [torch.bfloat16] + [torch.float32] * (1 + len(params))
+    monkeypatch.setattr(linear_module, 'USE_ONEDNN', False)
+    _assert_bf16_close(got, run())
 
 
 def test_apply_linear_calls_the_layer_unless_it_takes_the_route(monkeypatch):
@@ -229,10 +296,13 @@ def test_kernel_breakdown_counts_the_onednn_linears_as_matmuls(frozen):
     assert k['matmul_gflops'] == pytest.approx(flops / k['ms']['matmul'] / 1e6)
 
 
-def test_dense_ceiling_measures_each_kernel_the_linears_may_take():
+def test_dense_ceiling_measures_each_kernel_the_linears_may_take(monkeypatch):
     rates = dense_gflops(n=256, repeats=2)
     assert set(rates) == {'blas', 'onednn'} and min(rates.values()) > 0
     assert set(dense_gflops(n=256, repeats=2, dtype=torch.float64)) == {'blas'}
+    for native, kernels in [(True, {'blas', 'onednn'}), (False, {'blas'})]:
+        monkeypatch.setattr(linear_module, 'ONEDNN_BF16', native)
+        assert set(dense_gflops(n=256, repeats=2, dtype=torch.bfloat16)) == kernels
 
 
 def test_linear_ab_tool_prints_both_arms(capsys):

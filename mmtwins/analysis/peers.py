@@ -776,8 +776,8 @@ def dense_gflops(device: str = 'cpu', dtype: torch.dtype = torch.float32,
     """Dense matmul GFLOP/s of this machine in ``dtype`` by kernel, n x n by n x n: n = 2048 on
     a CPU, 8192 on a GPU (which a smaller product does not fill). ``blas`` is ``a @ b`` as the
     device runs it by default (on CUDA: no TF32; on a CPU in fp32: MKL); ``onednn``, where
-    mmtwins' linears take it (a CPU in fp32, :func:`..models.layers.linear.use_onednn`), is the
-    same product through that route. The best of them is the ceiling of the GFLOP/s
+    mmtwins' linears take it (a CPU in fp32, and in bf16 on some CPUs:
+    :func:`..models.layers.linear.use_onednn`), is the same product through that route. The best of them is the ceiling of the GFLOP/s
     fractions."""
     dev = torch.device(device)
     n = n or (2048 if dev.type == 'cpu' else 8192)

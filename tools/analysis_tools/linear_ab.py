@@ -1,13 +1,15 @@
-"""A/B of the linears' kernels in one process: mmtwins' step with its fp32 CPU linears through
-oneDNN (the default, see mmtwins/models/layers/linear.py) against the same step with them
-through ``F.linear`` and ``torch.mm`` (PyTorch's BLAS, MKL in the official wheels), switched step
-by step in alternating order.
+"""A/B of the linears' kernels in one process: mmtwins' step with its CPU linears through oneDNN
+(the default, see mmtwins/models/layers/linear.py) against the same step with them through
+``F.linear`` and ``torch.mm`` (in fp32 PyTorch's BLAS, MKL in the official wheels; in bf16
+oneDNN's matrix products), switched step by step in alternating order.
 
     python tools/analysis_tools/linear_ab.py --variants svt pcpvt --size 512 --batch 2
     python tools/analysis_tools/linear_ab.py --mode infer --size 224 --batch 8
+    python tools/analysis_tools/linear_ab.py --mode infer --amp      # bf16 autocast
 
 Prints the median step time (ms) of each arm after 5 untimed steps. Where the route is not taken
-(a GPU, autocast, one thread, a CPU other than x86-64) both arms run the same code.
+(a GPU, bf16 on a CPU without native bf16 or with AMX, one thread, a CPU other than x86-64) both
+arms run the same code.
 """
 import argparse
 import contextlib

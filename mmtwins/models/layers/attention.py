@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embed import is_exporting, pad_amounts
-from .linear import apply_linear
+from .linear import apply_linear, bf16_without_amx
 
 #: The most scores (batch x heads x queries x keys) one step of :func:`attend`'s composition
 #: computes at a time: it runs query chunks of that size, whose scores stay in cache. Measured on
@@ -25,18 +25,8 @@ from .linear import apply_linear
 COMPOSE_CHUNK_SCORES = 1 << 20
 
 
-def _bf16_without_amx() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16) without AMX (with AMX the fused
-    kernel runs on AMX tiles: not measured against the composition, so it keeps the kernel)."""
-    cpu = torch.cpu
-    try:
-        return cpu._is_avx512_bf16_supported() and not cpu._is_amx_tile_supported()
-    except AttributeError:  # a PyTorch without these probes
-        return False
-
-
-#: Whether :func:`attend` composes bf16 inference on this CPU (:func:`_bf16_without_amx`).
-COMPOSE_CPU = _bf16_without_amx()
+#: Whether :func:`attend` composes bf16 inference on this CPU (:func:`.linear.bf16_without_amx`).
+COMPOSE_CPU = bf16_without_amx()
 
 
 def _composes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:

@@ -12,11 +12,19 @@ A 1x1 convolution over a channels-last map is a matrix product, and (M, C) row-m
 already are the (1, C, 1, M) channels-last map, so the route adds no copy for them; values
 agree with ``F.linear`` to fp32 rounding (the order of summation differs).
 
-The route is taken by :func:`use_onednn`: on a CPU, in fp32, outside autocast (whose bf16
-products already run in oneDNN), where PyTorch's convolution would use oneDNN for it (enabled,
-more than one thread, more than :data:`ONEDNN_MIN_NUMEL` input elements), on x86-64 CPUs, and
-not while a graph is being recorded for export (an exported graph keeps its ``Gemm``/``MatMul``
-nodes) or compiled. ``USE_ONEDNN = False`` switches it off everywhere.
+bf16 products (a bf16 model, or fp32 under CPU autocast, whose inputs the route casts as
+autocast would) take it too on CPUs that compute bf16 natively without AMX
+(:data:`ONEDNN_BF16`): PyTorch computes them in oneDNN already, as matrix products with the bias
+added by a copy before; as 1x1 convolutions the bias is part of the kernel and the products ran
+5-40 % faster (one-off timings on the Zen 5 CPU); the bf16 autocast inference steps of SVT-S and
+PCPVT-S at 512x512 took 1.03-1.04x and 1.02-1.03x as long without the route (``linear_ab.py
+--mode infer --amp``), a training step of SVT-S as long (0.99x).
+
+The route is taken by :func:`onednn_dtype`: on a CPU, in fp32 or (above) bf16, where PyTorch's
+convolution would use oneDNN for it (enabled, more than one thread, more than
+:data:`ONEDNN_MIN_NUMEL` input elements), on x86-64 CPUs, and not while a graph is being
+recorded for export (an exported graph keeps its ``Gemm``/``MatMul`` nodes) or compiled.
+``USE_ONEDNN = False`` switches it off everywhere.
 """
 import platform
 from typing import Optional, Sequence, Tuple
@@ -28,9 +36,24 @@ from torch.nn.modules import module as _module
 
 from .embed import is_exporting
 
-#: Route fp32 CPU linears through oneDNN (see the module docstring); False: ``F.linear``.
+#: Route CPU linears through oneDNN (see the module docstring); False: ``F.linear``.
 #: x86-64 only: on ARM PyTorch's oneDNN runs on other kernels (ACL), not measured for this.
 USE_ONEDNN = platform.machine().lower() in ('x86_64', 'amd64')
+
+
+def bf16_without_amx() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16) without AMX. The bf16 paths measured
+    faster on such a CPU (an AMD EPYC Zen 5) leave AMX CPUs, where oneDNN and the fused attention
+    run on AMX tiles and were not measured against them, as PyTorch runs them."""
+    cpu = torch.cpu
+    try:
+        return cpu._is_avx512_bf16_supported() and not cpu._is_amx_tile_supported()
+    except AttributeError:  # a PyTorch without these probes
+        return False
+
+
+#: Route bf16 products as well as fp32 ones (:func:`bf16_without_amx`; see the module docstring).
+ONEDNN_BF16 = bf16_without_amx()
 
 _HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
 
@@ -58,19 +81,37 @@ ONEDNN_MIN_NUMEL = 20480
 #: not implement the convolution it calls.
 _PLAIN = (torch.Tensor, nn.Parameter)
 
+#: The input dtypes CPU autocast casts to its own for a linear.
+_AUTOCAST_CASTS = {torch.float32, torch.bfloat16}
 
-def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the product of ``x`` (..., C), a linear's input, with ``weight`` (O, C) goes
-    through oneDNN (see the module docstring). Not while ``torch.compile`` traces the model:
-    its inductor picks its own kernels for a linear."""
+
+def onednn_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype in which the product of ``x`` (..., C), a linear's input, with ``weight`` (O, C)
+    goes through oneDNN (see the module docstring): the autocast dtype under CPU autocast (which
+    casts fp32 and bf16 inputs), else theirs; None where ``F.linear`` computes it. Not while
+    ``torch.compile`` traces the model: its inductor picks its own kernels for a linear."""
     # Cheapest first: a GPU step, launch-bound at small batches, stops at the device. The export
     # checks come before numel(), which a trace would record as a tensor.
-    return (USE_ONEDNN and x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32
-            and not is_exporting() and not torch.compiler.is_compiling()
-            and type(x) in _PLAIN and type(weight) in _PLAIN and x.numel() > ONEDNN_MIN_NUMEL
-            and weight.numel() > 0 and torch.get_num_threads() > 1
-            and not torch.is_autocast_enabled('cpu') and torch.backends.mkldnn.enabled
-            and torch.backends.mkldnn.is_available())
+    if not (USE_ONEDNN and x.device.type == 'cpu' and not is_exporting()
+            and not torch.compiler.is_compiling() and type(x) in _PLAIN
+            and type(weight) in _PLAIN):
+        return None
+    dtype = x.dtype
+    if torch.is_autocast_enabled('cpu') and {x.dtype, weight.dtype} <= _AUTOCAST_CASTS:
+        dtype = torch.get_autocast_dtype('cpu')
+    elif weight.dtype != dtype:
+        return None
+    if dtype != torch.float32 and not (dtype == torch.bfloat16 and ONEDNN_BF16):
+        return None
+    if (x.numel() > ONEDNN_MIN_NUMEL and weight.numel() > 0 and torch.get_num_threads() > 1
+            and torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
+        return dtype
+    return None
+
+
+def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the product of ``x`` with ``weight`` goes through oneDNN (:func:`onednn_dtype`)."""
+    return onednn_dtype(x, weight) is not None
 
 
 def _as_map(x: torch.Tensor) -> torch.Tensor:
@@ -104,24 +145,30 @@ class _OneDnnLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor,
            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through oneDNN where :func:`use_onednn`; differentiable,
-    twice too.
+    """``F.linear(x, weight, bias)``, through oneDNN where :func:`onednn_dtype` says;
+    differentiable, twice too.
 
     Shapes:
         x (..., C), weight (O, C), bias (O,) -> (..., O).
     """
-    if not use_onednn(x, weight):
+    dtype = onednn_dtype(x, weight)
+    if dtype is None:
         return F.linear(x, weight, bias)
-    return onednn_linear(x, weight, bias)
+    return onednn_linear(x, weight, bias, dtype)
 
 
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor,
-                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`linear` through oneDNN, for a caller that checked :func:`use_onednn` already.
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """:func:`linear` through oneDNN, for a caller that took the route's ``dtype`` from
+    :func:`onednn_dtype` already; operands of another dtype are cast to it (differentiably, as
+    autocast casts them); None: they have it.
 
     Shapes:
         x (..., C), weight (O, C), bias (O,) -> (..., O).
     """
+    if dtype is not None:
+        x, weight, bias = (t if t is None or t.dtype == dtype else t.to(dtype)
+                           for t in (x, weight, bias))
     y = _OneDnnLinear.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])
 
@@ -130,9 +177,9 @@ def linear_grads(grad: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Te
                  needs: Sequence[bool]) -> Tuple[Optional[torch.Tensor], ...]:
     """The backward of ``linear(x, weight, bias)``: ``(grad @ weight, grad.T @ x, grad.sum(0))``,
     each only where ``needs`` says (else None); ``x`` may be None where the weight needs no
-    gradient. oneDNN computes the products for fp32 CPU tensors (any other input gives the same
-    values through PyTorch's own convolution); the bias gradient is PyTorch's sum, exact to fp32
-    rounding (oneDNN's own was measured 0.6 % off over 2048 rows).
+    gradient. oneDNN computes the products for fp32 and bf16 CPU tensors (any other input gives
+    the same values through PyTorch's own convolution); the bias gradient is PyTorch's sum, exact
+    to fp32 rounding (oneDNN's own was measured 0.6 % off over 2048 rows).
 
     Shapes:
         grad (M, O), x (M, C), weight (O, C) -> (M, C), (O, C), (O,).
@@ -152,14 +199,15 @@ def linear_grads(grad: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Te
 
 def apply_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``: a plain ``nn.Linear`` (:func:`is_plain`, no global hook) on an input the
-    route takes (:func:`use_onednn`) is computed from its weights through oneDNN; every other
+    route takes (:func:`onednn_dtype`) is computed from its weights through oneDNN; every other
     case calls the layer, so its hooks, quantisation, adapters and its scope in a traced or
     exported graph stay.
 
     Shapes:
         x (..., C) -> (..., O).
     """
-    if (is_plain(layer, nn.Linear) and no_global_hooks()
-            and use_onednn(x, layer.weight)):
-        return onednn_linear(x, layer.weight, layer.bias)
+    if is_plain(layer, nn.Linear) and no_global_hooks():
+        dtype = onednn_dtype(x, layer.weight)
+        if dtype is not None:
+            return onednn_linear(x, layer.weight, layer.bias, dtype)
     return layer(x)

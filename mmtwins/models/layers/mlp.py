@@ -14,8 +14,9 @@ would keep ``h`` for the GELU and ``gelu(h)`` for ``fc2``, the widest tensor twi
 block's pre-norm is passed in, the normalised tokens (autograd would keep them for ``fc1`` next to
 the norm's own input). With ``recompute_hidden`` it keeps only the input and recomputes ``h``
 chunk by chunk too. Values and gradients are those of ``fc2(gelu(fc1(norm(x))))`` up to the
-order of floating-point summation, and the same with and without ``recompute_hidden``. In fp32 on
-an x86-64 CPU the products, forward and backward, run through oneDNN (:mod:`.linear`).
+order of floating-point summation, and the same with and without ``recompute_hidden``. On an
+x86-64 CPU the fp32 products (and on some CPUs the bf16 ones), forward and backward, run through
+oneDNN (:mod:`.linear`).
 """
 from typing import List, Optional
 
@@ -139,12 +140,13 @@ def _linear_backward(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, need_x: 
     Shapes:
         g (M, O), x (M, C), w (O, C) -> (M, C), (O, C), (O,).
     """
-    if use_onednn(x, w):
-        gxc, gwc, gbc = linear_grads(g, x, w, (need_x, need_w, need_b))
-        return gxc, _add(gw, gwc) if need_w else None, _add(gb, gbc) if need_b else None
-    return (g.mm(w) if need_x else None,
-            _add_product(gw, g.t(), x, acc_dtype) if need_w else None,
-            _add(gb, g.sum(0, dtype=acc_dtype)) if need_b else None)
+    if use_onednn(x, w):  # gradients in the compute dtype, summed over chunks in acc_dtype
+        gxc, gwc, _ = linear_grads(g, x, w, (need_x, need_w, False))
+        gw = _add(gw, _to(gwc, acc_dtype)) if need_w else None
+    else:
+        gxc = g.mm(w) if need_x else None
+        gw = _add_product(gw, g.t(), x, acc_dtype) if need_w else None
+    return gxc, gw, _add(gb, g.sum(0, dtype=acc_dtype)) if need_b else None
 
 
 class _ChunkedMlpFunction(torch.autograd.Function):
