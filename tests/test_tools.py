@@ -54,6 +54,10 @@ def test_train_options_map_to_config(tmp_path):
         train_api.build_train_cfg(train_api.parse_args(
             [RETINANET, '--auto-scale-lr', '--cfg-options', 'auto_scale_lr=None']))
 
+    cfg = train_api.build_train_cfg(train_api.parse_args(
+        [RETINANET, '--amp', '--cfg-options', 'optim_wrapper.loss_scale=512']))
+    assert (cfg.optim_wrapper.type, cfg.optim_wrapper.loss_scale) == ('AmpOptimWrapper', 512)
+
     cfg = train_api.build_train_cfg(train_api.parse_args([RETINANET, '--resume', 'x/epoch_3.pth']))
     assert (cfg.resume, cfg.load_from) == (True, 'x/epoch_3.pth')
     assert cfg.work_dir == os.path.join('./work_dirs', 'retinanet_twins_svt_s_1x')

@@ -20,7 +20,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description='Train a model of any OpenMMLab 3.x scope')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--amp', action='store_true',
-                        help='automatic mixed precision (AmpOptimWrapper, dynamic loss scale)')
+                        help='automatic mixed precision (AmpOptimWrapper; a dynamic loss scale '
+                        'unless optim_wrapper.loss_scale is given)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by the total batch (GPUs x batch per GPU) over '
                         'auto_scale_lr.base_batch_size')
@@ -47,7 +48,8 @@ def build_train_cfg(args: argparse.Namespace) -> Config:
                               f'AmpOptimWrapper), got {wrapper_type}')
         else:
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.loss_scale = 'dynamic'
+            # a loss scale given with --cfg-options (a number, a dict) stays
+            cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
     if args.auto_scale_lr:
         if 'base_batch_size' not in (cfg.get('auto_scale_lr') or {}):
             raise ConfigError('--auto-scale-lr needs auto_scale_lr=dict(enable=False, '
