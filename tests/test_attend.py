@@ -1,17 +1,17 @@
-"""``attend``: PyTorch's fused attention, or in bf16 CPU inference (AVX512-BF16 without AMX, small
-score tensors) its composition from matmuls and a softmax, with the same values."""
+"""``attend``: PyTorch's fused attention, or in bf16 CPU inference (AVX512-BF16 without AMX) its
+composition from matmuls and a softmax in cache-sized chunks, with the same values."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmtwins.analysis.peers import autocast_cosine
 from mmtwins.models import PCPVT, SVT
-from mmtwins.models.layers import (GlobalSubsampledAttention, LocallyGroupedAttention, attention,
-                                   linear)
+from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention, attention
 from mmtwins.models.layers.attention import attend
 
 from conftest import TINY_PCPVT, TINY_SVT
-
 
 
 @pytest.fixture
@@ -61,17 +61,31 @@ def test_bf16_inference_composes_with_the_fused_kernels_values(bf16_cpu, masked)
     assert err < 0.03 and kernel_err < 0.03
 
 
-@pytest.mark.parametrize('case', ['fp32', 'gradient', 'dropout', 'other CPU', 'exporting'])
+@pytest.mark.parametrize('case', ['fp32', 'gradient', 'dropout', 'other CPU', 'exporting',
+                                  'compiling', 'oneDNN disabled', 'fp16 autocast', 'float mask',
+                                  '3-D'])
 def test_the_fused_kernel_runs_where_the_composition_does_not_apply(bf16_cpu, monkeypatch, case):
     q, k, v = qkv(dtype=torch.float32 if case == 'fp32' else torch.bfloat16)
     dropout = 0.5 if case == 'dropout' else 0.
+    mask, context = None, contextlib.nullcontext()
     if case == 'gradient':
         q.requires_grad_()
-    if case == 'other CPU':
+    elif case == 'other CPU':
         monkeypatch.setattr(attention, 'COMPOSE_CPU', False)
-    if case == 'exporting':
+    elif case == 'exporting':
         monkeypatch.setattr(attention, 'is_exporting', lambda: True)
-    fused, out = fused_ran(attend, q, k, v, None, dropout)
+    elif case == 'compiling':
+        monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    elif case == 'oneDNN disabled':
+        context = torch.backends.mkldnn.flags(enabled=False)
+    elif case == 'fp16 autocast':  # the kernel computes in fp16 there
+        context = torch.autocast('cpu', dtype=torch.float16)
+    elif case == 'float mask':  # added to the scores
+        mask = torch.zeros(3, 1, 1, 49, dtype=torch.bfloat16)
+    elif case == '3-D':
+        q, k, v = q[0], k[0], v[0]
+    with context:
+        fused, out = fused_ran(attend, q, k, v, mask, dropout)
     assert fused and out.shape == q.shape
 
 
@@ -102,11 +116,6 @@ def test_query_chunks_give_the_values_of_one_whole_composition(bf16_cpu, monkeyp
     torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
 
 
-def test_a_pytorch_without_the_cpu_probes_keeps_pytorchs_own_bf16_kernels(monkeypatch):
-    monkeypatch.delattr(torch.cpu, '_is_amx_tile_supported')
-    assert linear.bf16_without_amx() is False
-
-
 @pytest.mark.parametrize('hw', [(14, 14), (9, 10)], ids=['whole windows', 'padded'])
 @pytest.mark.parametrize('cls', [LocallyGroupedAttention, GlobalSubsampledAttention])
 def test_attention_layers_in_bf16_inference_compose_to_the_fused_values(bf16_cpu, monkeypatch,
@@ -118,8 +127,8 @@ def test_attention_layers_in_bf16_inference_compose_to_the_fused_values(bf16_cpu
     with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16):
         fused, composed = fused_ran(layer, x, hw)
         monkeypatch.setattr(attention, 'COMPOSE_CPU', False)
-        kernel = layer(x, hw)
-    assert not fused and composed.dtype == kernel.dtype == torch.bfloat16
+        kernel_ran, kernel = fused_ran(layer, x, hw)
+    assert not fused and kernel_ran and composed.dtype == kernel.dtype == torch.bfloat16
     with torch.inference_mode():
         exact = layer.double()(x.double(), hw)
     for out in (composed, kernel):

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
 @pytest.fixture(autouse=True)
 def route_on(monkeypatch):
     """The route on, as on x86-64 (where it is on by default), and two threads: PyTorch takes
-    oneDNN for these convolutions with more than one thread only."""
+    oneDNN for fp32 convolutions with more than one thread only (and the route keeps that bound
+    for bf16 too)."""
     monkeypatch.setattr(linear_module, 'USE_ONEDNN', True)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -200,6 +201,17 @@ def test_chunked_mlp_under_bf16_autocast_through_onednn_matches_the_blas_path(ch
     assert [g.dtype for g in got] == [torch.bfloat16] + [torch.float32] * (1 + len(params))
     monkeypatch.setattr(linear_module, 'USE_ONEDNN', False)
     _assert_bf16_close(got, run())
+
+
+@pytest.mark.parametrize('avx512_bf16, amx, expected', [(True, False, True), (True, True, False),
+                                                         (False, False, False)])
+def test_bf16_routes_are_for_cpus_with_avx512_bf16_and_without_amx(monkeypatch, avx512_bf16, amx,
+                                                                   expected):
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
+    assert linear_module.bf16_without_amx() is expected
+    monkeypatch.delattr(torch.cpu, '_is_amx_tile_supported')  # a PyTorch without the probe
+    assert linear_module.bf16_without_amx() is False
 
 
 def test_apply_linear_calls_the_layer_unless_it_takes_the_route(monkeypatch):

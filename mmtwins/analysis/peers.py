@@ -289,7 +289,7 @@ def _category(name: str) -> str:
     return 'other'
 
 
-#: Where the convolution operators take their input map and weight: mmtwins' fp32 CPU linears
+#: Where the convolution operators take their input map and weight: mmtwins' CPU linears
 #: run as 1x1 convolutions over a (1, C, 1, M) map (:mod:`..models.layers.linear`). oneDNN's
 #: kernels run in the last two, which count the FLOPs; the others are dispatch.
 _CONV_OPERANDS = {'aten::conv2d': (0, 1), 'aten::convolution': (0, 1),
@@ -777,8 +777,8 @@ def dense_gflops(device: str = 'cpu', dtype: torch.dtype = torch.float32,
     a CPU, 8192 on a GPU (which a smaller product does not fill). ``blas`` is ``a @ b`` as the
     device runs it by default (on CUDA: no TF32; on a CPU in fp32: MKL); ``onednn``, where
     mmtwins' linears take it (a CPU in fp32, and in bf16 on some CPUs:
-    :func:`..models.layers.linear.use_onednn`), is the same product through that route. The best of them is the ceiling of the GFLOP/s
-    fractions."""
+    :func:`..models.layers.linear.use_onednn`), is the same product through that route. The
+    best of them is the ceiling of the GFLOP/s fractions."""
     dev = torch.device(device)
     n = n or (2048 if dev.type == 'cpu' else 8192)
     a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))

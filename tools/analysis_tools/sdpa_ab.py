@@ -8,7 +8,7 @@ separate operators) in GSA, LSA or both, switched step by step in alternating or
 
 The kernel is chosen when the forward runs, and the backward follows it. Both arms always call
 ``scaled_dot_product_attention``; in bf16 CPU inference, where mmtwins' own choice
-(:func:`mmtwins.models.layers.attention.attend`) composes small attentions from bf16 matmuls
+(:func:`mmtwins.models.layers.attention.attend`) composes the attentions from bf16 matmuls
 instead, a third arm, ``mmtwins``, runs that choice. Prints the median step time (ms) of each arm
 after 5 untimed steps, and on a GPU each arm's peak memory in its first step (the math path
 keeps the attention weights for backward).

@@ -3,7 +3,7 @@
 Both take ``x`` of shape (B, N, C) with N = H * W tokens in row-major order and ``hw = (H, W)``,
 and return (B, N, C). Attention runs through :func:`attend` (PyTorch's fused kernel, or in bf16
 inference on some CPUs its composition from matmuls and a softmax), the linears through
-:func:`.linear.apply_linear` (oneDNN for fp32 on x86-64 CPUs, see there).
+:func:`.linear.apply_linear` (oneDNN on x86-64 CPUs, see there).
 """
 from typing import Optional, Tuple
 
@@ -18,23 +18,33 @@ from .linear import apply_linear, bf16_without_amx
 #: computes at a time: it runs query chunks of that size, whose scores stay in cache. Measured on
 #: an AMD EPYC Zen 5 (AVX-512 with bf16, no AMX), where PyTorch's fused CPU kernel is slower in
 #: bf16 than in fp32, with ``tools/analysis_tools/sdpa_ab.py``-style A/B runs of whole bf16
-#: inference steps at 512x512, batch 2: with chunks of 2**20 scores PCPVT-S's step took 0.81-0.82x
-#: the time it took with the kernel, SVT-S's 0.92-0.94x (2**18: 0.90x and 1.10x; 2**19: 0.85x
+#: inference steps at 512x512, batch 2: with chunks of 2**20 scores PCPVT-S's step took 0.81-0.83x
+#: the time it took with the kernel, SVT-S's 0.92-0.95x (2**18: 0.90x and 1.10x; 2**19: 0.85x
 #: and 0.97x; 2**21: 0.84x and 0.93x; 2**22: 0.88x and 1.01x). One call alone, SVT-S's first-stage
 #: GSA (2**24 scores): 8.0 ms in chunks of 2**20, 13.0 ms with the kernel, 23.6 ms whole.
 COMPOSE_CHUNK_SCORES = 1 << 20
 
 
-#: Whether :func:`attend` composes bf16 inference on this CPU (:func:`.linear.bf16_without_amx`).
+#: Whether :func:`attend` composes bf16 inference on this CPU (:func:`.linear.bf16_without_amx`:
+#: every CPU with AVX512-BF16 and no AMX, Zen 4 and Cooper Lake too; measured on a Zen 5 only).
 COMPOSE_CPU = bf16_without_amx()
 
+#: Tensor types the composition takes; a subclass (a nested tensor) keeps PyTorch's operator.
+_PLAIN = (torch.Tensor, nn.Parameter)
 
-def _composes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> bool:
-    """Whether :func:`attend` composes: bf16 inference on a CPU of :data:`COMPOSE_CPU`, no
-    gradient needed, no dropout, and not while exporting or compiling (a graph keeps the one
-    attention operator)."""
+
+def _composes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              dropout_p: float) -> bool:
+    """Whether :func:`attend` composes: bf16 (B, heads, N, d) tensors on a CPU of
+    :data:`COMPOSE_CPU` with oneDNN enabled (its bf16 products), a boolean mask or none, no
+    gradient needed, no dropout, no autocast to another dtype, and not while exporting or
+    compiling (a graph keeps the one attention operator)."""
     if not (COMPOSE_CPU and q.device.type == 'cpu' and q.dtype == torch.bfloat16
-            and not dropout_p and not is_exporting() and not torch.compiler.is_compiling()):
+            and q.dim() == 4 and type(q) in _PLAIN and not dropout_p
+            and (mask is None or mask.dtype == torch.bool) and torch.backends.mkldnn.enabled
+            and not is_exporting() and not torch.compiler.is_compiling()):
+        return False
+    if torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') != torch.bfloat16:
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
 
@@ -43,14 +53,16 @@ def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: Optional[torch.Tensor]) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d)) v`` (``mask`` False: a score of -inf) in query chunks of at
     most :data:`COMPOSE_CHUNK_SCORES` scores (at least one query row each); shapes as
-    :func:`attend`'s."""
+    :func:`attend`'s. A query whose every key is masked gets NaN (the fused kernel: zeros); the
+    layers never mask every key of a window."""
     # Contiguous (B, heads, N, d) operands: their batch dims collapse, so no product copies them
-    q = (q * q.shape[-1] ** -0.5).contiguous()
+    # (q scaled into new contiguous memory in one pass)
+    q = torch.mul(q, q.shape[-1] ** -0.5, out=q.new_empty(q.shape))
     k_t, v = k.contiguous().transpose(-2, -1), v.contiguous()
     drop = None if mask is None else ~mask
     per_row = drop is not None and drop.dim() > 1 and drop.shape[-2] > 1
     B, heads, N, d = q.shape
-    rows = max(1, COMPOSE_CHUNK_SCORES // (B * heads * k.shape[-2]))
+    rows = max(1, COMPOSE_CHUNK_SCORES // max(1, B * heads * k.shape[-2]))
     # (B, N, heads, d) memory, as the fused kernel's output: the callers' merge of the heads,
     # (B, N, heads * d), is then a view
     out = q.new_empty(B, N, heads, v.shape[-1]).transpose(1, 2)
@@ -74,7 +86,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q (B, heads, Nq, d), k and v (B, heads, Nk, d), mask boolean, broadcastable to
         (B, heads, Nq, Nk), True where a key is attended -> (B, heads, Nq, d).
     """
-    if _composes(q, k, v, dropout_p):
+    if _composes(q, k, v, mask, dropout_p):
         return _composed(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 

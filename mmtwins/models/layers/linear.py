@@ -21,9 +21,11 @@ PCPVT-S at 512x512 took 1.03-1.04x and 1.02-1.03x as long without the route (``l
 --mode infer --amp``), a training step of SVT-S as long (0.99x).
 
 The route is taken by :func:`onednn_dtype`: on a CPU, in fp32 or (above) bf16, where PyTorch's
-convolution would use oneDNN for it (enabled, more than one thread, more than
-:data:`ONEDNN_MIN_NUMEL` input elements), on x86-64 CPUs, and not while a graph is being
-recorded for export (an exported graph keeps its ``Gemm``/``MatMul`` nodes) or compiled.
+fp32 convolution would use oneDNN (enabled, more than one thread, more than
+:data:`ONEDNN_MIN_NUMEL` input elements; bf16 convolutions always run in oneDNN, and the route
+keeps the fp32 bounds for them, not measured below them), on x86-64 CPUs, and not while a graph
+is being recorded for export (an exported graph keeps its ``Gemm``/``MatMul`` nodes) or
+compiled.
 ``USE_ONEDNN = False`` switches it off everywhere.
 """
 import platform
@@ -71,17 +73,19 @@ def is_plain(module: nn.Module, cls: type) -> bool:
             and 'forward' not in vars(module))
 
 
-#: PyTorch runs a 1x1 convolution of one image with oneDNN only above this many input elements
-#: and with more than one thread (``ConvParams::use_mkldnn``); otherwise its own route, which is
-#: MKL's product again plus a dispatch overhead (measured: 10-30 us more per call than
-#: ``F.linear`` for small products), so :func:`use_onednn` leaves those to ``F.linear``.
+#: PyTorch runs an fp32 1x1 convolution of one image with oneDNN only above this many input
+#: elements and with more than one thread (``ConvParams::use_mkldnn``); otherwise its own route,
+#: which is MKL's product again plus a dispatch overhead (measured: 10-30 us more per call than
+#: ``F.linear`` for small products), so :func:`use_onednn` leaves those to ``F.linear``; bf16
+#: products keep the same bounds (bf16 convolutions always run in oneDNN; not measured).
 ONEDNN_MIN_NUMEL = 20480
 
 #: Tensor types the route takes; a subclass (a quantised or sharded weight, a fake tensor) may
 #: not implement the convolution it calls.
 _PLAIN = (torch.Tensor, nn.Parameter)
 
-#: The input dtypes CPU autocast casts to its own for a linear.
+#: The input dtypes the route casts to CPU autocast's dtype (autocast casts fp16 too; an fp16
+#: operand keeps ``F.linear``).
 _AUTOCAST_CASTS = {torch.float32, torch.bfloat16}
 
 
@@ -178,8 +182,9 @@ def linear_grads(grad: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Te
     """The backward of ``linear(x, weight, bias)``: ``(grad @ weight, grad.T @ x, grad.sum(0))``,
     each only where ``needs`` says (else None); ``x`` may be None where the weight needs no
     gradient. oneDNN computes the products for fp32 and bf16 CPU tensors (any other input gives
-    the same values through PyTorch's own convolution); the bias gradient is PyTorch's sum, exact
-    to fp32 rounding (oneDNN's own was measured 0.6 % off over 2048 rows).
+    the same values through PyTorch's own convolution); the bias gradient is PyTorch's sum,
+    accumulated in fp32 and exact to the dtype's rounding (oneDNN's own was measured 0.6 % off
+    over 2048 fp32 rows).
 
     Shapes:
         grad (M, O), x (M, C), weight (O, C) -> (M, C), (O, C), (O,).
