@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embed import is_exporting, pad_amounts
-from .linear import apply_linear, bf16_without_amx
+from .linear import PLAIN_TENSORS, apply_linear, bf16_without_amx
 
 #: The most scores (batch x heads x queries x keys) one step of :func:`attend`'s composition
 #: computes at a time: it runs query chunks of that size, whose scores stay in cache. Measured on
@@ -24,13 +24,9 @@ from .linear import apply_linear, bf16_without_amx
 #: GSA (2**24 scores): 8.0 ms in chunks of 2**20, 13.0 ms with the kernel, 23.6 ms whole.
 COMPOSE_CHUNK_SCORES = 1 << 20
 
-
 #: Whether :func:`attend` composes bf16 inference on this CPU (:func:`.linear.bf16_without_amx`:
 #: every CPU with AVX512-BF16 and no AMX, Zen 4 and Cooper Lake too; measured on a Zen 5 only).
 COMPOSE_CPU = bf16_without_amx()
-
-#: Tensor types the composition takes; a subclass (a nested tensor) keeps PyTorch's operator.
-_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def _composes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -40,7 +36,7 @@ def _composes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     gradient needed, no dropout, no autocast to another dtype, and not while exporting or
     compiling (a graph keeps the one attention operator)."""
     if not (COMPOSE_CPU and q.device.type == 'cpu' and q.dtype == torch.bfloat16
-            and q.dim() == 4 and type(q) in _PLAIN and not dropout_p
+            and q.dim() == 4 and type(q) in PLAIN_TENSORS and not dropout_p
             and (mask is None or mask.dtype == torch.bool) and torch.backends.mkldnn.enabled
             and not is_exporting() and not torch.compiler.is_compiling()):
         return False

@@ -25,8 +25,7 @@ fp32 convolution would use oneDNN (enabled, more than one thread, more than
 :data:`ONEDNN_MIN_NUMEL` input elements; bf16 convolutions always run in oneDNN, and the route
 keeps the fp32 bounds for them, not measured below them), on x86-64 CPUs, and not while a graph
 is being recorded for export (an exported graph keeps its ``Gemm``/``MatMul`` nodes) or
-compiled.
-``USE_ONEDNN = False`` switches it off everywhere.
+compiled. ``USE_ONEDNN = False`` switches it off everywhere.
 """
 import platform
 from typing import Optional, Sequence, Tuple
@@ -80,9 +79,9 @@ def is_plain(module: nn.Module, cls: type) -> bool:
 #: products keep the same bounds (bf16 convolutions always run in oneDNN; not measured).
 ONEDNN_MIN_NUMEL = 20480
 
-#: Tensor types the route takes; a subclass (a quantised or sharded weight, a fake tensor) may
-#: not implement the convolution it calls.
-_PLAIN = (torch.Tensor, nn.Parameter)
+#: Tensor types the route takes; a subclass (a quantised or sharded weight, a fake tensor, a
+#: nested tensor) may not implement the operators it calls.
+PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 #: The input dtypes the route casts to CPU autocast's dtype (autocast casts fp16 too; an fp16
 #: operand keeps ``F.linear``).
@@ -91,14 +90,14 @@ _AUTOCAST_CASTS = {torch.float32, torch.bfloat16}
 
 def onednn_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]:
     """The dtype in which the product of ``x`` (..., C), a linear's input, with ``weight`` (O, C)
-    goes through oneDNN (see the module docstring): the autocast dtype under CPU autocast (which
-    casts fp32 and bf16 inputs), else theirs; None where ``F.linear`` computes it. Not while
+    goes through oneDNN (see the module docstring): the autocast dtype under CPU autocast (for fp32
+    and bf16 operands), else theirs; None where ``F.linear`` computes it. Not while
     ``torch.compile`` traces the model: its inductor picks its own kernels for a linear."""
     # Cheapest first: a GPU step, launch-bound at small batches, stops at the device. The export
     # checks come before numel(), which a trace would record as a tensor.
     if not (USE_ONEDNN and x.device.type == 'cpu' and not is_exporting()
-            and not torch.compiler.is_compiling() and type(x) in _PLAIN
-            and type(weight) in _PLAIN):
+            and not torch.compiler.is_compiling() and type(x) in PLAIN_TENSORS
+            and type(weight) in PLAIN_TENSORS):
         return None
     dtype = x.dtype
     if torch.is_autocast_enabled('cpu') and {x.dtype, weight.dtype} <= _AUTOCAST_CASTS:
