@@ -41,7 +41,8 @@ as on the network, so it says how much of a difference in time is the allocator'
 For inference cases the achieved GFLOP/s (the forward pass's FLOPs, counted by
 :func:`mmtwins.analysis.flops.count_complexity`, over the median time) is also reported as a
 fraction of the machine's dense matmul GFLOP/s in the case's precision (measured around each
-case, :func:`dense_gflops`: the faster of the BLAS and, on a CPU in fp32, oneDNN).
+case, :func:`dense_gflops`: the faster of the BLAS and, where mmtwins' linears take it,
+oneDNN).
 
 With ``kernels=True`` (``--kernels``) one more step of every implementation runs under
 ``torch.profiler``: its time by operator category (matmul, fused attention, convolution, copies,
