@@ -43,11 +43,14 @@ def qkv(batch=3, heads=2, nq=49, nk=49, d=16, dtype=torch.bfloat16):
     return [torch.randn(batch, heads, n, d).to(dtype) for n in (nq, nk, nk)]
 
 
+@pytest.mark.parametrize('keys', [49, 64, 5])
 @pytest.mark.parametrize('masked', [False, True])
-def test_bf16_inference_composes_with_the_fused_kernels_values(bf16_cpu, masked):
-    q, k, v = qkv()
+def test_bf16_inference_composes_with_the_fused_kernels_values(bf16_cpu, masked, keys):
+    # keys: score rows padded to 64 (49: LSA's windows), of whole registers already (64), and
+    # padded to 32 (5)
+    q, k, v = qkv(nk=keys)
     # per batch element, as LSA's key mask (windows, 1, 1, keys); every row keeps one key
-    mask = torch.rand(3, 1, 1, 49) > 0.3 if masked else None
+    mask = torch.rand(3, 1, 1, keys) > 0.3 if masked else None
     if masked:
         mask[..., 0] = True
     with torch.inference_mode():
@@ -99,15 +102,18 @@ def test_no_queries_give_an_empty_output(bf16_cpu):
         assert attend(q, k, v).shape == (3, 2, 0, 16)
 
 
-@pytest.mark.parametrize('mask_rows', [None, 1, 49], ids=['no mask', 'key mask', 'full mask'])
-@pytest.mark.parametrize('chunk', [1, 3 * 2 * 10 * 49, 3 * 2 * 48 * 49],
-                         ids=['one row', '10 rows', '48 rows'])
-def test_query_chunks_give_the_values_of_one_whole_composition(bf16_cpu, monkeypatch,
-                                                               mask_rows, chunk):
+@pytest.mark.parametrize('mask_shape', [None, (3, 1, 1, 49), (3, 1, 49, 49), (49, 49)],
+                         ids=['no mask', 'key mask', 'full mask', 'one mask for all'])
+@pytest.mark.parametrize('chunk', [1, 3 * 2 * 10 * 64, 3 * 2 * 48 * 64, 2 * 49 * 64,
+                                   2 * 2 * 49 * 64],
+                         ids=['one row', '10 rows', '48 rows', 'one entry', 'two entries'])
+def test_chunks_give_the_values_of_one_whole_composition(bf16_cpu, monkeypatch, mask_shape, chunk):
+    # 49 keys: score rows of 64 (SOFTMAX_LANES 32); chunks of rows of every entry, or (where an
+    # entry's scores fit) of whole entries, as LSA's windows
     q, k, v = qkv()
     mask = None
-    if mask_rows:  # (3, 1, rows, 49): rows 1 is broadcast over the queries, as LSA's
-        mask = torch.rand(3, 1, mask_rows, 49) > 0.3
+    if mask_shape:  # the key mask (3, 1, 1, 49) is broadcast over the queries, as LSA's
+        mask = torch.rand(mask_shape) > 0.3
         mask[..., 0] = True
     with torch.inference_mode():
         whole = attend(q, k, v, mask)

@@ -5,6 +5,7 @@ and return (B, N, C). Attention runs through :func:`attend` (PyTorch's fused ker
 inference on some CPUs its composition from matmuls and a softmax), the linears through
 :func:`.linear.apply_linear` (oneDNN on x86-64 CPUs, see there).
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -15,7 +16,9 @@ from .embed import is_exporting, pad_amounts
 from .linear import PLAIN_TENSORS, apply_linear, bf16_without_amx
 
 #: The most scores (batch x heads x queries x keys) one step of :func:`attend`'s composition
-#: computes at a time: it runs query chunks of that size, whose scores stay in cache. Measured on
+#: computes at a time: it runs chunks of that size, whose scores stay in cache (whole batch entries,
+#: LSA's windows, where one entry's scores fit; else query rows of every entry). Measured (with
+#: query chunks, before rows were padded to :data:`SOFTMAX_LANES`) on
 #: an AMD EPYC Zen 5 (AVX-512 with bf16, no AMX), where PyTorch's fused CPU kernel is slower in
 #: bf16 than in fp32, with ``tools/analysis_tools/sdpa_ab.py``-style A/B runs of whole bf16
 #: inference steps at 512x512, batch 2: with chunks of 2**20 scores PCPVT-S's step took 0.81-0.83x
@@ -23,6 +26,16 @@ from .linear import PLAIN_TENSORS, apply_linear, bf16_without_amx
 #: and 0.97x; 2**21: 0.84x and 0.93x; 2**22: 0.88x and 1.01x). One call alone, SVT-S's first-stage
 #: GSA (2**24 scores): 8.0 ms in chunks of 2**20, 13.0 ms with the kernel, 23.6 ms whole.
 COMPOSE_CHUNK_SCORES = 1 << 20
+
+#: :func:`attend`'s composition pads each row of scores to a multiple of this many keys (the
+#: padding scores -inf), the bf16 lanes of an AVX-512 register: PyTorch's bf16 softmax over rows
+#: of whole registers ran twice as fast on the Zen 5 CPU as over LSA's 49 keys (0.36 ms for
+#: 50x8x49 rows of 64, 0.75 ms for the same rows of 49; rows of 48 or 56: 0.70 and 1.18 ms).
+#: With LSA chunked by windows, the attention calls of an SVT-S bf16 inference step at 512x512
+#: took 36.5 ms instead of 40.6 (PCPVT-S's, all of 256 keys, 40.0 instead of 39.6); whole steps
+#: (``revision_ab.py --mode infer --amp``) at 224x224, batch 8: PCPVT-S 1.07x and SVT-S 1.05x
+#: faster (49 keys in PCPVT's first stage there); at 512x512, batch 2: 1.01x and 1.02x.
+SOFTMAX_LANES = 32
 
 #: Whether :func:`attend` composes bf16 inference on this CPU (:func:`.linear.bf16_without_amx`:
 #: every CPU with AVX512-BF16 and no AMX, Zen 4 and Cooper Lake too; measured on a Zen 5 only).
@@ -45,28 +58,55 @@ def _composes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
 
 
+def _even(total: int, most: int) -> int:
+    """The size of equal chunks of ``total`` items, at most ``most`` each (at least one)."""
+    chunks = -(-total // max(1, most))
+    return max(1, -(-total // max(1, chunks)))
+
+
 def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d)) v`` (``mask`` False: a score of -inf) in query chunks of at
-    most :data:`COMPOSE_CHUNK_SCORES` scores (at least one query row each); shapes as
+    """``softmax(q k^T / sqrt(d)) v`` (``mask`` False: a score of -inf) in chunks of at most
+    :data:`COMPOSE_CHUNK_SCORES` scores (at least one query row each): of whole batch entries
+    where one entry's scores fit (LSA's windows), else of query rows of one entry; shapes as
     :func:`attend`'s. A query whose every key is masked gets NaN (the fused kernel: zeros); the
     layers never mask every key of a window."""
     # Contiguous (B, heads, N, d) operands: their batch dims collapse, so no product copies them
     # (q scaled into new contiguous memory in one pass)
     q = torch.mul(q, q.shape[-1] ** -0.5, out=q.new_empty(q.shape))
-    k_t, v = k.contiguous().transpose(-2, -1), v.contiguous()
-    drop = None if mask is None else ~mask
-    per_row = drop is not None and drop.dim() > 1 and drop.shape[-2] > 1
     B, heads, N, d = q.shape
-    rows = max(1, COMPOSE_CHUNK_SCORES // max(1, B * heads * k.shape[-2]))
+    keys = k.shape[-2]
+    # Score rows of whole softmax registers; the keys beyond ``keys`` score -inf (weight 0) and
+    # their values are zeros. One buffer serves every chunk.
+    width = -(-keys // SOFTMAX_LANES) * SOFTMAX_LANES
+    k_t = k.contiguous().transpose(-2, -1)
+    if width > keys:
+        v = torch.cat([v, v.new_zeros(B, heads, width - keys, v.shape[-1])], dim=-2)
+    else:
+        v = v.contiguous()
+    drop = None if mask is None else ~mask.view((1,) * (4 - mask.dim()) + mask.shape)
+    per_entry = heads * N * width
+    if per_entry <= COMPOSE_CHUNK_SCORES:
+        entries, rows = _even(B, COMPOSE_CHUNK_SCORES // max(1, per_entry)), max(1, N)
+    else:
+        entries, rows = B, _even(N, COMPOSE_CHUNK_SCORES // max(1, B * heads * width))
+    # Rows of ``width`` scores, -inf beyond ``keys``: every chunk is a contiguous prefix of them
+    scores = q.new_empty(entries * heads * rows, width)
+    scores[:, keys:] = float('-inf')
     # (B, N, heads, d) memory, as the fused kernel's output: the callers' merge of the heads,
     # (B, N, heads * d), is then a view
     out = q.new_empty(B, N, heads, v.shape[-1]).transpose(1, 2)
-    for s in range(0, N, rows):
-        scores = q[..., s:s + rows, :] @ k_t
-        if drop is not None:
-            scores.masked_fill_(drop[..., s:s + rows, :] if per_row else drop, float('-inf'))
-        out[..., s:s + rows, :] = scores.softmax(-1) @ v
+    for b in range(0, B, entries):
+        e = slice(b, b + entries)
+        for s in range(0, N, rows):
+            r = slice(s, s + rows)
+            shape = (min(entries, B - b), heads, min(rows, N - s), width)
+            chunk = scores[:math.prod(shape[:3])].view(shape)
+            logits = torch.matmul(q[e, :, r], k_t[e], out=chunk[..., :keys])
+            if drop is not None:
+                logits.masked_fill_(drop[e if drop.shape[0] > 1 else slice(None), :,
+                                         r if drop.shape[2] > 1 else slice(None)], float('-inf'))
+            out[e, :, r] = chunk.softmax(-1) @ v[e]
     return out
 
 

@@ -103,8 +103,12 @@ class PatchEmbed(nn.Module):
             # Channels-last in, channels-last out: the tokens below are then a view of the
             # conv's output, so the LayerNorm's input and the conv's output gradient need no
             # transposing copy. (Later stages' maps are channels-last already; see
-            # tokens_to_map.) Measured on CPUs only.
-            x = x.contiguous(memory_format=torch.channels_last)
+            # tokens_to_map.) Measured on CPUs only. Under CPU autocast an fp32 input takes the
+            # autocast dtype in the same copy (the convolution would cast it, a second copy).
+            dtype = x.dtype
+            if dtype == torch.float32 and torch.is_autocast_enabled('cpu'):
+                dtype = torch.get_autocast_dtype('cpu')
+            x = x.to(dtype=dtype, memory_format=torch.channels_last)
         x = self.proj(x)
         hw = (x.shape[2], x.shape[3])
         return self.drop(self.norm(x.flatten(2).transpose(1, 2))), hw
