@@ -104,9 +104,9 @@ def test_no_queries_give_an_empty_output(bf16_cpu):
 
 @pytest.mark.parametrize('mask_shape', [None, (3, 1, 1, 49), (3, 1, 49, 49), (49, 49)],
                          ids=['no mask', 'key mask', 'full mask', 'one mask for all'])
-@pytest.mark.parametrize('chunk', [1, 3 * 2 * 10 * 64, 3 * 2 * 48 * 64, 2 * 49 * 64,
+@pytest.mark.parametrize('chunk', [1, 3 * 2 * 10 * 64, 3 * 2 * 16 * 64, 2 * 49 * 64,
                                    2 * 2 * 49 * 64],
-                         ids=['one row', '10 rows', '48 rows', 'one entry', 'two entries'])
+                         ids=['one row', '10 rows', '16 rows', 'one entry', 'two entries'])
 def test_chunks_give_the_values_of_one_whole_composition(bf16_cpu, monkeypatch, mask_shape, chunk):
     # 49 keys: score rows of 64 (SOFTMAX_LANES 32); chunks of rows of every entry, or (where an
     # entry's scores fit) of whole entries, as LSA's windows
@@ -120,6 +120,41 @@ def test_chunks_give_the_values_of_one_whole_composition(bf16_cpu, monkeypatch, 
         monkeypatch.setattr(attention, 'COMPOSE_CHUNK_SCORES', chunk)
         chunked = attend(q, k, v, mask)
     torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('nq,nk,mask_shape,chunk', [
+    (7, 5, (3, 2, 7, 5), 1), (7, 5, (1, 2, 1, 5), 2 * 7 * 32),
+    (13, 64, (3, 1, 13, 64), 3 * 2 * 4 * 64), (13, 33, None, 2 * 2 * 13 * 64)],
+    ids=['rows, per-head mask', 'entries, shared mask', 'rows of whole registers', 'entries'])
+def test_chunks_of_padded_rows_compose_the_exact_values(bf16_cpu, monkeypatch, nq, nk, mask_shape,
+                                                        chunk):
+    q, k, v = qkv(nq=nq, nk=nk)
+    mask = None
+    if mask_shape:
+        mask = torch.rand(mask_shape) > 0.3
+        mask[..., 0] = True
+    monkeypatch.setattr(attention, 'COMPOSE_CHUNK_SCORES', chunk)
+    with torch.inference_mode():
+        fused, out = fused_ran(attend, q, k, v, mask)
+        exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+    assert not fused and (out.double() - exact).abs().max() < 0.03
+
+
+def test_an_empty_batch_in_row_chunks(bf16_cpu, monkeypatch):
+    monkeypatch.setattr(attention, 'COMPOSE_CHUNK_SCORES', 1)
+    q, k, v = qkv(batch=0)
+    with torch.inference_mode():
+        assert attend(q, k, v).shape == (0, 2, 49, 16)
+
+
+def test_keys_broadcast_over_the_batch_and_heads_take_the_kernel(bf16_cpu):
+    q = qkv()[0]
+    _, k, v = qkv(batch=1, heads=1)
+    with torch.inference_mode():
+        fused, out = fused_ran(attend, q, k, v)
+        kernel = F.scaled_dot_product_attention(q, k, v)
+    assert fused
+    torch.testing.assert_close(out, kernel, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize('hw', [(14, 14), (9, 10)], ids=['whole windows', 'padded'])

@@ -409,3 +409,20 @@ def test_patch_embedding_takes_its_input_channels_last_on_a_cpu():
     assert layouts == [True] and hw == (8, 8)
     ref = embed.norm(embed.proj(F.pad(img, (0, 2, 0, 2))).flatten(2).transpose(1, 2))
     torch.testing.assert_close(tokens, ref)
+
+
+def test_patch_embedding_casts_to_the_autocast_dtype_in_its_channels_last_copy():
+    """Under CPU autocast the conv gets the input in autocast's dtype, as autocast would cast it,
+    with the same values."""
+    import torch.nn.functional as F
+
+    from mmtwins.models.layers import PatchEmbed
+    embed = PatchEmbed(3, 16, 4).eval()
+    seen = []
+    embed.proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    img = torch.randn(2, 3, 30, 30)
+    with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16):
+        tokens, _ = embed(img)
+        ref = embed.norm(embed.proj(F.pad(img, (0, 2, 0, 2))).flatten(2).transpose(1, 2))
+    assert seen[0] == torch.bfloat16 and tokens.dtype == ref.dtype
+    torch.testing.assert_close(tokens, ref, atol=0, rtol=0)

@@ -15,7 +15,8 @@ from torch import nn
 from .embed import is_exporting, pad_amounts
 from .linear import PLAIN_TENSORS, apply_linear, bf16_without_amx
 
-#: The most scores (batch x heads x queries x keys) one step of :func:`attend`'s composition
+#: The most scores (batch x heads x queries x keys, padded to :data:`SOFTMAX_LANES`) one step of
+#: :func:`attend`'s composition
 #: computes at a time: it runs chunks of that size, whose scores stay in cache (whole batch entries,
 #: LSA's windows, where one entry's scores fit; else query rows of every entry). Measured (with
 #: query chunks, before rows were padded to :data:`SOFTMAX_LANES`) on
@@ -45,11 +46,13 @@ COMPOSE_CPU = bf16_without_amx()
 def _composes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
               dropout_p: float) -> bool:
     """Whether :func:`attend` composes: bf16 (B, heads, N, d) tensors on a CPU of
-    :data:`COMPOSE_CPU` with oneDNN enabled (its bf16 products), a boolean mask or none, no
-    gradient needed, no dropout, no autocast to another dtype, and not while exporting or
-    compiling (a graph keeps the one attention operator)."""
+    :data:`COMPOSE_CPU` with oneDNN enabled (its bf16 products), keys and values of the queries'
+    batch and heads (not broadcast), a boolean mask or none, no gradient needed, no dropout, no
+    autocast to another dtype, and not while exporting or compiling (a graph keeps the one
+    attention operator)."""
     if not (COMPOSE_CPU and q.device.type == 'cpu' and q.dtype == torch.bfloat16
             and q.dim() == 4 and type(q) in PLAIN_TENSORS and not dropout_p
+            and q.shape[:2] == k.shape[:2] == v.shape[:2]
             and (mask is None or mask.dtype == torch.bool) and torch.backends.mkldnn.enabled
             and not is_exporting() and not torch.compiler.is_compiling()):
         return False
@@ -68,13 +71,13 @@ def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: Optional[torch.Tensor]) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d)) v`` (``mask`` False: a score of -inf) in chunks of at most
     :data:`COMPOSE_CHUNK_SCORES` scores (at least one query row each): of whole batch entries
-    where one entry's scores fit (LSA's windows), else of query rows of one entry; shapes as
+    where one entry's scores fit (LSA's windows), else of query rows of all entries; shapes as
     :func:`attend`'s. A query whose every key is masked gets NaN (the fused kernel: zeros); the
     layers never mask every key of a window."""
     # Contiguous (B, heads, N, d) operands: their batch dims collapse, so no product copies them
     # (q scaled into new contiguous memory in one pass)
     q = torch.mul(q, q.shape[-1] ** -0.5, out=q.new_empty(q.shape))
-    B, heads, N, d = q.shape
+    B, heads, N = q.shape[:3]
     keys = k.shape[-2]
     # Score rows of whole softmax registers; the keys beyond ``keys`` score -inf (weight 0) and
     # their values are zeros. One buffer serves every chunk.
@@ -89,7 +92,7 @@ def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if per_entry <= COMPOSE_CHUNK_SCORES:
         entries, rows = _even(B, COMPOSE_CHUNK_SCORES // max(1, per_entry)), max(1, N)
     else:
-        entries, rows = B, _even(N, COMPOSE_CHUNK_SCORES // max(1, B * heads * width))
+        entries, rows = max(1, B), _even(N, COMPOSE_CHUNK_SCORES // max(1, B * heads * width))
     # Rows of ``width`` scores, -inf beyond ``keys``: every chunk is a contiguous prefix of them
     scores = q.new_empty(entries * heads * rows, width)
     scores[:, keys:] = float('-inf')

@@ -104,7 +104,8 @@ class PatchEmbed(nn.Module):
             # conv's output, so the LayerNorm's input and the conv's output gradient need no
             # transposing copy. (Later stages' maps are channels-last already; see
             # tokens_to_map.) Measured on CPUs only. Under CPU autocast an fp32 input takes the
-            # autocast dtype in the same copy (the convolution would cast it, a second copy).
+            # autocast dtype in the same copy (the convolution would cast it, a second copy);
+            # hooks on ``proj`` then see it in that dtype.
             dtype = x.dtype
             if dtype == torch.float32 and torch.is_autocast_enabled('cpu'):
                 dtype = torch.get_autocast_dtype('cpu')
