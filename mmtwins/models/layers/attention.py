@@ -16,16 +16,15 @@ from .embed import is_exporting, pad_amounts
 from .linear import PLAIN_TENSORS, apply_linear, bf16_without_amx
 
 #: The most scores (batch x heads x queries x keys, padded to :data:`SOFTMAX_LANES`) one step of
-#: :func:`attend`'s composition
-#: computes at a time: it runs chunks of that size, whose scores stay in cache (whole batch entries,
-#: LSA's windows, where one entry's scores fit; else query rows of every entry). Measured (with
-#: query chunks, before rows were padded to :data:`SOFTMAX_LANES`) on
-#: an AMD EPYC Zen 5 (AVX-512 with bf16, no AMX), where PyTorch's fused CPU kernel is slower in
-#: bf16 than in fp32, with ``tools/analysis_tools/sdpa_ab.py``-style A/B runs of whole bf16
-#: inference steps at 512x512, batch 2: with chunks of 2**20 scores PCPVT-S's step took 0.81-0.83x
-#: the time it took with the kernel, SVT-S's 0.92-0.95x (2**18: 0.90x and 1.10x; 2**19: 0.85x
-#: and 0.97x; 2**21: 0.84x and 0.93x; 2**22: 0.88x and 1.01x). One call alone, SVT-S's first-stage
-#: GSA (2**24 scores): 8.0 ms in chunks of 2**20, 13.0 ms with the kernel, 23.6 ms whole.
+#: :func:`attend`'s composition computes at a time: it runs chunks of that size, whose scores stay
+#: in cache (whole batch entries, LSA's windows, where one entry's scores fit; else query rows of
+#: every entry). Measured (with query chunks, before rows were padded) on an AMD EPYC Zen 5 (AVX-512
+#: with bf16, no AMX), where PyTorch's fused CPU kernel is slower in bf16 than in fp32, with
+#: ``tools/analysis_tools/sdpa_ab.py``-style A/B runs of whole bf16 inference steps at 512x512,
+#: batch 2: with chunks of 2**20 scores PCPVT-S's step took 0.81-0.83x the time it took with the
+#: kernel, SVT-S's 0.92-0.95x (2**18: 0.90x and 1.10x; 2**19: 0.85x and 0.97x; 2**21: 0.84x and
+#: 0.93x; 2**22: 0.88x and 1.01x). One call alone, SVT-S's first-stage GSA (2**24 scores): 8.0 ms in
+#: chunks of 2**20, 13.0 ms with the kernel, 23.6 ms whole.
 COMPOSE_CHUNK_SCORES = 1 << 20
 
 #: :func:`attend`'s composition pads each row of scores to a multiple of this many keys (the
@@ -80,7 +79,7 @@ def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, heads, N = q.shape[:3]
     keys = k.shape[-2]
     # Score rows of whole softmax registers; the keys beyond ``keys`` score -inf (weight 0) and
-    # their values are zeros. One buffer serves every chunk.
+    # their values are zeros.
     width = -(-keys // SOFTMAX_LANES) * SOFTMAX_LANES
     k_t = k.contiguous().transpose(-2, -1)
     if width > keys:
