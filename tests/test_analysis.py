@@ -16,6 +16,7 @@ from torch import nn
 
 from mmtwins.analysis import (benchmark, build_model, count_complexity, default_input_shape,
                               load_config, load_json_log, plot_logs, runnable)
+from mmtwins.analysis.logs import resumed
 from mmtwins.analysis.model_inputs import build_module
 from mmtwins.models import SVT
 from mmtwins.models.layers.attention import GlobalSubsampledAttention
@@ -391,6 +392,36 @@ def test_runs_split_at_a_first_step_not_after_the_previous_one_and_not_at_valida
         'those)')
     one = work / '20250104_000000' / 'vis_data' / '20250104_000000.json'
     assert load_json_log(str(one)).left_out_note() is None  # nothing left out: no note
+
+
+def test_runs_split_where_the_text_logs_say_resumed_or_not(tmp_path):
+    """With MMEngine's text logs beside the JSON ones, they decide: run A resumed from a
+    checkpoint of iteration 9 (saved before its first logged step, 10) is one run, though its
+    second log starts at the same step; run B, trained from scratch with a longer log interval
+    (first step 50, after A's), is a new one. A text log that ends before training decides
+    nothing against the log's training records; a JSON log without one falls back to steps."""
+    work = tmp_path / 'exp'
+    train_line = 'Iter(train) [ 10/100]  lr: 1.0000e-01  loss: 1.0\n'
+    logs = {'20250101_000000': ([dict(loss=1., lr=0.1, step=it) for it in (10, 20)],
+                                'Config:\ntrain_cfg = dict(max_iters=100)\n' + train_line),
+            '20250102_000000': ([dict(loss=2., lr=0.1, step=it) for it in (10, 20, 30)],
+                                'Load checkpoint from iter_9.pth\n'
+                                'resumed epoch: 0, iter: 9\n' + train_line),
+            '20250103_000000': ([dict(loss=3., lr=0.2, step=it) for it in (50, 100)],
+                                'Config:\nresume = False\n' + train_line),
+            '20250104_000000': ([dict(loss=4., lr=0.2, step=150)], None)}
+    for stamp, (records, text) in logs.items():
+        (work / stamp / 'vis_data').mkdir(parents=True)
+        _write_log(work / stamp / 'vis_data' / f'{stamp}.json', records)
+        if text is not None:
+            (work / stamp / f'{stamp}.log').write_text(text)
+    log = load_json_log(str(work))
+    assert [os.path.basename(f) for f in log.files] == ['20250103_000000.json',
+                                                        '20250104_000000.json']
+    assert [[os.path.basename(f) for f in run] for run in log.earlier_runs] == [
+        ['20250101_000000.json', '20250102_000000.json']]
+    assert [resumed(f) for f in log.earlier_runs[0] + log.files] == [False, True, False, None]
+    assert log.curves['loss'] == ([50, 100, 150], [3., 3., 4.])
 
 
 def test_an_interrupted_benchmark_is_still_a_keyboard_interrupt():

@@ -6,6 +6,7 @@ mmpretrain classifier (tiny SVT, 32x32 images, no random augmentation: determini
 the others run MMEngine's Runner in-process on a toy regression model.
 """
 import argparse
+import io
 import json
 import os
 import shutil
@@ -32,10 +33,12 @@ from PIL import Image
 from torch import nn
 
 import mmtwins.engine  # noqa: F401 - registers the hooks
+from mmtwins.analysis import load_json_log
+from mmtwins.analysis.logs import resumed
 from mmtwins.apis import build_runner
 from mmtwins.checkpoint import CheckpointError
-from mmtwins.engine import (AtomicLocalBackend, atomic_write, checkpoint_problem,
-                            newest_intact_checkpoint)
+from mmtwins.engine import (AtomicLocalBackend, atomic_torch_save, atomic_write,
+                            checkpoint_problem, newest_intact_checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,6 +162,9 @@ def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(class
     rc, out = finish(start_training(classifier, 'cls_killed.py', work, '--resume'))
     assert rc == 0, out[-3000:]
     assert 'resumed epoch: 0, iter: 4' in out
+    log = load_json_log(str(work))  # MMEngine's own text logs tell the resume (plot_logs)
+    assert [resumed(f) for f in log.files] == [False, True] and not log.earlier_runs
+    assert log.curves['loss'][0] == list(range(1, 9))
     it_clean, sd_clean = final_state(classifier / 'clean')
     it_resumed, sd_resumed = final_state(work)
     assert it_clean == it_resumed == 8
@@ -568,6 +574,29 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypat
         atomic_write(target, b'new checkpoint, half written')
     assert target.read_bytes() == b'old checkpoint'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['iter_2.pth']  # no temporary file
+
+
+def test_atomic_torch_save_streams_and_a_failed_save_leaves_the_old_file(tmp_path, monkeypatch):
+    """torch.save writes straight into the temporary file (no bytes of the whole checkpoint in
+    memory); a save that fails midway leaves the old file and no temporary one."""
+    target = tmp_path / 'converted.pth'
+    written = []
+    save = torch.save
+    monkeypatch.setattr(torch, 'save', lambda obj, f: (written.append(f), save(obj, f)))
+    atomic_torch_save({'w': torch.arange(3.)}, target)
+    assert not isinstance(written[0], (io.BytesIO, str, Path))
+    assert written[0].closed  # flushed and closed before it was moved into place
+    assert torch.equal(torch.load(target)['w'], torch.arange(3.))
+
+    def fails_midway(obj, f):
+        f.write(b'half a checkpoint')
+        raise RuntimeError('cannot pickle')
+
+    monkeypatch.setattr(torch, 'save', fails_midway)
+    with pytest.raises(RuntimeError, match='cannot pickle'):
+        atomic_torch_save({'w': torch.zeros(3)}, target)
+    assert torch.equal(torch.load(target)['w'], torch.arange(3.))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['converted.pth']
 
 
 @pytest.mark.parametrize('umask', [0o022, 0o077])

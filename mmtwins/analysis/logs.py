@@ -7,8 +7,8 @@ MMEngine's ``LoggerHook`` writes one JSON object per line to
 iteration for iteration-based ones. Every curve here is drawn over iterations: a validation
 record is placed at the iteration of the last training record before it. A resumed run writes
 a log of its own under a new ``TIMESTAMP``: a work dir's logs are read oldest first as one run,
-except that a log whose first training step is not after the previous log's first step is a new
-run (trained from scratch into the same work dir): only the newest run is read.
+except where a log starts a new run (trained from scratch into the same work dir, see
+:func:`split_runs`): only the newest run is read.
 """
 import glob
 import json
@@ -90,21 +90,51 @@ def _is_train(record: dict) -> bool:
     return 'lr' in record or 'loss' in record
 
 
+#: MMEngine's ``Runner.resume`` logs this line (to ``TIMESTAMP/TIMESTAMP.log``) before training.
+_RESUMED_LINE = 'resumed epoch: '
+#: A training progress line of that log (``Epoch(train) [1][50/500]``, ``Iter(train) [50/80000]``).
+_TRAIN_LINE = re.compile(r'(Epoch|Iter)\(train\)')
+
+
+def resumed(json_log: str) -> Optional[bool]:
+    """Whether the run that wrote ``WORK_DIR/TIMESTAMP/vis_data/TIMESTAMP.json`` resumed from a
+    checkpoint, from its text log beside it (``WORK_DIR/TIMESTAMP/TIMESTAMP.log``): True where
+    MMEngine logged that it resumed, False where the log shows training without that line (read
+    up to its first training line); None where there is no text log."""
+    text_log = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(json_log))),
+                            _run_name(json_log) + '.log')
+    if not os.path.isfile(text_log):
+        return None
+    with open(text_log, errors='replace') as f:
+        for line in f:
+            if _RESUMED_LINE in line:
+                return True
+            if _TRAIN_LINE.search(line):
+                return False
+    return False
+
+
 def split_runs(logs: Dict[str, List[dict]]) -> List[List[str]]:
     """The runs of a work dir's logs (file -> records, oldest first), each a list of its logs.
 
-    A log whose first training step is not after the previous log's first step starts a new
-    run (training restarted from scratch in the same work dir; a resumed run starts after the
-    checkpoint it resumes from); a log with no training record stays with the run before it.
-    A run resumed from a checkpoint saved before its first logged step (a checkpoint interval
-    shorter than the log interval, and a crash before the second log line) looks like a
-    restart too: its earlier log is then left out, with the note naming it.
+    A log with training records starts a new run (training restarted from scratch in the same
+    work dir, or from ``load_from`` weights) unless its run resumed from a checkpoint: as
+    MMEngine's text log beside it says (:func:`resumed`), or, where there is no text log, as
+    told by its first training step being after the previous log's first step (a resumed run
+    starts after the checkpoint it resumes from; a run resumed from a checkpoint saved before its
+    first logged step, with no text log, is then taken for a new one). A log with no training
+    record stays with the run before it.
     """
     runs: List[List[str]] = []
     previous_first = None
     for file, records in logs.items():
         first = next((int(r.get('step', 0)) for r in records if _is_train(r)), None)
-        if not runs or (None not in (first, previous_first) and first <= previous_first):
+        said = resumed(file)
+        if said is None:
+            new = None not in (first, previous_first) and first <= previous_first
+        else:
+            new = first is not None and not said
+        if not runs or new:
             runs.append([])
         runs[-1].append(file)
         previous_first = previous_first if first is None else first

@@ -7,7 +7,7 @@ with ``custom_imports=dict(imports=['mmtwins.models', 'mmtwins.engine'])``) and 
 ``atomic_local`` file backend.
 """
 from .checkpoint_hook import AtomicCheckpointHook, checkpoint_problem, newest_intact_checkpoint
-from .fileio import AtomicLocalBackend, atomic_torch_save, atomic_write
+from .fileio import AtomicLocalBackend, atomic_file, atomic_torch_save, atomic_write
 from .logger_hook import AtomicLoggerHook
 from .loss_guard import NonFiniteLossHook
 from .preflight import ConfigError, preflight_check, train_dataloaders
@@ -15,6 +15,6 @@ from mmtwins.registry import HOOKS
 
 __all__ = [
     'AtomicCheckpointHook', 'AtomicLocalBackend', 'AtomicLoggerHook', 'ConfigError', 'HOOKS',
-    'NonFiniteLossHook', 'atomic_torch_save', 'atomic_write', 'checkpoint_problem',
-    'newest_intact_checkpoint', 'preflight_check', 'train_dataloaders'
+    'NonFiniteLossHook', 'atomic_file', 'atomic_torch_save', 'atomic_write',
+    'checkpoint_problem', 'newest_intact_checkpoint', 'preflight_check', 'train_dataloaders'
 ]

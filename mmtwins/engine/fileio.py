@@ -7,12 +7,11 @@ file gets the permissions of any new file (0666 less the umask), as a plain ``op
 would give it, so the group's readers of a shared work dir can read the checkpoints.
 """
 import contextlib
-import io
 import os
 import os.path as osp
 import secrets
 from pathlib import Path
-from typing import Iterator, Union
+from typing import BinaryIO, Iterator, Tuple, Union
 
 import torch
 from mmengine.fileio import LocalBackend, register_backend
@@ -28,9 +27,22 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str], encoding: str 
     """
     if isinstance(data, str):
         data = data.encode(encoding)
-    with temp_file_beside(path) as tmp:
-        with open(tmp, 'wb') as f:
-            f.write(data)
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Union[str, Path]) -> Iterator[BinaryIO]:
+    """A binary file object to write ``path``'s new contents to (in its directory, created if
+    needed): a ``with`` block that ends normally flushes it to disk and puts it in place of
+    ``path``; one that raises leaves ``path`` as it was and removes the temporary file.
+
+    Raises:
+        IsADirectoryError: ``path`` is a directory (checked before anything is written).
+    """
+    with _temp_beside(path) as (fd, tmp):
+        with os.fdopen(fd, 'wb') as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         move_into_place(tmp, path)
@@ -39,9 +51,9 @@ def atomic_write(path: Union[str, Path], data: Union[bytes, str], encoding: str 
 @contextlib.contextmanager
 def temp_file_beside(path: Union[str, Path]) -> Iterator[str]:
     """A new, empty, hidden file (``.NAME.tmp-*``) in the directory of ``path`` (created if
-    needed), for a writer that cannot write to a file object; :func:`move_into_place` then
-    puts it under its real name. The file is removed on leaving the ``with`` block if it is
-    still there, whatever stopped the writer (an exception, Ctrl-C).
+    needed), for a writer that takes a path, not a file object (else :func:`atomic_file`);
+    :func:`move_into_place` then puts it under its real name. The file is removed on leaving
+    the ``with`` block if it is still there, whatever stopped the writer (an exception, Ctrl-C).
 
     Yields:
         str: the temporary file's path.
@@ -49,15 +61,23 @@ def temp_file_beside(path: Union[str, Path]) -> Iterator[str]:
     Raises:
         IsADirectoryError: ``path`` is a directory (checked before anything is written).
     """
+    with _temp_beside(path) as (fd, tmp):
+        os.close(fd)
+        yield tmp
+
+
+@contextlib.contextmanager
+def _temp_beside(path: Union[str, Path]) -> Iterator[Tuple[int, str]]:
+    """(open descriptor, name) of a new hidden file beside ``path``, removed on leaving if it
+    is still there; the caller closes the descriptor."""
     path = osp.abspath(path)
     if osp.isdir(path):
         raise IsADirectoryError(f'{path} is a directory: name the file to write (in it, or '
                                 'elsewhere)')
     os.makedirs(osp.dirname(path), exist_ok=True)
     fd, tmp = _new_temp_file(path)
-    os.close(fd)
     try:
-        yield tmp
+        yield fd, tmp
     finally:
         if osp.exists(tmp):
             os.remove(tmp)
@@ -84,10 +104,10 @@ def _new_temp_file(path: str):
 
 
 def atomic_torch_save(obj, path: Union[str, Path]) -> None:
-    """``torch.save(obj, path)`` through :func:`atomic_write`."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, buffer.getvalue())
+    """``torch.save(obj, path)`` through :func:`atomic_file` (streamed: no second copy of the
+    checkpoint in memory)."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def _fsync_dir(directory: str) -> None:

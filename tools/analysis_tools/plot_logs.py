@@ -4,8 +4,9 @@
         [--keys loss lr accuracy/top1] [--legend run-a run-b]
 
 A work dir's logs are read as one run, resumed where it has several; where it was trained into
-from scratch again, only its newest run is plotted, and a note on stderr names the runs left
-out (give one's JSON log to plot it). The PNG files written are printed, one a line.
+from scratch again (MMEngine's text log of each start says whether it resumed), only its newest
+run is plotted, and a note on stderr names the runs left out (give one's JSON log to plot it).
+The PNG files written are printed, one a line.
 """
 import argparse
 import sys
