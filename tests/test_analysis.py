@@ -398,8 +398,9 @@ def test_runs_split_where_the_text_logs_say_resumed_or_not(tmp_path):
     """With MMEngine's text logs beside the JSON ones, they decide: run A resumed from a
     checkpoint of iteration 9 (saved before its first logged step, 10) is one run, though its
     second log starts at the same step; run B, trained from scratch with a longer log interval
-    (first step 50, after A's), is a new one. A text log that ends before training decides
-    nothing against the log's training records; a JSON log without one falls back to steps."""
+    (first step 50, after A's), is a new one. Where the text log says neither (no INFO lines:
+    ``log_level='WARNING'``) or there is none, the steps decide: B's last two logs (first steps
+    150 and 200, after B's 50) are B resumed."""
     work = tmp_path / 'exp'
     train_line = 'Iter(train) [ 10/100]  lr: 1.0000e-01  loss: 1.0\n'
     logs = {'20250101_000000': ([dict(loss=1., lr=0.1, step=it) for it in (10, 20)],
@@ -409,19 +410,22 @@ def test_runs_split_where_the_text_logs_say_resumed_or_not(tmp_path):
                                 'resumed epoch: 0, iter: 9\n' + train_line),
             '20250103_000000': ([dict(loss=3., lr=0.2, step=it) for it in (50, 100)],
                                 'Config:\nresume = False\n' + train_line),
-            '20250104_000000': ([dict(loss=4., lr=0.2, step=150)], None)}
+            '20250104_000000': ([dict(loss=4., lr=0.2, step=150)],
+                                'WARNING - a warning, and no INFO line\n'),
+            '20250105_000000': ([dict(loss=5., lr=0.2, step=200)], None)}
     for stamp, (records, text) in logs.items():
         (work / stamp / 'vis_data').mkdir(parents=True)
         _write_log(work / stamp / 'vis_data' / f'{stamp}.json', records)
         if text is not None:
             (work / stamp / f'{stamp}.log').write_text(text)
     log = load_json_log(str(work))
-    assert [os.path.basename(f) for f in log.files] == ['20250103_000000.json',
-                                                        '20250104_000000.json']
+    assert [os.path.basename(f) for f in log.files] == [
+        '20250103_000000.json', '20250104_000000.json', '20250105_000000.json']
     assert [[os.path.basename(f) for f in run] for run in log.earlier_runs] == [
         ['20250101_000000.json', '20250102_000000.json']]
-    assert [resumed(f) for f in log.earlier_runs[0] + log.files] == [False, True, False, None]
-    assert log.curves['loss'] == ([50, 100, 150], [3., 3., 4.])
+    assert [resumed(f) for f in log.earlier_runs[0] + log.files] == [
+        False, True, False, None, None]
+    assert log.curves['loss'] == ([50, 100, 150, 200], [3., 3., 4., 5.])
 
 
 def test_an_interrupted_benchmark_is_still_a_keyboard_interrupt():

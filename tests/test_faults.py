@@ -599,6 +599,26 @@ def test_atomic_torch_save_streams_and_a_failed_save_leaves_the_old_file(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ['converted.pth']
 
 
+@pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='counts open files in /proc')
+def test_atomic_write_closes_the_temporary_file_whatever_fails(tmp_path, monkeypatch):
+    """No descriptor is left open, and no temporary file, when opening the file object or
+    syncing it fails."""
+    def open_fds():
+        return len(os.listdir('/proc/self/fd'))
+
+    def fails(*args):
+        raise OSError(5, 'Input/output error')
+
+    before = open_fds()
+    for name in ('fdopen', 'fsync'):
+        with monkeypatch.context() as m:
+            m.setattr(os, name, fails)
+            with pytest.raises(OSError, match='Input/output'):
+                atomic_write(tmp_path / 'metrics.json', '{}')
+        assert open_fds() == before, name
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize('umask', [0o022, 0o077])
 def test_atomic_write_gives_a_new_files_permissions(tmp_path, umask):
     old = os.umask(umask)

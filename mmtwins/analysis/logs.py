@@ -98,9 +98,10 @@ _TRAIN_LINE = re.compile(r'(Epoch|Iter)\(train\)')
 
 def resumed(json_log: str) -> Optional[bool]:
     """Whether the run that wrote ``WORK_DIR/TIMESTAMP/vis_data/TIMESTAMP.json`` resumed from a
-    checkpoint, from its text log beside it (``WORK_DIR/TIMESTAMP/TIMESTAMP.log``): True where
-    MMEngine logged that it resumed, False where the log shows training without that line (read
-    up to its first training line); None where there is no text log."""
+    checkpoint, from its text log beside it (``WORK_DIR/TIMESTAMP/TIMESTAMP.log``), read up to
+    its first training line: True where MMEngine logged that it resumed, False where training
+    began without that line; None where the text log does not say (there is none, or it has
+    neither line: a ``log_level`` above INFO, a log cut short)."""
     text_log = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(json_log))),
                             _run_name(json_log) + '.log')
     if not os.path.isfile(text_log):
@@ -111,7 +112,7 @@ def resumed(json_log: str) -> Optional[bool]:
                 return True
             if _TRAIN_LINE.search(line):
                 return False
-    return False
+    return None
 
 
 def split_runs(logs: Dict[str, List[dict]]) -> List[List[str]]:
@@ -119,21 +120,21 @@ def split_runs(logs: Dict[str, List[dict]]) -> List[List[str]]:
 
     A log with training records starts a new run (training restarted from scratch in the same
     work dir, or from ``load_from`` weights) unless its run resumed from a checkpoint: as
-    MMEngine's text log beside it says (:func:`resumed`), or, where there is no text log, as
-    told by its first training step being after the previous log's first step (a resumed run
-    starts after the checkpoint it resumes from; a run resumed from a checkpoint saved before its
-    first logged step, with no text log, is then taken for a new one). A log with no training
-    record stays with the run before it.
+    MMEngine's text log beside it says (:func:`resumed`), or, where that does not say, as told
+    by its first training step being after the previous log's first step (a resumed run starts
+    after the checkpoint it resumes from; a run resumed from a checkpoint saved before its first
+    logged step, with no text log to say so, is then taken for a new one). A log with no
+    training record stays with the run before it.
     """
     runs: List[List[str]] = []
     previous_first = None
     for file, records in logs.items():
         first = next((int(r.get('step', 0)) for r in records if _is_train(r)), None)
-        said = resumed(file)
+        said = None if first is None else resumed(file)
         if said is None:
             new = None not in (first, previous_first) and first <= previous_first
         else:
-            new = first is not None and not said
+            new = not said
         if not runs or new:
             runs.append([])
         runs[-1].append(file)

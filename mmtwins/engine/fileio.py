@@ -41,7 +41,12 @@ def atomic_file(path: Union[str, Path]) -> Iterator[BinaryIO]:
         IsADirectoryError: ``path`` is a directory (checked before anything is written).
     """
     with _temp_beside(path) as (fd, tmp):
-        with os.fdopen(fd, 'wb') as f:
+        try:
+            f = os.fdopen(fd, 'wb')
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
