@@ -7,6 +7,7 @@ wheel or sdist is built. ``mim search mmtwins``, ``mim train mmtwins CONFIG`` an
 """
 import os
 import os.path as osp
+import platform
 import re
 import shutil
 import sys
@@ -59,6 +60,26 @@ def add_mim_extension() -> None:
             shutil.copyfile(src, dst)
 
 
+def native_extension() -> dict:
+    """``setup()``'s arguments for ``mmtwins._ext``, the compiled CPU kernels (``mmtwins/csrc``),
+    where torch is importable at build time (``pip install --no-build-isolation``, as
+    ``tools/setup_env.sh`` installs) on x86-64 Linux; elsewhere none, and mmtwins runs without
+    them (:mod:`mmtwins.models.layers.softmax` falls back on PyTorch's softmax)."""
+    if platform.machine().lower() not in ('x86_64', 'amd64') or not sys.platform.startswith(
+            'linux'):
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:  # build isolation: no torch to compile against
+        return {}
+    # at::parallel_for is inlined into the extension: its threads need OpenMP, as PyTorch's Linux
+    # wheels are built with (their libgomp is the one loaded)
+    return dict(ext_modules=[CppExtension('mmtwins._ext', ['mmtwins/csrc/softmax.cpp'],
+                                          extra_compile_args=['-O3', '-fopenmp'],
+                                          extra_link_args=['-fopenmp'])],
+                cmdclass={'build_ext': BuildExtension.with_options(use_ninja=True)})
+
+
 def mim_package_data() -> list:
     """The files of ``mmtwins/.mim`` (configs, tools, model index) one by one, as paths from
     ``mmtwins/``: setuptools before 62.3 reads no recursive ``**`` in ``package_data``."""
@@ -90,4 +111,5 @@ if __name__ == '__main__':
             'tests': (read_requirements('requirements/tests.txt')
                       + read_requirements('requirements/deploy.txt')),
         },
-        zip_safe=False)
+        zip_safe=False,
+        **native_extension())

@@ -1,6 +1,7 @@
 """The model zoo for mim: the metafiles, the files packed into ``mmtwins/.mim``, and mim itself."""
 import glob
 import os
+import platform
 import runpy
 import shutil
 import subprocess
@@ -66,7 +67,8 @@ def test_package_carries_configs_tools_and_model_index():
 def test_wheel_carries_every_config_and_tool_but_the_checkout_only_ones(tmp_path):
     """A wheel built from the tracked files (as pip builds one) holds each config, tool and the
     model index under mmtwins/.mim, listed one by one in setup.py (setuptools before 62.3 reads
-    no ``**``), without the tools that need this repository."""
+    no ``**``), without the tools that need this repository, and on x86-64 Linux the compiled
+    kernels (``mmtwins._ext``)."""
     tracked = subprocess.run(['git', 'ls-files', '-z'], cwd=ROOT, check=True,
                              capture_output=True, text=True).stdout.split('\0')
     src = tmp_path / 'src'
@@ -78,7 +80,8 @@ def test_wheel_carries_every_config_and_tool_but_the_checkout_only_ones(tmp_path
                    check=True, capture_output=True)
     wheel, = (tmp_path / 'dist').glob('mmtwins-*.whl')
     with zipfile.ZipFile(wheel) as z:
-        packed = {n[len('mmtwins/.mim/'):] for n in z.namelist() if n.startswith('mmtwins/.mim/')}
+        names = z.namelist()
+    packed = {n[len('mmtwins/.mim/'):] for n in names if n.startswith('mmtwins/.mim/')}
     setup = runpy.run_path(str(src / 'setup.py'), run_name='setup')  # its helpers, no build
     expected = {p for p in tracked
                 if p.startswith(('configs/', 'tools/')) or p == 'model-index.yml'}
@@ -87,6 +90,8 @@ def test_wheel_carries_every_config_and_tool_but_the_checkout_only_ones(tmp_path
             'configs/_base_/segmentation/ade20k.py',
             'configs/demo/fpn_twins_svt_toy.py'} <= packed
     assert 'tools/setup_env.sh' not in packed
+    if platform.machine().lower() in ('x86_64', 'amd64') and sys.platform.startswith('linux'):
+        assert any(n.startswith('mmtwins/_ext.') and n.endswith('.so') for n in names)
 
 
 def _mim(*args, cwd=ROOT):

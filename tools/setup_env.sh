@@ -24,7 +24,7 @@ stamp=$venv/.mmtwins-setup
 log() { printf '[setup_env] %s\n' "$*" >&2; }
 
 want=$(cat "$constraints" "$root"/requirements/*.txt "$root/requirements.txt" "$root/setup.py" \
-       "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)
+       "$root"/mmtwins/csrc/* "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)
 # mmtwins/.mim must hold the editable install's links: a wheel built in this checkout (`pip
 # install .`, `setup.py bdist_wheel`) replaces them with copies, which mim would then serve stale
 if [[ -f $stamp && $(cat "$stamp") == "$want" && -L $root/mmtwins/.mim/configs ]]; then

@@ -14,6 +14,7 @@ from torch import nn
 
 from .embed import is_exporting, pad_amounts
 from .linear import PLAIN_TENSORS, apply_linear, bf16_without_amx
+from .softmax import softmax_rows_
 
 #: The most scores (batch x heads x queries x keys, padded to :data:`SOFTMAX_LANES`) one step of
 #: :func:`attend`'s composition computes at a time: it runs chunks of that size, whose scores stay
@@ -68,7 +69,8 @@ def _even(total: int, most: int) -> int:
 
 def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d)) v`` (``mask`` False: a score of -inf) in chunks of at most
+    """``softmax(q k^T / sqrt(d)) v`` (``mask`` False: a score of -inf; the softmax by
+    :func:`.softmax.softmax_rows_`, mmtwins' compiled kernel where built) in chunks of at most
     :data:`COMPOSE_CHUNK_SCORES` scores (at least one query row each): of whole batch entries
     where one entry's scores fit (LSA's windows), else of query rows of all entries; shapes as
     :func:`attend`'s. A query whose every key is masked gets NaN (the fused kernel: zeros); the
@@ -78,8 +80,8 @@ def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q = torch.mul(q, q.shape[-1] ** -0.5, out=q.new_empty(q.shape))
     B, heads, N = q.shape[:3]
     keys = k.shape[-2]
-    # Score rows of whole softmax registers; the keys beyond ``keys`` score -inf (weight 0) and
-    # their values are zeros.
+    # Score rows of whole softmax registers; the keys beyond ``keys`` get weight 0 (the softmax
+    # takes the first ``keys`` of each row) and their values are zeros.
     width = -(-keys // SOFTMAX_LANES) * SOFTMAX_LANES
     k_t = k.contiguous().transpose(-2, -1)
     if width > keys:
@@ -92,9 +94,9 @@ def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         entries, rows = _even(B, COMPOSE_CHUNK_SCORES // max(1, per_entry)), max(1, N)
     else:
         entries, rows = max(1, B), _even(N, COMPOSE_CHUNK_SCORES // max(1, B * heads * width))
-    # Rows of ``width`` scores, -inf beyond ``keys``: every chunk is a contiguous prefix of them
+    # Rows of ``width`` scores, of which the softmax takes the first ``keys``: every chunk is a
+    # contiguous prefix of them
     scores = q.new_empty(entries * heads * rows, width)
-    scores[:, keys:] = float('-inf')
     # (B, N, heads, d) memory, as the fused kernel's output: the callers' merge of the heads,
     # (B, N, heads * d), is then a view
     out = q.new_empty(B, N, heads, v.shape[-1]).transpose(1, 2)
@@ -108,7 +110,7 @@ def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             if drop is not None:
                 logits.masked_fill_(drop[e if drop.shape[0] > 1 else slice(None), :,
                                          r if drop.shape[2] > 1 else slice(None)], float('-inf'))
-            out[e, :, r] = chunk.softmax(-1) @ v[e]
+            out[e, :, r] = softmax_rows_(chunk, keys) @ v[e]
     return out
 
 
