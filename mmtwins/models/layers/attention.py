@@ -29,7 +29,8 @@ from .softmax import softmax_rows_
 COMPOSE_CHUNK_SCORES = 1 << 20
 
 #: :func:`attend`'s composition pads each row of scores to a multiple of this many keys (the
-#: padding scores -inf), the bf16 lanes of an AVX-512 register: PyTorch's bf16 softmax over rows
+#: padding weighs 0), the bf16 lanes of an AVX-512 register (and a whole number of the compiled
+#: softmax's fp32 registers, :data:`.softmax.NATIVE_LANES`): PyTorch's bf16 softmax over rows
 #: of whole registers ran twice as fast on the Zen 5 CPU as over LSA's 49 keys (0.36 ms for
 #: 50x8x49 rows of 64, 0.75 ms for the same rows of 49; rows of 48 or 56: 0.70 and 1.18 ms).
 #: With LSA chunked by windows, the attention calls of an SVT-S bf16 inference step at 512x512
@@ -80,22 +81,17 @@ def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q = torch.mul(q, q.shape[-1] ** -0.5, out=q.new_empty(q.shape))
     B, heads, N = q.shape[:3]
     keys = k.shape[-2]
-    # Score rows of whole softmax registers; the keys beyond ``keys`` get weight 0 (the softmax
-    # takes the first ``keys`` of each row) and their values are zeros.
+    # Score rows of whole softmax registers, of which the softmax and the product with ``v``
+    # take the first ``keys``
     width = -(-keys // SOFTMAX_LANES) * SOFTMAX_LANES
-    k_t = k.contiguous().transpose(-2, -1)
-    if width > keys:
-        v = torch.cat([v, v.new_zeros(B, heads, width - keys, v.shape[-1])], dim=-2)
-    else:
-        v = v.contiguous()
+    k_t, v = k.contiguous().transpose(-2, -1), v.contiguous()
     drop = None if mask is None else ~mask.view((1,) * (4 - mask.dim()) + mask.shape)
     per_entry = heads * N * width
     if per_entry <= COMPOSE_CHUNK_SCORES:
         entries, rows = _even(B, COMPOSE_CHUNK_SCORES // max(1, per_entry)), max(1, N)
     else:
         entries, rows = max(1, B), _even(N, COMPOSE_CHUNK_SCORES // max(1, B * heads * width))
-    # Rows of ``width`` scores, of which the softmax takes the first ``keys``: every chunk is a
-    # contiguous prefix of them
+    # Rows of ``width`` scores: every chunk is a contiguous prefix of them
     scores = q.new_empty(entries * heads * rows, width)
     # (B, N, heads, d) memory, as the fused kernel's output: the callers' merge of the heads,
     # (B, N, heads * d), is then a view
@@ -110,7 +106,7 @@ def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             if drop is not None:
                 logits.masked_fill_(drop[e if drop.shape[0] > 1 else slice(None), :,
                                          r if drop.shape[2] > 1 else slice(None)], float('-inf'))
-            out[e, :, r] = softmax_rows_(chunk, keys) @ v[e]
+            out[e, :, r] = softmax_rows_(chunk, keys)[..., :keys] @ v[e]
     return out
 
 
