@@ -29,44 +29,57 @@ def exact(scores: torch.Tensor, keys: int) -> torch.Tensor:
     return out
 
 
+@pytest.mark.skipif(not torch.backends.openmp.is_available() or softmax._ext is None,
+                    reason='a torch with OpenMP threads, and the kernel built')
+def test_the_kernel_runs_on_torchs_openmp_threads():
+    """at::parallel_for is inlined into the extension and runs its threads only where the
+    extension is compiled with OpenMP (without it, one thread): it calls libgomp's entry."""
+    with open(softmax._ext.__file__, 'rb') as f:
+        assert b'GOMP_parallel' in f.read()
+
+
 @native
 @pytest.mark.parametrize('width', [16, 32, 64, 128, 256, 272, 1056])
 @pytest.mark.parametrize('scale', [0.1, 3., 40.])
 def test_rows_within_bf16_rounding_of_the_exact_softmax(width, scale):
-    """Every width (rows kept in registers: 32-256; other multiples of 16 through a buffer),
-    scores near and far apart, the padding beyond ``keys`` holding anything (NaN here): each
+    """Every width (rows of 32, 64, 128 and 256 kept in registers; other multiples of 16
+    through a buffer) and number of keys (whole and part registers), scores near and far
+    apart, the padding beyond ``keys`` holding anything (NaN here): each
     weight within bf16's rounding (a relative 2**-8) of the exact one, give or take the
     kernel's exp (1 %), no further off than PyTorch's bf16 softmax by half as much again; the
     padding exactly 0; the scores' own memory."""
     g = torch.Generator().manual_seed(width)
     scores = (torch.randn(3, 5, 37, width, generator=g) * scale).bfloat16()
-    keys = max(1, width - 15)  # rows padded to whole registers, as attend() pads them
-    want = exact(scores, keys)
-    pytorchs = scores[..., :keys].softmax(-1).double()
-    scores[..., keys:] = float('nan')
-    got = softmax_rows_(scores, keys)
-    assert got.data_ptr() == scores.data_ptr() and got.dtype == torch.bfloat16
-    assert ((got.double() - want).abs() <= want * 2 ** -8 * 1.01 + 1e-30).all()
-    assert (got[..., keys:] == 0).all()
-    torch_error = (pytorchs - want[..., :keys]).abs().max()
-    assert (got.double() - want).abs().max() <= 1.5 * torch_error
+    for keys in sorted({1, 15, 16, 17, width // 2, width - 15, width - 1, width} - {0}):
+        rows = scores.clone()
+        want = exact(rows, keys)
+        pytorchs = rows[..., :keys].softmax(-1).double()
+        rows[..., keys:] = float('nan')  # padding: never read
+        got = softmax_rows_(rows, keys)
+        assert got.data_ptr() == rows.data_ptr() and got.dtype == torch.bfloat16
+        assert ((got.double() - want).abs() <= want * 2 ** -8 * 1.01 + 1e-30).all(), keys
+        assert (got[..., keys:] == 0).all(), keys
+        torch_error = (pytorchs - want[..., :keys]).abs().max()
+        assert (got.double() - want).abs().max() <= 1.5 * torch_error + 1e-30, keys
 
 
 @native
 def test_a_row_of_minus_inf_is_nan_and_other_inputs_take_pytorchs_softmax():
     """A row whose every key scores -inf gives NaN (as PyTorch's softmax); fp32 scores, rows
-    not a multiple of 16 and non-contiguous rows get PyTorch's softmax, the padding at -inf."""
+    not a multiple of 16, non-contiguous rows and scores that a gradient flows through get
+    PyTorch's softmax (the padding at -inf), written back in place as the kernel writes."""
     scores = torch.randn(4, 32).bfloat16()
     scores[1, :20] = float('-inf')
     got = softmax_rows_(scores, 20)
     assert got[1, :20].isnan().all() and not got[[0, 2, 3]].isnan().any()
+    needs_grad = torch.randn(4, 32).bfloat16().requires_grad_()
     for other in (torch.randn(4, 32), torch.randn(4, 49).bfloat16(),
-                  torch.randn(32, 4).bfloat16().t()):
-        padded = other.clone()
+                  torch.randn(32, 4).bfloat16().t(), needs_grad * 1):
+        padded = other.detach().clone()
         padded[..., 3:] = float('-inf')
         got = softmax_rows_(other, 3)
-        assert got.data_ptr() != other.data_ptr() and torch.equal(got, padded.softmax(-1))
-        assert (other[..., 3:] == float('-inf')).all()
+        assert got is other and torch.equal(got, padded.softmax(-1))  # in place too
+    assert other.grad_fn is not None  # the write back is recorded where a gradient flows
 
 
 @native

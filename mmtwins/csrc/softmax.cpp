@@ -3,11 +3,14 @@
 // PyTorch's CPU softmax computes its exp with a vectorised fp32 exp accurate to about one fp32
 // ulp, more than a bf16 result keeps; on an AMD EPYC Zen 5 its bf16 softmax took 0.29 ms per
 // 2**20 scores, its exp alone 0.14. Here exp(x) is 2**f * 2**n (f in [-0.5, 0.5] by a degree-4
-// Taylor polynomial, relative error below 6e-5, far inside bf16's rounding, a relative 2**-8),
-// and a row is read once into registers (rows of 32-256 scores, several rows interleaved so
-// their dependency chains overlap) or into an fp32 buffer (other multiples of 16), and written
-// back in place once. A row's scores beyond its ``keys`` are ignored (they count -inf: rows
-// padded to whole registers need no -inf written into them) and come out 0.
+// Taylor polynomial, relative error below 6e-5, far inside bf16's rounding, a relative 2**-8;
+// results below 2**-126 flush to 0, as the bf16 conversion flushes subnormals). Rows of exactly
+// 32, 64, 128 or 256 scores are read once into registers (several rows interleaved so their
+// dependency chains overlap); other multiples of 16 are read twice (max, then exp into an fp32
+// buffer). Each row is written back in place once. A row's scores beyond its ``keys`` are
+// ignored (they count -inf: rows padded to whole registers need no -inf written into them) and
+// come out 0, unless the row's softmax is NaN (a NaN or +inf score, or every key at -inf): then
+// the whole row is NaN, as PyTorch's softmax gives it.
 //
 // Only the kernel functions are compiled for AVX-512 (a target attribute, not a compiler flag),
 // so the module loads on any x86-64 CPU; Python calls them only where the CPU has AVX512-BF16.
@@ -157,5 +160,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax_bf16_", &softmax_bf16_,
         "in place: softmax over the first keys scores of each row of a contiguous bf16 CPU "
         "tensor (rows of a multiple of 16 scores), zeros beyond; CPUs with AVX512-BF16 only",
-        py::arg("scores"), py::arg("keys"));
+        py::arg("scores"), py::arg("keys"), py::call_guard<py::gil_scoped_release>());
 }
