@@ -61,11 +61,12 @@ def add_mim_extension() -> None:
 
 
 def native_extension() -> dict:
-    """``setup()``'s arguments for ``mmtwins._ext``, the compiled CPU kernel (``mmtwins/csrc``), on
-    x86-64 Linux where torch is importable at build time (pip's ``setup.py`` path or
+    """``setup()``'s arguments for ``mmtwins._ext``, the compiled CPU kernels (``mmtwins/csrc``),
+    on x86-64 Linux where torch is importable at build time (pip's ``setup.py`` path or
     ``--no-build-isolation``, as ``tools/setup_env.sh`` installs); elsewhere none. A build that
-    fails (no C++ compiler, GCC before 10) installs the package without it, with a warning:
-    mmtwins runs without it (:mod:`mmtwins.models.layers.softmax` falls back on PyTorch)."""
+    fails (no C++ compiler, GCC before 10) installs the package without them, with a warning:
+    mmtwins runs without them (:mod:`mmtwins.models.layers.native`: PyTorch computes the same).
+    """
     if platform.machine().lower() not in ('x86_64', 'amd64') or not sys.platform.startswith(
             'linux'):
         return {}
@@ -80,12 +81,14 @@ def native_extension() -> dict:
             try:
                 super().run()
             except Exception as e:  # torch's ninja build raises RuntimeError, not CompileError
-                print(f'WARNING: mmtwins: the CPU kernel mmtwins._ext was not built ({e}); '
-                      "bf16 CPU inference will use PyTorch's softmax (slower)", file=sys.stderr)
+                print(f'WARNING: mmtwins: the CPU kernels mmtwins._ext were not built ({e}); '
+                      "bf16 CPU inference will use PyTorch's softmax and LayerNorm (slower)",
+                      file=sys.stderr)
 
     # at::parallel_for is inlined into the extension: its threads need OpenMP, as PyTorch's Linux
     # wheels are built with (their libgomp.so.1 is then the one loaded)
-    return dict(ext_modules=[CppExtension('mmtwins._ext', ['mmtwins/csrc/softmax.cpp'],
+    sources = [f'mmtwins/csrc/{name}.cpp' for name in ('ext', 'layer_norm', 'softmax')]
+    return dict(ext_modules=[CppExtension('mmtwins._ext', sources,
                                           extra_compile_args=['-O3', '-fopenmp'],
                                           extra_link_args=['-fopenmp'])],
                 cmdclass={'build_ext': OptionalBuildExtension})

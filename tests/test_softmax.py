@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from mmtwins.models.layers import softmax
+from mmtwins.models.layers import native as kernels
 from mmtwins.models.layers.softmax import softmax_rows_
 
-native = pytest.mark.skipif(not softmax.NATIVE_SOFTMAX,
+native = pytest.mark.skipif(not kernels.NATIVE_BF16,
                             reason='the kernel runs on CPUs with AVX512-BF16 only')
 
 
@@ -18,8 +18,8 @@ native = pytest.mark.skipif(not softmax.NATIVE_SOFTMAX,
                     or not sys.platform.startswith('linux'), reason='built on x86-64 Linux')
 def test_the_kernel_is_built_by_the_install():
     """``make setup`` (``pip install --no-build-isolation -e .``) compiles it here."""
-    assert softmax._ext is not None
-    assert softmax.NATIVE_SOFTMAX == torch.cpu._is_avx512_bf16_supported()
+    assert kernels._ext is not None
+    assert kernels.NATIVE_BF16 == torch.cpu._is_avx512_bf16_supported()
 
 
 def exact(scores: torch.Tensor, keys: int) -> torch.Tensor:
@@ -29,12 +29,12 @@ def exact(scores: torch.Tensor, keys: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.skipif(not torch.backends.openmp.is_available() or softmax._ext is None,
+@pytest.mark.skipif(not torch.backends.openmp.is_available() or kernels._ext is None,
                     reason='a torch with OpenMP threads, and the kernel built')
 def test_the_kernel_runs_on_torchs_openmp_threads():
     """at::parallel_for is inlined into the extension and runs its threads only where the
     extension is compiled with OpenMP (without it, one thread): it calls libgomp's entry."""
-    with open(softmax._ext.__file__, 'rb') as f:
+    with open(kernels._ext.__file__, 'rb') as f:
         assert b'GOMP_parallel' in f.read()
 
 

@@ -11,30 +11,15 @@
 // ignored (they count -inf: rows padded to whole registers need no -inf written into them) and
 // come out 0, unless the row's softmax is NaN (a NaN or +inf score, or every key at -inf): then
 // the whole row is NaN, as PyTorch's softmax gives it.
-//
-// Only the kernel functions are compiled for AVX-512 (a target attribute, not a compiler flag),
-// so the module loads on any x86-64 CPU; Python calls them only where the CPU has AVX512-BF16.
-#include <torch/extension.h>
+#include "bf16.h"
+
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <cmath>
 #include <vector>
 
-#define MMTWINS_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
+namespace mmtwins {
 namespace {
-
-constexpr int kLanes = 16;  // fp32 lanes of an AVX-512 register
-
-MMTWINS_AVX512_BF16 inline __m512 load_bf16(const at::BFloat16* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-MMTWINS_AVX512_BF16 inline void store_bf16(at::BFloat16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
-}
 
 // exp(x) for x <= 0 (x - row max); exactly 0 below 2**-126 (and for -inf), NaN for NaN.
 MMTWINS_AVX512_BF16 inline __m512 exp_nonpositive(__m512 x) {
@@ -139,8 +124,6 @@ void rows(at::BFloat16* s, int64_t width, int64_t keys, int64_t begin, int64_t e
 
 }  // namespace
 
-// In place: the softmax over the first ``keys`` scores of each row of ``scores``, a contiguous
-// bf16 CPU tensor whose rows are a multiple of 16 scores, and zeros in the rest of each row.
 torch::Tensor softmax_bf16_(torch::Tensor scores, int64_t keys) {
   TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == at::kBFloat16 &&
                   scores.is_contiguous() && scores.dim() >= 1,
@@ -156,9 +139,4 @@ torch::Tensor softmax_bf16_(torch::Tensor scores, int64_t keys) {
   return scores;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("softmax_bf16_", &softmax_bf16_,
-        "in place: softmax over the first keys scores of each row of a contiguous bf16 CPU "
-        "tensor (rows of a multiple of 16 scores), zeros beyond; CPUs with AVX512-BF16 only",
-        py::arg("scores"), py::arg("keys"), py::call_guard<py::gil_scoped_release>());
-}
+}  // namespace mmtwins

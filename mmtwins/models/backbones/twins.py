@@ -21,7 +21,9 @@ from torch import nn
 from mmtwins.registry import MODELS
 from ..layers import PatchEmbed, PositionEncodingGenerator, TwinsBlock
 from ..layers.block import NORM_EPS
-from ..layers.embed import conv_fan_out_init_, is_exporting, tokens_to_map
+from ..layers.embed import conv_fan_out_init_, tokens_to_map
+from ..layers.graph import is_exporting
+from ..layers.norm import apply_norm
 
 ARCH_KEYS = ('embed_dims', 'num_heads', 'mlp_ratios', 'depths', 'sr_ratios', 'window_sizes')
 PATCH_SIZES = (4, 2, 2, 2)
@@ -276,7 +278,7 @@ class Twins(BaseModule):
         if len(blocks) == 1:
             x = peg(x, hw)
         if j == len(blocks) - 1 and str(i) in self.stage_norms:
-            x = self.stage_norms[str(i)](x)
+            x = apply_norm(self.stage_norms[str(i)], x)
         return x
 
     def _checkpointed(self, fn, x: torch.Tensor):

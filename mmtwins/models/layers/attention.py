@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embed import is_exporting, pad_amounts
+from .embed import pad_amounts
+from .graph import is_exporting
 from .linear import PLAIN_TENSORS, apply_linear, bf16_without_amx
+from .norm import apply_norm
 from .softmax import softmax_rows_
 
 #: The most scores (batch x heads x queries x keys, padded to :data:`SOFTMAX_LANES`) one step of
@@ -179,7 +181,7 @@ class GlobalSubsampledAttention(nn.Module):
         q = apply_linear(self.q, x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         if self.sr_ratio > 1:
             x = x.transpose(1, 2).reshape(B, C, hw[0], hw[1])
-            x = self.norm(self.sr(x).flatten(2).transpose(1, 2))
+            x = apply_norm(self.norm, self.sr(x).flatten(2).transpose(1, 2))
         k, v = _heads(apply_linear(self.kv, x).view(B, -1, 2, self.num_heads, self.head_dim))
         x = attend(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
         x = x.transpose(1, 2).reshape(B, N, C)

@@ -7,6 +7,7 @@ from torch import nn
 
 from .attention import GlobalSubsampledAttention, LocallyGroupedAttention
 from .mlp import Mlp
+from .norm import apply_norm
 
 #: eps of the blocks' and stage-end LayerNorms, as in the authors' release.
 NORM_EPS = 1e-6
@@ -37,5 +38,5 @@ class TwinsBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), hw))
+        x = x + self.drop_path(self.attn(apply_norm(self.norm1, x), hw))
         return x + self.drop_path(self.mlp(x, norm=self.norm2))

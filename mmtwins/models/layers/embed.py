@@ -11,15 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def is_exporting() -> bool:
-    """True while a graph is being recorded for export.
-
-    That is ``torch.jit.trace`` (under the TorchScript-based ``torch.onnx.export(dynamo=False)``)
-    or ``torch.export`` (under ``torch.onnx.export(dynamo=True)``). Shape-dependent branches must
-    then take the path that is valid for every input size instead of the one the example takes.
-    """
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+from .graph import is_exporting
+from .norm import apply_norm
 
 
 Size = Union[int, torch.Tensor, torch.SymInt]
@@ -112,7 +105,7 @@ class PatchEmbed(nn.Module):
             x = x.to(dtype=dtype, memory_format=torch.channels_last)
         x = self.proj(x)
         hw = (x.shape[2], x.shape[3])
-        return self.drop(self.norm(x.flatten(2).transpose(1, 2))), hw
+        return self.drop(apply_norm(self.norm, x.flatten(2).transpose(1, 2))), hw
 
 
 class PositionEncodingGenerator(nn.Module):

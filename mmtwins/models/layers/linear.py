@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from .embed import is_exporting
+from .graph import is_exporting
 
 #: Route CPU linears through oneDNN (see the module docstring); False: ``F.linear``.
 #: x86-64 only: on ARM PyTorch's oneDNN runs on other kernels (ACL), not measured for this.

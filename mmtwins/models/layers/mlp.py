@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .embed import is_exporting
+from .graph import is_exporting
 from .linear import (is_plain, linear, linear_grads, no_global_hooks, onednn_linear,
                      use_onednn)
+from .norm import layer_norm
 
 #: Default bound on the elements of one chunk's hidden slice (2**20: 4 MB in fp32).
 CHUNK_ELEMS = 1 << 20
@@ -54,7 +55,9 @@ class _Norm:
         self.weight, self.bias, self.eps, self.dtype = weight, bias, eps, dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.with_stats(x)[0]
+        """Normalised ``x`` in the compute dtype (:func:`.norm.layer_norm`: in bf16 inference on
+        some CPUs by mmtwins' compiled kernel)."""
+        return _to(layer_norm(x, self.weight, self.bias, self.eps), self.dtype)
 
     def with_stats(self, x: torch.Tensor):
         """(normalised ``x`` in the compute dtype, mean, rstd), for the norm's backward."""

@@ -1,0 +1,46 @@
+"""mmtwins' compiled bf16 CPU kernels (``mmtwins._ext``, sources in ``mmtwins/csrc``), and on
+which tensors they run.
+
+Two operations of bf16 inference ran slower in PyTorch on a CPU with AVX512-BF16 and no AMX (an
+AMD EPYC Zen 5) than their fp32 forms: the softmax (:mod:`.softmax`) and LayerNorm
+(:mod:`.norm`). The kernels compute them in fp32 registers from bf16 memory. The install builds
+them on x86-64 Linux where torch is importable at build time (pip's ``setup.py`` path or
+``--no-build-isolation``, as ``tools/setup_env.sh`` installs) and a C++ compiler can (else it
+warns and installs without them); they run on CPUs with AVX512-BF16. Elsewhere, and wherever
+:func:`native_bf16` says no, PyTorch computes the same to bf16 rounding.
+"""
+import torch
+
+from .graph import is_exporting
+
+try:
+    from mmtwins import _ext
+except ImportError:  # not built (see above), or not x86-64 Linux
+    _ext = None
+
+
+def _avx512_bf16() -> bool:
+    try:
+        return torch.cpu._is_avx512_bf16_supported()
+    except AttributeError:  # a PyTorch without the probe
+        return False
+
+
+#: Whether the kernels run here: built, and a CPU with AVX512-BF16.
+NATIVE_BF16 = _ext is not None and _avx512_bf16()
+
+#: The kernels' rows: a multiple of this many values (16 fp32 lanes of an AVX-512 register).
+NATIVE_LANES = 16
+
+
+def native_bf16(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether a kernel may compute on ``x`` (and ``params``, its fp32 weights): kernels built and
+    run here (:data:`NATIVE_BF16`); ``x`` a contiguous bf16 CPU tensor (no subclass) of rows of a
+    multiple of :data:`NATIVE_LANES` values; no gradient flowing through ``x`` or ``params``
+    (the kernels have no backward); not while a graph is being recorded for export or compiled
+    (it would not record the call)."""
+    return (NATIVE_BF16 and x.dtype == torch.bfloat16 and x.device.type == 'cpu'
+            and type(x) is torch.Tensor and x.dim() > 0 and x.shape[-1] > 0
+            and not x.shape[-1] % NATIVE_LANES and x.is_contiguous()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
+            and not is_exporting() and not torch.compiler.is_compiling())
