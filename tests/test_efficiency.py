@@ -280,14 +280,16 @@ def test_chunked_mlp_recomputing_its_hidden_keeps_only_its_input_and_changes_not
         chunk_elems, norm):
     """``recompute_hidden`` (set by the backbones' ``with_cp``) keeps only the input for
     backward and recomputes each chunk's ``h`` there exactly as the forward computed it: the
-    same values and gradients, bit for bit, in fp32 and under bf16 autocast."""
+    same values and gradients, bit for bit, in fp32 and under bf16 autocast, there with fp32
+    tokens and with bf16 ones (a block's after a bf16 patch embedding: the forward's norm is
+    PyTorch's, as the backward's, not mmtwins' inference kernel)."""
     torch.manual_seed(0)
     (mlp, ln), x = _mlp(chunk_elems, norm), torch.randn(2, 10, 16)
-    for autocast in (False, True):  # fp32, and bf16 autocast
+    for autocast, dtype in ((False, torch.float32), (True, torch.float32), (True, torch.bfloat16)):
         mlp.recompute_hidden = False
-        kept = _grads(mlp, x, False, autocast, norm=ln)
+        kept = _grads(mlp, x.to(dtype), False, autocast, norm=ln)
         mlp.recompute_hidden = True
-        for a, b in zip(_grads(mlp, x, False, autocast, norm=ln), kept):
+        for a, b in zip(_grads(mlp, x.to(dtype), False, autocast, norm=ln), kept):
             assert torch.equal(a, b)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):

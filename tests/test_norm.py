@@ -9,6 +9,7 @@ from torch import nn
 from mmtwins.models.backbones import SVT
 from mmtwins.models.layers import native as kernels
 from mmtwins.models.layers import norm as norms
+from mmtwins.models.layers.mlp import Mlp
 from mmtwins.models.layers.norm import apply_norm, layer_norm
 from conftest import TINY_SVT
 
@@ -37,7 +38,7 @@ def affine(channels: int, seed: int):
 @native
 @pytest.mark.parametrize('channels', [16, 64, 128, 256, 320, 512, 1024])
 @pytest.mark.parametrize('scale,shift', [(1., 0.), (30., 100.), (1e-3, 1.)])
-def test_rows_within_bf16_rounding_of_the_exact_norm(channels, scale, shift):
+def test_rows_within_bf16_rounding_of_the_exact_norm(kernel_calls, channels, scale, shift):
     """Every width (64, 128 and 256 channels held in registers, four, two and one rows at a
     time, 37 rows leaving a remainder; other multiples of 16 read from memory), values spread
     and offset (the rows 1e-3 wide on an offset of 1 hold a few bf16 values): each value within
@@ -48,18 +49,32 @@ def test_rows_within_bf16_rounding_of_the_exact_norm(channels, scale, shift):
     x = (torch.randn(37, channels, generator=g) * scale + shift).bfloat16()
     exact = F.layer_norm(x.double(), (channels,), weight.double(), bias.double(), 1e-6)
     got = layer_norm(x, weight, bias, 1e-6)
+    assert kernel_calls == [(37, channels)]
     assert got.dtype == torch.bfloat16 and got.shape == x.shape
     assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-4).all()
 
 
 @native
-def test_threads_split_rows_and_leading_dims_flatten():
-    """Many rows over every thread and a (B, N, C) tensor: the same values as row by row."""
-    weight, bias = affine(64, 0)
-    x = (torch.randn(2, 4096, 64) * 3).bfloat16()
+def test_constant_rows_and_no_rows():
+    """A constant row (variance 0) gives the bias (rounded to bf16); no rows, no values."""
+    weight, bias = affine(64, 2)
+    got = layer_norm(torch.full((3, 64), 2.5).bfloat16(), weight, bias, 1e-6)
+    assert torch.equal(got, bias.bfloat16().expand(3, 64))
+    for empty in (torch.empty(0, 64), torch.empty(2, 0, 64)):
+        got = layer_norm(empty.bfloat16(), weight, bias, 1e-6)
+        assert got.shape == empty.shape and got.dtype == torch.bfloat16
+
+
+@native
+@pytest.mark.parametrize('channels', [64, 320])
+def test_threads_split_rows_and_leading_dims_flatten(channels):
+    """Many rows (an odd number: every thread's share ends in a remainder) over every thread, a
+    (B, N, C) tensor: the same values as row by row, a 1-D tensor each."""
+    weight, bias = affine(channels, 0)
+    x = (torch.randn(3, 2731, channels) * 3).bfloat16()
     whole = layer_norm(x, weight, bias, 1e-5)
-    rows = torch.cat([layer_norm(r, weight, bias, 1e-5) for r in x.view(-1, 64)[:40].split(1)])
-    assert whole.shape == x.shape and torch.equal(whole.view(-1, 64)[:40], rows)
+    rows = torch.stack([layer_norm(r, weight, bias, 1e-5) for r in x.view(-1, channels)])
+    assert whole.shape == x.shape and torch.equal(whole.view(-1, channels), rows)
 
 
 @native
@@ -76,27 +91,32 @@ def test_the_kernel_runs_in_bf16_inference_only(kernel_calls):
         'bf16 weight': (x, weight.bfloat16(), bias.bfloat16()),
         'not a multiple of 16 channels': (x[:, :40].contiguous(), weight[:40], bias[:40]),
         'not contiguous': (x.t().contiguous().t(), weight, bias),
+        'weight not contiguous': (x, torch.randn(64, 2)[:, 0], bias),
+        'x needs a gradient': (x.clone().requires_grad_(), weight, bias),
+        'the bias needs a gradient': (x, weight, bias.clone().requires_grad_()),
     }
     for case, (xi, w, b) in others.items():
         torch.testing.assert_close(layer_norm(xi, w, b, 1e-6),
                                    F.layer_norm(xi, xi.shape[-1:], w, b, 1e-6), rtol=0, atol=0,
                                    msg=case)
-    grad_w = weight.clone().requires_grad_()
-    out = layer_norm(x, grad_w, bias, 1e-6)
-    assert out.grad_fn is not None
-    torch.testing.assert_close(out, F.layer_norm(x, (64,), weight, bias, 1e-6), rtol=0, atol=0)
     assert len(kernel_calls) == 1
+    grad_w = weight.clone().requires_grad_()
+    assert layer_norm(x, grad_w, bias, 1e-6).grad_fn is not None
     with torch.no_grad():
         assert torch.equal(layer_norm(x, grad_w, bias, 1e-6), kernel)
     assert len(kernel_calls) == 2
+    with torch.no_grad():  # a trace records PyTorch's LayerNorm
+        traced = torch.jit.trace(lambda t: layer_norm(t, weight, bias, 1e-6), x,
+                                 check_trace=False)
+    assert len(kernel_calls) == 2 and 'layer_norm' in str(traced.graph)
 
 
-def test_apply_norm_calls_modules_it_cannot_stand_in_for():
-    """A LayerNorm subclass, one with a hook, and one over more than the last dim are called
-    (their forward and hooks run); a plain one gives F.layer_norm's values."""
-    x = torch.randn(2, 5, 32)
-    plain = nn.LayerNorm(32)
-    torch.testing.assert_close(apply_norm(plain, x), plain(x), rtol=0, atol=0)
+@native
+def test_apply_norm_calls_modules_it_cannot_stand_in_for(kernel_calls):
+    """In bf16 inference a plain LayerNorm takes the kernel; a LayerNorm subclass, one with a
+    hook, one whose instance has its own forward, one over more than the last dim, one without
+    affine parameters or without a bias are called (their forward and hooks run)."""
+    x = torch.randn(2, 5, 32).bfloat16()
 
     class Scaled(nn.LayerNorm):
         def forward(self, x):
@@ -105,9 +125,16 @@ def test_apply_norm_calls_modules_it_cannot_stand_in_for():
     calls = []
     hooked = nn.LayerNorm(32)
     hooked.register_forward_hook(lambda *args: calls.append(1))
-    for module in (Scaled(32), hooked, nn.LayerNorm((5, 32))):
-        torch.testing.assert_close(apply_norm(module, x), module(x), rtol=0, atol=0)
-    assert len(calls) == 2
+    own = nn.LayerNorm(32)
+    own.forward = lambda t: calls.append(1) or F.layer_norm(t, (32,))
+    modules = (Scaled(32), hooked, own, nn.LayerNorm((5, 32)),
+               nn.LayerNorm(32, elementwise_affine=False), nn.LayerNorm(32, bias=False))
+    with torch.no_grad():
+        apply_norm(nn.LayerNorm(32), x)
+        assert kernel_calls == [(2, 5, 32)]
+        for module in modules:
+            torch.testing.assert_close(apply_norm(module, x), module(x), rtol=0, atol=0)
+    assert len(calls) == 4 and len(kernel_calls) == 1
 
 
 @native
@@ -128,3 +155,18 @@ def test_bf16_inference_of_a_backbone_takes_the_kernel_within_bf16_rounding(monk
         assert a.dtype == torch.bfloat16
         cosine = F.cosine_similarity(a.double().flatten(), b.double().flatten(), 0)
         assert cosine > 0.9999
+
+
+@native
+def test_the_mlps_norm_takes_the_kernel_in_inference_only(kernel_calls):
+    """The chunked MLP's pre-norm takes the kernel where no backward follows; in training its
+    autograd function's forward (which runs with gradients off) keeps PyTorch's LayerNorm, the
+    one its backward recomputes, so with and without ``recompute_hidden`` it is one norm."""
+    mlp, ln = Mlp(64, 256, chunk_elems=256 * 40), nn.LayerNorm(64, eps=1e-6)
+    x = torch.randn(2, 50, 64).bfloat16()
+    with torch.autocast('cpu', torch.bfloat16):
+        mlp(x.clone().requires_grad_(), norm=ln).float().sum().backward()
+        assert kernel_calls == []
+        with torch.no_grad():
+            mlp(x, norm=ln)
+    assert kernel_calls == [(40, 64), (40, 64), (20, 64)]

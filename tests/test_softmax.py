@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mmtwins.models.layers import native as kernels
+from mmtwins.models.layers import softmax as softmax_module
 from mmtwins.models.layers.softmax import softmax_rows_
 
 native = pytest.mark.skipif(not kernels.NATIVE_BF16,
@@ -89,3 +90,18 @@ def test_threads_split_rows_not_values():
     rows = torch.stack([softmax_rows_(r.clone(), 200) for r in scores.view(-1, 1, 256)[:64]])
     whole = softmax_rows_(scores, 200)
     assert torch.equal(whole.view(-1, 1, 256)[:64], rows)
+
+
+@pytest.mark.parametrize('kernel', [True, False], ids=['kernel', 'fallback'])
+def test_scores_scaled_on_the_way(monkeypatch, kernel):
+    """``scale`` (attention's 1 / sqrt(d)) multiplies the scores inside the softmax: within
+    bf16's rounding of the exact softmax of the scaled scores, by the kernel and by PyTorch."""
+    if kernel and not kernels.NATIVE_BF16:
+        pytest.skip('the kernel runs on CPUs with AVX512-BF16 only')
+    if not kernel:
+        monkeypatch.setattr(softmax_module, 'native_bf16', lambda *args: False)
+    scores = (torch.randn(2, 3, 17, 64) * 30).bfloat16()
+    scale = 32 ** -0.5
+    want = exact(scores.double() * scale, 49)
+    got = softmax_rows_(scores.clone(), 49, scale)
+    assert ((got.double() - want).abs() <= want * 2 ** -7 + 1e-30).all()

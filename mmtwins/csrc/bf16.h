@@ -4,7 +4,7 @@
 // so the module loads on any x86-64 CPU; Python calls them only where the CPU has AVX512-BF16.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <immintrin.h>
 
 #define MMTWINS_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -23,13 +23,14 @@ MMTWINS_AVX512_BF16 inline void store_bf16(at::BFloat16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-// In place: the softmax over the first ``keys`` scores of each row of ``scores``, a contiguous
-// bf16 CPU tensor whose rows are a multiple of 16 scores, and zeros in the rest of each row.
-torch::Tensor softmax_bf16_(torch::Tensor scores, int64_t keys);
+// In place: the softmax over the first ``keys`` scores of each row of ``scale * scores``
+// (``scores`` a contiguous bf16 CPU tensor whose rows are a multiple of 16 scores; ``scale``
+// positive), and zeros in the rest of each row.
+at::Tensor softmax_bf16_(at::Tensor scores, int64_t keys, double scale);
 
 // LayerNorm over the last dim of a contiguous bf16 CPU tensor (a multiple of 16 channels) with
 // fp32 weight and bias: a new bf16 tensor.
-torch::Tensor layer_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
-                              const torch::Tensor& bias, double eps);
+at::Tensor layer_norm_bf16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                           double eps);
 
 }  // namespace mmtwins

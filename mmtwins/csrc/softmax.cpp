@@ -10,20 +10,25 @@
 // buffer). Each row is written back in place once. A row's scores beyond its ``keys`` are
 // ignored (they count -inf: rows padded to whole registers need no -inf written into them) and
 // come out 0, unless the row's softmax is NaN (a NaN or +inf score, or every key at -inf): then
-// the whole row is NaN, as PyTorch's softmax gives it.
+// the whole row is NaN, as PyTorch's softmax gives it. The scores are scaled on the way (by
+// attention's 1 / sqrt(d)), which then costs its caller no pass over the queries or scores.
 #include "bf16.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 namespace mmtwins {
 namespace {
 
-// exp(x) for x <= 0 (x - row max); exactly 0 below 2**-126 (and for -inf), NaN for NaN.
-MMTWINS_AVX512_BF16 inline __m512 exp_nonpositive(__m512 x) {
-  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));  // log2(e)
+constexpr float kLog2E = 1.4426950408889634f;
+
+// exp(x * scale) for x <= 0 (x - row max), given ``to_log2`` = scale * log2(e); exactly 0
+// below 2**-126 (and for -inf), NaN for NaN.
+MMTWINS_AVX512_BF16 inline __m512 exp_nonpositive(__m512 x, __m512 to_log2) {
+  const __m512 y = _mm512_mul_ps(x, to_log2);
   const __mmask16 normal = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(y, n);
@@ -49,7 +54,8 @@ MMTWINS_AVX512_BF16 inline __m512 load_keys(const at::BFloat16* p, __mmask16 lan
 
 // ROWS rows of NV registers each, in place: read into registers, written back once.
 template <int NV, int ROWS>
-MMTWINS_AVX512_BF16 void rows_in_registers(at::BFloat16* s, const __mmask16* lanes) {
+MMTWINS_AVX512_BF16 void rows_in_registers(at::BFloat16* s, const __mmask16* lanes,
+                                           __m512 to_log2) {
   __m512 v[ROWS][NV];
   __m512 row_max[ROWS], inv[ROWS];
   for (int r = 0; r < ROWS; ++r) {
@@ -63,7 +69,7 @@ MMTWINS_AVX512_BF16 void rows_in_registers(at::BFloat16* s, const __mmask16* lan
   for (int r = 0; r < ROWS; ++r) {
     __m512 sum = _mm512_setzero_ps();
     for (int k = 0; k < NV; ++k) {
-      v[r][k] = exp_nonpositive(_mm512_sub_ps(v[r][k], row_max[r]));
+      v[r][k] = exp_nonpositive(_mm512_sub_ps(v[r][k], row_max[r]), to_log2);
       sum = _mm512_add_ps(sum, v[r][k]);
     }
     inv[r] = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
@@ -75,21 +81,24 @@ MMTWINS_AVX512_BF16 void rows_in_registers(at::BFloat16* s, const __mmask16* lan
 
 // Rows [begin, end) of NV registers: kRows at a time, then one by one.
 template <int NV>
-MMTWINS_AVX512_BF16 void short_rows(at::BFloat16* s, int64_t keys, int64_t begin, int64_t end) {
+MMTWINS_AVX512_BF16 void short_rows(at::BFloat16* s, int64_t keys, float scale, int64_t begin,
+                                    int64_t end) {
   constexpr int kRows = NV >= 16 ? 1 : 16 / NV;
+  const __m512 to_log2 = _mm512_set1_ps(scale * kLog2E);
   const int64_t width = NV * kLanes;
   __mmask16 lanes[NV];
   for (int k = 0; k < NV; ++k) lanes[k] = key_lanes(k, keys);
   int64_t r = begin;
   for (; r + kRows <= end; r += kRows)
-    rows_in_registers<NV, kRows>(s + r * width, lanes);
+    rows_in_registers<NV, kRows>(s + r * width, lanes, to_log2);
   for (; r < end; ++r)
-    rows_in_registers<NV, 1>(s + r * width, lanes);
+    rows_in_registers<NV, 1>(s + r * width, lanes, to_log2);
 }
 
 // Rows [begin, end) of any multiple of 16 scores, the exps kept in ``buf`` (one row's worth).
-MMTWINS_AVX512_BF16 void long_rows(at::BFloat16* s, int64_t width, int64_t keys, int64_t begin,
-                                   int64_t end, float* buf) {
+MMTWINS_AVX512_BF16 void long_rows(at::BFloat16* s, int64_t width, int64_t keys, float scale,
+                                   int64_t begin, int64_t end, float* buf) {
+  const __m512 to_log2 = _mm512_set1_ps(scale * kLog2E);
   for (int64_t r = begin; r < end; ++r) {
     at::BFloat16* row = s + r * width;
     __m512 m = _mm512_set1_ps(-INFINITY);
@@ -99,7 +108,7 @@ MMTWINS_AVX512_BF16 void long_rows(at::BFloat16* s, int64_t width, int64_t keys,
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < width; j += kLanes) {
       const __m512 x_j = load_keys(row + j, key_lanes(j / kLanes, keys));
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(x_j, row_max));
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(x_j, row_max), to_log2);
       _mm512_storeu_ps(buf + j, e);
       sum = _mm512_add_ps(sum, e);
     }
@@ -109,33 +118,35 @@ MMTWINS_AVX512_BF16 void long_rows(at::BFloat16* s, int64_t width, int64_t keys,
   }
 }
 
-void rows(at::BFloat16* s, int64_t width, int64_t keys, int64_t begin, int64_t end) {
+void rows(at::BFloat16* s, int64_t width, int64_t keys, float scale, int64_t begin,
+          int64_t end) {
   switch (width) {
-    case 32: return short_rows<2>(s, keys, begin, end);
-    case 64: return short_rows<4>(s, keys, begin, end);
-    case 128: return short_rows<8>(s, keys, begin, end);
-    case 256: return short_rows<16>(s, keys, begin, end);
+    case 32: return short_rows<2>(s, keys, scale, begin, end);
+    case 64: return short_rows<4>(s, keys, scale, begin, end);
+    case 128: return short_rows<8>(s, keys, scale, begin, end);
+    case 256: return short_rows<16>(s, keys, scale, begin, end);
     default: {
       std::vector<float> buf(width);
-      return long_rows(s, width, keys, begin, end, buf.data());
+      return long_rows(s, width, keys, scale, begin, end, buf.data());
     }
   }
 }
 
 }  // namespace
 
-torch::Tensor softmax_bf16_(torch::Tensor scores, int64_t keys) {
+at::Tensor softmax_bf16_(at::Tensor scores, int64_t keys, double scale) {
   TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == at::kBFloat16 &&
                   scores.is_contiguous() && scores.dim() >= 1,
               "softmax_bf16_: a contiguous bf16 CPU tensor");
   const int64_t width = scores.size(-1);
   TORCH_CHECK(width > 0 && width % kLanes == 0, "softmax_bf16_: rows of a multiple of 16 scores");
   TORCH_CHECK(keys > 0 && keys <= width, "softmax_bf16_: keys in [1, the row's width]");
+  TORCH_CHECK(scale > 0, "softmax_bf16_: a positive scale");
   const int64_t n_rows = scores.numel() / width;
   at::BFloat16* s = scores.mutable_data_ptr<at::BFloat16>();
   // grain: about 2**14 scores a task
   at::parallel_for(0, n_rows, std::max<int64_t>(1, 16384 / width),
-                   [&](int64_t begin, int64_t end) { rows(s, width, keys, begin, end); });
+                   [&](int64_t begin, int64_t end) { rows(s, width, keys, scale, begin, end); });
   return scores;
 }
 

@@ -5,7 +5,7 @@ dynamic_axes=...)``), deprecated since torch 2.9 but still shipped in 2.13. It t
 read from a tensor as a graph value, so window and patch padding, window counts and the LSA key
 mask become ``Shape``/``Mod``/``Pad``/``Range`` arithmetic; the one trap, Python branches on a
 size being frozen at the example's value, is closed by the backbone taking its padded path
-whenever it is exported (:func:`mmtwins.models.layers.embed.is_exporting`).
+whenever it is exported (:func:`mmtwins.models.layers.graph.is_exporting`).
 
 The torch.export-based exporter (``dynamo=True``, torch's default) was tried on the same code
 with torch 2.13 and ``dynamic_shapes``: on a 4-stage tiny SVT it took over two minutes and

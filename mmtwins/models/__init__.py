@@ -2,7 +2,7 @@
 import torch
 from mmengine.utils import digit_version
 
-#: ``torch.compiler.is_exporting`` (:func:`.layers.embed.is_exporting`) is new in torch 2.7.
+#: ``torch.compiler.is_exporting`` (:func:`.layers.graph.is_exporting`) is new in torch 2.7.
 MIN_TORCH = '2.7.0'
 
 

@@ -32,7 +32,7 @@ COMPOSE_CHUNK_SCORES = 1 << 20
 
 #: :func:`attend`'s composition pads each row of scores to a multiple of this many keys (the
 #: padding weighs 0), the bf16 lanes of an AVX-512 register (and a whole number of the compiled
-#: softmax's fp32 registers, :data:`.softmax.NATIVE_LANES`): PyTorch's bf16 softmax over rows
+#: softmax's fp32 registers, :data:`.native.NATIVE_LANES`): PyTorch's bf16 softmax over rows
 #: of whole registers ran twice as fast on the Zen 5 CPU as over LSA's 49 keys (0.36 ms for
 #: 50x8x49 rows of 64, 0.75 ms for the same rows of 49; rows of 48 or 56: 0.70 and 1.18 ms).
 #: With LSA chunked by windows, the attention calls of an SVT-S bf16 inference step at 512x512
@@ -72,21 +72,22 @@ def _even(total: int, most: int) -> int:
 
 def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d)) v`` (``mask`` False: a score of -inf; the softmax by
-    :func:`.softmax.softmax_rows_`, mmtwins' compiled kernel where built) in chunks of at most
+    """``softmax(q k^T / sqrt(d)) v`` (``mask`` False: a score of -inf; the scaled softmax by
+    :func:`.softmax.softmax_rows_`, mmtwins' compiled kernel where it runs) in chunks of at most
     :data:`COMPOSE_CHUNK_SCORES` scores (at least one query row each): of whole batch entries
     where one entry's scores fit (LSA's windows), else of query rows of all entries; shapes as
     :func:`attend`'s. A query whose every key is masked gets NaN (the fused kernel: zeros); the
     layers never mask every key of a window."""
-    # Contiguous (B, heads, N, d) operands: their batch dims collapse, so no product copies them
-    # (q scaled into new contiguous memory in one pass)
-    q = torch.mul(q, q.shape[-1] ** -0.5, out=q.new_empty(q.shape))
+    # q, k and v stay views of the packed projections: each chunk's product copies its slices
+    # where it needs them contiguous, small and in cache (whole copies up front were allocations
+    # large enough that glibc maps them fresh, page faults every step); the softmax scales.
+    scale = q.shape[-1] ** -0.5
     B, heads, N = q.shape[:3]
     keys = k.shape[-2]
     # Score rows of whole softmax registers, of which the softmax and the product with ``v``
     # take the first ``keys``
     width = -(-keys // SOFTMAX_LANES) * SOFTMAX_LANES
-    k_t, v = k.contiguous().transpose(-2, -1), v.contiguous()
+    k_t = k.transpose(-2, -1)
     drop = None if mask is None else ~mask.view((1,) * (4 - mask.dim()) + mask.shape)
     per_entry = heads * N * width
     if per_entry <= COMPOSE_CHUNK_SCORES:
@@ -108,7 +109,7 @@ def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             if drop is not None:
                 logits.masked_fill_(drop[e if drop.shape[0] > 1 else slice(None), :,
                                          r if drop.shape[2] > 1 else slice(None)], float('-inf'))
-            out[e, :, r] = softmax_rows_(chunk, keys)[..., :keys] @ v[e]
+            out[e, :, r] = softmax_rows_(chunk, keys, scale)[..., :keys] @ v[e]
     return out
 
 

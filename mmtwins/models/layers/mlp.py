@@ -49,15 +49,18 @@ def _spans(total: int, rows: Optional[int]):
 
 class _Norm:
     """The pre-norm's parameters, applied row-wise to 2-D chunks in the input's dtype; its
-    output is cast to the compute dtype of the linears."""
+    output is cast to the compute dtype of the linears. ``inference``: no backward will
+    recompute it, so :func:`.norm.layer_norm` may take mmtwins' compiled kernel (bf16 on some
+    CPUs); else PyTorch's, as the backward's recomputation."""
 
-    def __init__(self, weight, bias, eps: float, dtype: torch.dtype):
+    def __init__(self, weight, bias, eps: float, dtype: torch.dtype, inference: bool = False):
         self.weight, self.bias, self.eps, self.dtype = weight, bias, eps, dtype
+        self.inference = inference
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised ``x`` in the compute dtype (:func:`.norm.layer_norm`: in bf16 inference on
-        some CPUs by mmtwins' compiled kernel)."""
-        return _to(layer_norm(x, self.weight, self.bias, self.eps), self.dtype)
+        if self.inference:
+            return _to(layer_norm(x, self.weight, self.bias, self.eps), self.dtype)
+        return self.with_stats(x)[0]
 
     def with_stats(self, x: torch.Tensor):
         """(normalised ``x`` in the compute dtype, mean, rstd), for the norm's backward."""
@@ -95,19 +98,19 @@ def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _mlp_forward(x: torch.Tensor, norm_params, params, rows: Optional[int],
-                 keep: Optional[List[torch.Tensor]] = None):
+                 keep: Optional[List[torch.Tensor]] = None, inference: bool = False):
     """(B, N, C) ``x`` through :func:`_mlp_chunks` in the dtype ``F.linear`` would use.
 
     ``norm_params`` is ``(weight, bias, eps)`` of the pre-norm; eps None means no norm. Returns
     the 2-D (M, C) tensor that backward needs (``x`` itself with a norm, which then runs in
     ``x``'s dtype as ``F.layer_norm`` would; else ``x`` in the compute dtype) and the output
-    (B, N, C_out).
+    (B, N, C_out). ``inference``: no backward follows (see :class:`_Norm`).
     """
     dev = x.device.type
     autocast = torch.is_autocast_enabled(dev)
     dtype = torch.get_autocast_dtype(dev) if autocast else x.dtype
     x2 = x.reshape(-1, x.shape[-1])
-    norm = None if norm_params[2] is None else _Norm(*norm_params, dtype=dtype)
+    norm = None if norm_params[2] is None else _Norm(*norm_params, dtype, inference)
     if norm is None:
         x2 = _to(x2, dtype)
     params = [None if p is None else _to(p, dtype) for p in params]
@@ -289,4 +292,4 @@ class Mlp(nn.Module):
                 p is not None and p.requires_grad for p in params + norm_params[:2])):
             return self.drop2(_ChunkedMlpFunction.apply(x, *norm_params, *params, rows,
                                                         self.recompute_hidden))
-        return self.drop2(_mlp_forward(x, norm_params, params, rows)[1])
+        return self.drop2(_mlp_forward(x, norm_params, params, rows, inference=True)[1])

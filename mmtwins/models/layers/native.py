@@ -9,7 +9,11 @@ them on x86-64 Linux where torch is importable at build time (pip's ``setup.py``
 warns and installs without them); they run on CPUs with AVX512-BF16. Elsewhere, and wherever
 :func:`native_bf16` says no, PyTorch computes the same to bf16 rounding.
 """
+from typing import Optional
+
 import torch
+from torch.autograd import forward_ad
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .graph import is_exporting
 
@@ -33,14 +37,19 @@ NATIVE_BF16 = _ext is not None and _avx512_bf16()
 NATIVE_LANES = 16
 
 
-def native_bf16(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """Whether a kernel may compute on ``x`` (and ``params``, its fp32 weights): kernels built and
-    run here (:data:`NATIVE_BF16`); ``x`` a contiguous bf16 CPU tensor (no subclass) of rows of a
+def native_bf16(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """Whether a kernel may compute on ``x`` and the tensors ``params`` (its weights; their
+    dtype, device and shape are the caller's to check): the kernels built and run here
+    (:data:`NATIVE_BF16`); not while a graph is being recorded for export or compiled, nor
+    under a dispatch mode or a forward-mode AD level (none would see the call); ``x`` a plain
+    contiguous bf16 CPU tensor (no subclass, no vmap or grad transform's wrapper) of rows of a
     multiple of :data:`NATIVE_LANES` values; no gradient flowing through ``x`` or ``params``
-    (the kernels have no backward); not while a graph is being recorded for export or compiled
-    (it would not record the call)."""
+    (the kernels have no backward)."""
     return (NATIVE_BF16 and x.dtype == torch.bfloat16 and x.device.type == 'cpu'
-            and type(x) is torch.Tensor and x.dim() > 0 and x.shape[-1] > 0
-            and not x.shape[-1] % NATIVE_LANES and x.is_contiguous()
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)))
-            and not is_exporting() and not torch.compiler.is_compiling())
+            and not is_exporting() and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None and forward_ad._current_level < 0
+            and type(x) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+            and x.dim() > 0 and x.shape[-1] > 0 and not x.shape[-1] % NATIVE_LANES
+            and x.is_contiguous()
+            and not (torch.is_grad_enabled()
+                     and any(t is not None and t.requires_grad for t in (x, *params))))

@@ -13,42 +13,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import is_plain, no_global_hooks
+from .linear import PLAIN_TENSORS, is_plain, no_global_hooks
 from .native import _ext, native_bf16
 
 
-def _kernel_takes(x: torch.Tensor, weight: Optional[torch.Tensor],
-                  bias: Optional[torch.Tensor]) -> bool:
-    """Whether the kernel computes the norm of ``x``: :func:`.native.native_bf16` takes it (bf16
-    inference on a CPU with AVX512-BF16), with an fp32 weight and bias (autocast's
-    parameters)."""
-    return (weight is not None and bias is not None and weight.dtype == bias.dtype == torch.float32
-            and native_bf16(x, weight, bias))
+def _affine(x: torch.Tensor, weight: Optional[torch.Tensor],
+            bias: Optional[torch.Tensor]) -> bool:
+    """Whether ``weight`` and ``bias`` are the kernel's: plain contiguous fp32 CPU tensors of
+    ``x``'s channels (autocast's parameters)."""
+    return all(type(t) in PLAIN_TENSORS and t.dtype == torch.float32 and t.device.type == 'cpu'
+               and t.shape == x.shape[-1:] and t.is_contiguous() for t in (weight, bias))
 
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                eps: float) -> torch.Tensor:
-    """``F.layer_norm(x, x.shape[-1:], weight, bias, eps)``, by the compiled kernel where it
-    takes them (bf16 inference on a CPU with AVX512-BF16, fp32 weight and bias).
+    """``F.layer_norm(x, x.shape[-1:], weight, bias, eps)``, by the compiled kernel where
+    :func:`.native.native_bf16` takes ``x`` (bf16 inference on a CPU with AVX512-BF16) with an
+    fp32 weight and bias (autocast's parameters). Callers whose backward recomputes the norm
+    must not call it while gradients are off (the recomputation would differ by bf16 rounding).
 
     Shapes:
         x (..., C), weight and bias (C,) -> (..., C).
     """
-    if _kernel_takes(x, weight, bias):
+    if native_bf16(x, weight, bias) and _affine(x, weight, bias):
         return _ext.layer_norm_bf16(x, weight, bias, eps)
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
 def apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)``: a plain ``nn.LayerNorm`` over the last dim (:func:`.linear.is_plain`, no
-    global hook) is computed by the compiled kernel where it takes ``x`` (as in
-    :func:`layer_norm`); every other case calls the module, so its hooks and its scope in a
-    traced or exported graph stay.
+    global hook) is computed by :func:`layer_norm` where its kernel may take ``x``; every other
+    case calls the module, so its hooks and its scope in a traced or exported graph stay.
 
     Shapes:
         x (..., C) -> (..., C).
     """
-    if (is_plain(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == x.shape[-1:]
-            and no_global_hooks() and _kernel_takes(x, norm.weight, norm.bias)):
-        return _ext.layer_norm_bf16(x, norm.weight, norm.bias, norm.eps)
+    if (native_bf16(x) and is_plain(norm, nn.LayerNorm) and no_global_hooks()
+            and tuple(norm.normalized_shape) == x.shape[-1:]):
+        return layer_norm(x, norm.weight, norm.bias, norm.eps)
     return norm(x)
