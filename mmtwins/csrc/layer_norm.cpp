@@ -1,6 +1,6 @@
 // LayerNorm of bf16 rows on x86-64 CPUs with AVX512-BF16 (mmtwins._ext.layer_norm_bf16).
 //
-// PyTorch's CPU LayerNorm of bf16 rows was slower than of fp32 ones on an AMD EPYC Zen 5 (0.81
+// PyTorch's CPU LayerNorm of bf16 rows was slower than of fp32 ones on an AMD EPYC Zen 5 (0.80
 // against 0.49 ms for 32768 rows of 64 channels, half the bytes), and ran at about 2.5 G
 // values/s in a Twins MLP's chunks of 2048 rows. Here each row's mean and variance are computed
 // in fp32 (the variance from the deviations, a second pass over the values, not from their

@@ -1,11 +1,12 @@
 """LayerNorm over token channels, by mmtwins' compiled CPU kernel for bf16 inference where it runs.
 
 PyTorch's CPU LayerNorm of bf16 tokens was slower than of fp32 ones on an AMD EPYC Zen 5 (AVX-512
-with bf16, no AMX): 0.81 against 0.49 ms for 32768 rows of 64 channels, 52 us for a Twins MLP
+with bf16, no AMX): 0.80 against 0.49 ms for 32768 rows of 64 channels, 52 us for a Twins MLP
 chunk of 2048 such rows; 10-14 ms of SVT-S's and PCPVT-S's bf16 inference steps at 512x512, batch
 2. ``mmtwins._ext.layer_norm_bf16`` (``mmtwins/csrc/layer_norm.cpp``; where it is built and
-runs: :mod:`.native`) took 0.15 ms and 11 us there; its values are PyTorch's up to the order of
-its fp32 sums (a bf16 rounding step apart in a few values in 10**5).
+runs: :mod:`.native`; on every CPU with AVX512-BF16, measured on the Zen 5 only) took 0.15 ms
+and 11 us there. Its values are within bf16's rounding of the exact norm; PyTorch's differ from
+them by a rounding step in a few values in 10**5 (nearly constant rows: PyTorch's further off).
 """
 from typing import Optional
 
