@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from mmtwins.analysis.peers import autocast_cosine
 from mmtwins.models import PCPVT, SVT
-from mmtwins.models.layers import GlobalSubsampledAttention, LocallyGroupedAttention, attention
+from mmtwins.models.layers import (GlobalSubsampledAttention, LocallyGroupedAttention, attention,
+                                   graph)
 from mmtwins.models.layers.attention import attend
 
 from conftest import TINY_PCPVT, TINY_SVT
@@ -76,7 +77,7 @@ def test_the_fused_kernel_runs_where_the_composition_does_not_apply(bf16_cpu, mo
     elif case == 'other CPU':
         monkeypatch.setattr(attention, 'COMPOSE_CPU', False)
     elif case == 'exporting':
-        monkeypatch.setattr(attention, 'is_exporting', lambda: True)
+        monkeypatch.setattr(graph, 'is_exporting', lambda: True)
     elif case == 'compiling':
         monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
     elif case == 'oneDNN disabled':

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embed import pad_amounts
-from .graph import is_exporting
+from .graph import is_recording
 from .linear import PLAIN_TENSORS, apply_linear, bf16_without_amx
 from .norm import apply_norm
 from .softmax import softmax_rows_
@@ -57,7 +57,7 @@ def _composes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
             and q.dim() == 4 and type(q) in PLAIN_TENSORS and not dropout_p
             and q.shape[:2] == k.shape[:2] == v.shape[:2]
             and (mask is None or mask.dtype == torch.bool) and torch.backends.mkldnn.enabled
-            and not is_exporting() and not torch.compiler.is_compiling()):
+            and not is_recording()):
         return False
     if torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') != torch.bfloat16:
         return False

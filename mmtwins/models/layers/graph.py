@@ -10,3 +10,10 @@ def is_exporting() -> bool:
     then take the path that is valid for every input size instead of the one the example takes.
     """
     return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
+def is_recording() -> bool:
+    """True while a graph is being recorded, for export (:func:`is_exporting`) or by
+    ``torch.compile``: the eager-only CPU routes (oneDNN linears, the composed attention, the
+    compiled kernels) step aside, so the graph keeps PyTorch's own operators."""
+    return is_exporting() or torch.compiler.is_compiling()

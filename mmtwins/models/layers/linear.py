@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from .graph import is_exporting
+from .graph import is_recording
 
 #: Route CPU linears through oneDNN (see the module docstring); False: ``F.linear``.
 #: x86-64 only: on ARM PyTorch's oneDNN runs on other kernels (ACL), not measured for this.
@@ -95,8 +95,8 @@ def onednn_dtype(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.dtype]
     ``torch.compile`` traces the model: its inductor picks its own kernels for a linear."""
     # Cheapest first: a GPU step, launch-bound at small batches, stops at the device. The export
     # checks come before numel(), which a trace would record as a tensor.
-    if not (USE_ONEDNN and x.device.type == 'cpu' and not is_exporting()
-            and not torch.compiler.is_compiling() and type(x) in PLAIN_TENSORS
+    if not (USE_ONEDNN and x.device.type == 'cpu' and not is_recording()
+            and type(x) in PLAIN_TENSORS
             and type(weight) in PLAIN_TENSORS):
         return None
     dtype = x.dtype

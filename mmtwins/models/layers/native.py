@@ -15,7 +15,7 @@ import torch
 from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .graph import is_exporting
+from .graph import is_recording
 
 try:
     from mmtwins import _ext
@@ -46,7 +46,7 @@ def native_bf16(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     multiple of :data:`NATIVE_LANES` values; no gradient flowing through ``x`` or ``params``
     (the kernels have no backward)."""
     return (NATIVE_BF16 and x.dtype == torch.bfloat16 and x.device.type == 'cpu'
-            and not is_exporting() and not torch.compiler.is_compiling()
+            and not is_recording()
             and _get_current_dispatch_mode() is None and forward_ad._current_level < 0
             and type(x) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and x.dim() > 0 and x.shape[-1] > 0 and not x.shape[-1] % NATIVE_LANES

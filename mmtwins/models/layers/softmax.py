@@ -22,8 +22,9 @@ def softmax_rows_(scores: torch.Tensor, keys: int, scale: float = 1.) -> torch.T
     multiple of 16 scores, no gradient): the padding is never read (it needs no -inf written
     into it), the scores are scaled in fp32 registers, the exp differs from PyTorch's by at most
     a relative 6e-5, weights below 2**-126 flush to 0. Else PyTorch's softmax of the scores
-    scaled in fp32 (-inf written into the padding first), copied back. A row whose softmax is NaN (a NaN
-    or +inf score, every key at -inf) is NaN throughout, padding included, either way.
+    scaled in fp32 (-inf written into the padding first), copied back. A row whose softmax is
+    NaN (a NaN or +inf score, every key at -inf) is NaN throughout, padding included, either
+    way.
 
     Shapes:
         scores (..., width), 0 < keys <= width -> (..., width).
