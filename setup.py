@@ -82,12 +82,12 @@ def native_extension() -> dict:
                 super().run()
             except Exception as e:  # torch's ninja build raises RuntimeError, not CompileError
                 print(f'WARNING: mmtwins: the CPU kernels mmtwins._ext were not built ({e}); '
-                      "bf16 CPU inference will use PyTorch's softmax and LayerNorm (slower)",
+                      "CPU inference will use PyTorch's attention and LayerNorm (slower)",
                       file=sys.stderr)
 
     # at::parallel_for is inlined into the extension: its threads need OpenMP, as PyTorch's Linux
     # wheels are built with (their libgomp.so.1 is then the one loaded)
-    sources = [f'mmtwins/csrc/{name}.cpp' for name in ('ext', 'layer_norm', 'softmax')]
+    sources = [f'mmtwins/csrc/{name}.cpp' for name in ('ext', 'attention', 'layer_norm')]
     return dict(ext_modules=[CppExtension('mmtwins._ext', sources,
                                           extra_compile_args=['-O3', '-fopenmp'],
                                           extra_link_args=['-fopenmp'])],

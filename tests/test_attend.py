@@ -1,6 +1,7 @@
-"""``attend``: PyTorch's fused attention, or in bf16 CPU inference (AVX512-BF16 without AMX) its
-composition from matmuls and a softmax in cache-sized chunks, with the same values."""
+"""``attend``: PyTorch's fused attention, or in inference on CPUs with AVX512-BF16 and no AMX
+mmtwins' compiled kernel (fp32 and bf16), with the same values."""
 import contextlib
+import types
 
 import pytest
 import torch
@@ -9,17 +10,43 @@ import torch.nn.functional as F
 from mmtwins.analysis.peers import autocast_cosine
 from mmtwins.models import PCPVT, SVT
 from mmtwins.models.layers import (GlobalSubsampledAttention, LocallyGroupedAttention, attention,
-                                   graph)
+                                   graph, native)
 from mmtwins.models.layers.attention import attend
 
 from conftest import TINY_PCPVT, TINY_SVT
 
+needs_kernel = pytest.mark.skipif(not attention.NATIVE_ATTENTION,
+                                  reason='the kernel runs on CPUs with AVX512-BF16, no AMX')
+
 
 @pytest.fixture
-def bf16_cpu(monkeypatch):
-    """The composition's CPU condition, whatever this machine is; its values are the same on any
-    CPU, only its speed was measured on one."""
-    monkeypatch.setattr(attention, 'COMPOSE_CPU', True)
+def kernel_calls(monkeypatch):
+    """The calls of the compiled kernel (their q), which runs as usual."""
+    calls = []
+    kernel = attention._ext.attention if attention._ext is not None else None
+
+    def spy(q, *args):
+        calls.append(q)
+        return kernel(q, *args)
+
+    monkeypatch.setattr(attention, '_ext', types.SimpleNamespace(attention=spy))
+    return calls
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """The kernel's CPU condition on any CPU, its calls recorded (their q) and answered by
+    PyTorch's kernel: which path :func:`attend` takes, wherever the tests run."""
+    calls = []
+
+    def fake(q, k, v, mask, scale):
+        calls.append(q)
+        return torch.ops.aten.scaled_dot_product_attention(q, k, v, mask, scale=scale)
+
+    monkeypatch.setattr(attention, 'NATIVE_ATTENTION', True)
+    monkeypatch.setattr(native, 'NATIVE_BF16', True)
+    monkeypatch.setattr(attention, '_ext', types.SimpleNamespace(attention=fake))
+    return calls
 
 
 def fused_ran(fn, *args, **kwargs):
@@ -39,150 +66,191 @@ def fused_ran(fn, *args, **kwargs):
     return bool(calls), out
 
 
-def qkv(batch=3, heads=2, nq=49, nk=49, d=16, dtype=torch.bfloat16):
+def qkv(batch=3, heads=2, nq=49, nk=49, d=32, dtype=torch.float32):
+    """q, k and v as the layers pass them: views of the packed projections, (B, heads, N, d)
+    with the heads and rows strided."""
     torch.manual_seed(0)
-    return [torch.randn(batch, heads, n, d).to(dtype) for n in (nq, nk, nk)]
+    q = torch.randn(batch, nq, 3, heads, d).to(dtype)[:, :, 0].transpose(1, 2)
+    kv = torch.randn(batch, nk, 2, heads, d).to(dtype)
+    return [q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)]
 
 
-@pytest.mark.parametrize('keys', [49, 64, 5])
-@pytest.mark.parametrize('masked', [False, True])
-def test_bf16_inference_composes_with_the_fused_kernels_values(bf16_cpu, masked, keys):
-    # keys: score rows padded to 64 (49: LSA's windows), of whole registers already (64), and
-    # padded to 32 (5)
-    q, k, v = qkv(nk=keys)
-    # per batch element, as LSA's key mask (windows, 1, 1, keys); every row keeps one key
-    mask = torch.rand(3, 1, 1, keys) > 0.3 if masked else None
-    if masked:
-        mask[..., 0] = True
+def exact(q, k, v, mask=None):
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
+
+
+def assert_near(out, q, k, v, mask=None):
+    """fp32: within 1e-5 of the exact values (fp32 rounding of the sums); bf16: no further off
+    than PyTorch's kernel (which keeps the weights in fp32) by half again, or 0.02."""
+    err = (out.double() - exact(q, k, v, mask)).abs().max().item()
+    if q.dtype == torch.float32:
+        assert err < 1e-5
+    else:
+        fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert err < max(0.02, 1.5 * (fused.double() - exact(q, k, v, mask)).abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+@pytest.mark.parametrize('d', [16, 32, 64, 128])
+@pytest.mark.parametrize('keys', [1, 5, 49, 64, 300])
+def test_the_kernel_computes_attention(kernel_calls, dtype, d, keys):
+    # keys: one (an odd count: a bf16 pair with padding), part of a register, LSA's windows,
+    # whole registers, several tiles and a part
+    q, k, v = qkv(nk=keys, d=d, dtype=dtype)
     with torch.inference_mode():
-        fused, out = fused_ran(attend, q, k, v, mask)
-        exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
-        kernel = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert not fused and out.dtype == torch.bfloat16 and out.shape == q.shape
-    # bf16 rounding of the logits and weights: within a few bf16 ulps of the exact values, as
-    # the fused kernel (which keeps them in fp32) is
-    err, kernel_err = [(t.double() - exact).abs().max().item() for t in (out, kernel)]
-    assert err < 0.03 and kernel_err < 0.03
+        fused, out = fused_ran(attend, q, k, v)
+    assert not fused and len(kernel_calls) == 1
+    assert out.shape == q.shape and out.dtype == dtype
+    assert out.transpose(1, 2).is_contiguous()  # (B, N, heads, d) memory, as the fused kernel's
+    assert_near(out, q, k, v)
 
 
-@pytest.mark.parametrize('case', ['fp32', 'gradient', 'dropout', 'other CPU', 'exporting',
-                                  'compiling', 'oneDNN disabled', 'fp16 autocast', 'float mask',
-                                  '3-D'])
-def test_the_fused_kernel_runs_where_the_composition_does_not_apply(bf16_cpu, monkeypatch, case):
-    q, k, v = qkv(dtype=torch.float32 if case == 'fp32' else torch.bfloat16)
+@needs_kernel
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+@pytest.mark.parametrize('mask_shape', [(3, 1, 1, 49), (3, 2, 49, 49), (1, 2, 1, 49), (49, 49),
+                                        (3, 1, 49, 1)],
+                         ids=['key mask', 'per query and head', 'per head', '2-D', 'per query'])
+def test_masked_keys_get_no_weight(kernel_calls, dtype, mask_shape):
+    q, k, v = qkv(dtype=dtype)
+    torch.manual_seed(1)
+    mask = torch.rand(mask_shape) > 0.3
+    mask[..., 0] = True  # every query keeps a key
+    with torch.inference_mode():
+        out = attend(q, k, v, mask)
+    assert len(kernel_calls) == 1
+    assert_near(out, q, k, v, mask)
+
+
+@needs_kernel
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+def test_a_query_without_keys_gives_zeros_as_the_fused_kernel(kernel_calls, dtype):
+    q, k, v = qkv(dtype=dtype)
+    mask = torch.ones(3, 2, 49, 49, dtype=torch.bool)
+    mask[1, 0, 5] = False
+    with torch.inference_mode():
+        out = attend(q, k, v, mask)
+        fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert len(kernel_calls) == 1
+    assert out[1, 0, 5].eq(0).all() and fused[1, 0, 5].eq(0).all()
+    assert_near(out[:, :, 6:], q[:, :, 6:], k, v, mask[:, :, 6:])  # the other rows
+
+
+@needs_kernel
+def test_rows_split_over_tasks_and_threads_give_the_same_values(kernel_calls):
+    # 1000 queries: tasks of 240 rows, blocks of 24, tiles of 8 and their remainders
+    q, k, v = qkv(batch=1, heads=3, nq=1000, nk=37)
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        out = attend(q, k, v)
+        torch.set_num_threads(1)
+        try:
+            alone = attend(q, k, v)
+        finally:
+            torch.set_num_threads(threads)
+    torch.testing.assert_close(out, alone, atol=0, rtol=0)
+    assert_near(out, q, k, v)
+
+
+@needs_kernel
+def test_contiguous_inputs_and_no_queries(kernel_calls):
+    q, k, v = (t.contiguous() for t in qkv(nk=20))
+    with torch.inference_mode():
+        assert_near(attend(q, k, v), q, k, v)
+        assert attend(q[:, :, :0], k, v).shape == (3, 2, 0, 32)
+        assert attend(q[:0], k[:0], v[:0]).shape == (0, 2, 49, 32)
+
+
+@pytest.mark.parametrize('case', [
+    'gradient', 'dropout', 'other CPU', 'exporting', 'compiling', 'fp16', 'fp16 autocast',
+    'bf16 autocast of fp32', 'float mask', '3-D', '24 channels', '144 channels',
+    'strided channels', 'broadcast keys', 'no keys'])
+def test_the_fused_kernel_runs_where_the_kernel_does_not_apply(stand_in, monkeypatch, case):
+    q, k, v = qkv(dtype=torch.float16 if case == 'fp16' else torch.float32,
+                  d={'24 channels': 24, '144 channels': 144}.get(case, 32),
+                  nk=0 if case == 'no keys' else 49)
     dropout = 0.5 if case == 'dropout' else 0.
     mask, context = None, contextlib.nullcontext()
     if case == 'gradient':
         q.requires_grad_()
     elif case == 'other CPU':
-        monkeypatch.setattr(attention, 'COMPOSE_CPU', False)
+        monkeypatch.setattr(attention, 'NATIVE_ATTENTION', False)
     elif case == 'exporting':
         monkeypatch.setattr(graph, 'is_exporting', lambda: True)
     elif case == 'compiling':
         monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
-    elif case == 'oneDNN disabled':
-        context = torch.backends.mkldnn.flags(enabled=False)
-    elif case == 'fp16 autocast':  # the kernel computes in fp16 there
+    elif case == 'fp16 autocast':  # the fused kernel computes in fp16 there
         context = torch.autocast('cpu', dtype=torch.float16)
+    elif case == 'bf16 autocast of fp32':  # ... and in bf16 here
+        context = torch.autocast('cpu', dtype=torch.bfloat16)
     elif case == 'float mask':  # added to the scores
-        mask = torch.zeros(3, 1, 1, 49, dtype=torch.bfloat16)
+        mask = torch.zeros(3, 1, 1, 49)
     elif case == '3-D':
         q, k, v = q[0], k[0], v[0]
+    elif case == 'strided channels':
+        q, k, v = (t[..., ::2] for t in (q, k, v))
+    elif case == 'broadcast keys':
+        k, v = k[:1], v[:1]
     with context:
         fused, out = fused_ran(attend, q, k, v, mask, dropout)
-    assert fused and out.shape == q.shape
+    assert fused and not stand_in and out.shape == q.shape
 
 
-def test_a_tensor_that_needs_no_gradient_composes_where_gradients_are_on(bf16_cpu):
-    assert not fused_ran(attend, *qkv())[0]
-
-
-def test_no_queries_give_an_empty_output(bf16_cpu):
-    q, k, v = qkv(nq=0)
-    with torch.inference_mode():
-        assert attend(q, k, v).shape == (3, 2, 0, 16)
-
-
-@pytest.mark.parametrize('mask_shape', [None, (3, 1, 1, 49), (3, 1, 49, 49), (49, 49)],
-                         ids=['no mask', 'key mask', 'full mask', 'one mask for all'])
-@pytest.mark.parametrize('chunk', [1, 3 * 2 * 10 * 64, 3 * 2 * 16 * 64, 2 * 49 * 64,
-                                   2 * 2 * 49 * 64],
-                         ids=['one row', '10 rows', '16 rows', 'one entry', 'two entries'])
-def test_chunks_give_the_values_of_one_whole_composition(bf16_cpu, monkeypatch, mask_shape, chunk):
-    # 49 keys: score rows of 64 (SOFTMAX_LANES 32); chunks of rows of every entry, or (where an
-    # entry's scores fit) of whole entries, as LSA's windows
+def test_a_tensor_that_needs_no_gradient_takes_the_kernel_where_gradients_are_on(stand_in):
     q, k, v = qkv()
-    mask = None
-    if mask_shape:  # the key mask (3, 1, 1, 49) is broadcast over the queries, as LSA's
-        mask = torch.rand(mask_shape) > 0.3
-        mask[..., 0] = True
-    with torch.inference_mode():
-        whole = attend(q, k, v, mask)
-        monkeypatch.setattr(attention, 'COMPOSE_CHUNK_SCORES', chunk)
-        chunked = attend(q, k, v, mask)
-    torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
+    assert torch.is_grad_enabled() and not fused_ran(attend, q, k, v)[0] and len(stand_in) == 1
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # bf16 tensors under bf16 autocast
+        attend(*(t.bfloat16() for t in (q, k, v)))
+    assert len(stand_in) == 2
 
 
-@pytest.mark.parametrize('nq,nk,mask_shape,chunk', [
-    (7, 5, (3, 2, 7, 5), 1), (7, 5, (1, 2, 1, 5), 2 * 7 * 32),
-    (13, 64, (3, 1, 13, 64), 3 * 2 * 4 * 64), (13, 33, None, 2 * 2 * 13 * 64)],
-    ids=['rows, per-head mask', 'entries, shared mask', 'rows of whole registers', 'entries'])
-def test_chunks_of_padded_rows_compose_the_exact_values(bf16_cpu, monkeypatch, nq, nk, mask_shape,
-                                                        chunk):
-    q, k, v = qkv(nq=nq, nk=nk)
-    mask = None
-    if mask_shape:
-        mask = torch.rand(mask_shape) > 0.3
-        mask[..., 0] = True
-    monkeypatch.setattr(attention, 'COMPOSE_CHUNK_SCORES', chunk)
-    with torch.inference_mode():
-        fused, out = fused_ran(attend, q, k, v, mask)
-        exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
-    assert not fused and (out.double() - exact).abs().max() < 0.03
+def test_the_gate_asks_what_every_kernel_asks(monkeypatch):
+    """No gradient, no dispatch mode, plain tensors, not recording: :func:`.native.native_call`
+    (its cases are tested with the LayerNorm kernel's)."""
+    asked = []
+    monkeypatch.setattr(attention, 'NATIVE_ATTENTION', True)
+    monkeypatch.setattr(attention, 'native_call', lambda *t: asked.append(t) or False)
+    q, k, v = qkv()
+    mask = torch.ones(1, 49, dtype=torch.bool)
+    assert fused_ran(attend, q, k, v, mask)[0]
+    assert asked == [(q, k, v, mask)]
 
 
-def test_an_empty_batch_in_row_chunks(bf16_cpu, monkeypatch):
-    monkeypatch.setattr(attention, 'COMPOSE_CHUNK_SCORES', 1)
-    q, k, v = qkv(batch=0)
-    with torch.inference_mode():
-        assert attend(q, k, v).shape == (0, 2, 49, 16)
-
-
-def test_keys_broadcast_over_the_batch_and_heads_take_the_kernel(bf16_cpu):
-    q = qkv()[0]
-    _, k, v = qkv(batch=1, heads=1)
-    with torch.inference_mode():
-        fused, out = fused_ran(attend, q, k, v)
-        kernel = F.scaled_dot_product_attention(q, k, v)
-    assert fused
-    torch.testing.assert_close(out, kernel, atol=0, rtol=0)
-
-
+@needs_kernel
 @pytest.mark.parametrize('hw', [(14, 14), (9, 10)], ids=['whole windows', 'padded'])
 @pytest.mark.parametrize('cls', [LocallyGroupedAttention, GlobalSubsampledAttention])
-def test_attention_layers_in_bf16_inference_compose_to_the_fused_values(bf16_cpu, monkeypatch,
-                                                                        cls, hw):
+def test_attention_layers_in_inference_take_the_kernel(kernel_calls, monkeypatch, cls, hw):
     torch.manual_seed(0)
     layer = (cls(32, 2, window_size=7) if cls is LocallyGroupedAttention
              else cls(32, 2, sr_ratio=2)).eval()
     x = torch.randn(2, hw[0] * hw[1], 32)
-    with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16):
-        fused, composed = fused_ran(layer, x, hw)
-        monkeypatch.setattr(attention, 'COMPOSE_CPU', False)
-        kernel_ran, kernel = fused_ran(layer, x, hw)
-    assert not fused and kernel_ran and composed.dtype == kernel.dtype == torch.bfloat16
     with torch.inference_mode():
-        exact = layer.double()(x.double(), hw)
-    for out in (composed, kernel):
-        assert F.cosine_similarity(out.double().flatten(), exact.flatten(), 0) > 0.9999
+        fused, out = fused_ran(layer, x, hw)
+        with torch.autocast('cpu', torch.bfloat16):
+            bf16 = layer(x, hw)
+        assert not fused and len(kernel_calls) == 2
+        monkeypatch.setattr(attention, 'NATIVE_ATTENTION', False)
+        reference = layer(x, hw)
+        exact_out = layer.double()(x.double(), hw)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    assert F.cosine_similarity(bf16.double().flatten(), exact_out.flatten(), 0) > 0.9999
 
 
+@needs_kernel
 @pytest.mark.parametrize('cls,arch', [(SVT, TINY_SVT), (PCPVT, TINY_PCPVT)])
-def test_whole_network_under_bf16_autocast_composes_within_the_cosine_bound(bf16_cpu, cls, arch):
+def test_whole_networks_in_inference_take_the_kernel(kernel_calls, monkeypatch, cls, arch):
+    """fp32 within 1e-4 of PyTorch's kernel (the issue's bound for every speed lever), bf16
+    autocast within cosine 0.999 of fp32; no attention left to PyTorch's kernel."""
     torch.manual_seed(0)
     model = cls(arch=arch).eval()
     x = torch.randn(2, 3, 96, 80)
+    with torch.inference_mode():
+        fused, outs = fused_ran(model, x)
+        assert not fused and kernel_calls
+        with torch.autocast('cpu', torch.bfloat16):
+            assert not fused_ran(model, x)[0]
+        monkeypatch.setattr(attention, 'NATIVE_ATTENTION', False)
+        references = model(x)
+    for out, reference in zip(outs, references):
+        torch.testing.assert_close(out, reference, atol=1e-4, rtol=0)
     assert autocast_cosine(model, x) >= 0.999
-    # every bf16 call composes; the fp32 reference took the kernel
-    with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16):
-        assert not fused_ran(model, x)[0]

@@ -8,7 +8,7 @@
 // PyTorch's values up to the order of its fp32 sums. Rows of 64, 128 or 256 channels are read
 // once into registers (four and two rows of 64 and 128 interleaved, so their dependency chains
 // overlap); other multiples of 16 are read three times (the row stays in L1).
-#include "bf16.h"
+#include "kernels.h"
 
 #include <ATen/Parallel.h>
 

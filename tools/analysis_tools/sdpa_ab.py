@@ -7,9 +7,9 @@ separate operators) in GSA, LSA or both, switched step by step in alternating or
     python tools/analysis_tools/sdpa_ab.py --mode infer --amp --where all        # + mmtwins' own
 
 The kernel is chosen when the forward runs, and the backward follows it. Both arms always call
-``scaled_dot_product_attention``; in bf16 CPU inference, where mmtwins' own choice
-(:func:`mmtwins.models.layers.attention.attend`) composes the attentions from bf16 matmuls
-instead, a third arm, ``mmtwins``, runs that choice. Prints the median step time (ms) of each arm
+``scaled_dot_product_attention``; in CPU inference, where mmtwins' own choice
+(:func:`mmtwins.models.layers.attention.attend`) runs its compiled kernel instead, a third arm,
+``mmtwins``, runs that choice. Prints the median step time (ms) of each arm
 after 5 untimed steps, and on a GPU each arm's peak memory in its first step (the math path
 keeps the attention weights for backward).
 """
@@ -36,8 +36,8 @@ def math_forward(forward):
     return wrapped
 
 
-#: mmtwins' composition of bf16 CPU inference switched off: every attention calls the kernel.
-kernel_only = patched(attention, 'COMPOSE_CPU', False)
+#: mmtwins' compiled kernel of CPU inference switched off: every attention calls PyTorch's.
+kernel_only = patched(attention, 'NATIVE_ATTENTION', False)
 
 
 def math_arm(classes):
@@ -56,7 +56,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     arms = {'fused': kernel_only, f'math-{args.where}': math_arm(WHERE[args.where])}
-    if attention.COMPOSE_CPU and args.amp and args.mode == 'infer' and args.device == 'cpu':
+    if attention.NATIVE_ATTENTION and args.mode == 'infer' and args.device == 'cpu':
         arms['mmtwins'] = contextlib.nullcontext
     run_variants(args, arms)
 

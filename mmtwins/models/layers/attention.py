@@ -1,11 +1,10 @@
 """The two spatial attentions of Twins (paper section 3.2), on token sequences.
 
 Both take ``x`` of shape (B, N, C) with N = H * W tokens in row-major order and ``hw = (H, W)``,
-and return (B, N, C). Attention runs through :func:`attend` (PyTorch's fused kernel, or in bf16
-inference on some CPUs its composition from matmuls and a softmax), the linears through
+and return (B, N, C). Attention runs through :func:`attend` (PyTorch's fused kernel, or in
+inference on some CPUs mmtwins' compiled one), the linears through
 :func:`.linear.apply_linear` (oneDNN on x86-64 CPUs, see there).
 """
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -13,120 +12,58 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embed import pad_amounts
-from .graph import is_recording
-from .linear import PLAIN_TENSORS, apply_linear, bf16_without_amx
+from .linear import apply_linear, bf16_without_amx
+from .native import NATIVE_BF16, _ext, native_call
 from .norm import apply_norm
-from .softmax import softmax_rows_
 
-#: The most scores (batch x heads x queries x keys, padded to :data:`SOFTMAX_LANES`) one step of
-#: :func:`attend`'s composition computes at a time: it runs chunks of that size, whose scores stay
-#: in cache (whole batch entries, LSA's windows, where one entry's scores fit; else query rows of
-#: every entry). Measured (with query chunks, before rows were padded) on an AMD EPYC Zen 5 (AVX-512
-#: with bf16, no AMX), where PyTorch's fused CPU kernel is slower in bf16 than in fp32, with
-#: ``tools/analysis_tools/sdpa_ab.py``-style A/B runs of whole bf16 inference steps at 512x512,
-#: batch 2: with chunks of 2**20 scores PCPVT-S's step took 0.81-0.83x the time it took with the
-#: kernel, SVT-S's 0.92-0.95x (2**18: 0.90x and 1.10x; 2**19: 0.85x and 0.97x; 2**21: 0.84x and
-#: 0.93x; 2**22: 0.88x and 1.01x). One call alone, SVT-S's first-stage GSA (2**24 scores): 8.0 ms in
-#: chunks of 2**20, 13.0 ms with the kernel, 23.6 ms whole.
-COMPOSE_CHUNK_SCORES = 1 << 20
+#: Whether :func:`attend` runs mmtwins' compiled kernel (:mod:`.native`) in inference here: built,
+#: on a CPU with AVX512-BF16 and no AMX (:func:`.linear.bf16_without_amx`; measured on an AMD
+#: EPYC Zen 5 only: AMX CPUs, where PyTorch's kernel multiplies on AMX tiles, keep it).
+NATIVE_ATTENTION = NATIVE_BF16 and bf16_without_amx()
 
-#: :func:`attend`'s composition pads each row of scores to a multiple of this many keys (the
-#: padding weighs 0), the bf16 lanes of an AVX-512 register (and a whole number of the compiled
-#: softmax's fp32 registers, :data:`.native.NATIVE_LANES`): PyTorch's bf16 softmax over rows
-#: of whole registers ran twice as fast on the Zen 5 CPU as over LSA's 49 keys (0.36 ms for
-#: 50x8x49 rows of 64, 0.75 ms for the same rows of 49; rows of 48 or 56: 0.70 and 1.18 ms).
-#: With LSA chunked by windows, the attention calls of an SVT-S bf16 inference step at 512x512
-#: took 36.5 ms instead of 40.6 (PCPVT-S's, all of 256 keys, 40.0 instead of 39.6); whole steps
-#: (``revision_ab.py --mode infer --amp``) at 224x224, batch 8: PCPVT-S 1.07x and SVT-S 1.05x
-#: faster (49 keys in PCPVT's first stage there); at 512x512, batch 2: 1.01x and 1.02x.
-SOFTMAX_LANES = 32
-
-#: Whether :func:`attend` composes bf16 inference on this CPU (:func:`.linear.bf16_without_amx`:
-#: every CPU with AVX512-BF16 and no AMX, Zen 4 and Cooper Lake too; measured on a Zen 5 only).
-COMPOSE_CPU = bf16_without_amx()
+#: The most channels per head the compiled kernel takes (a multiple of 16 up to this).
+NATIVE_HEAD_DIM = 128
 
 
-def _composes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-              dropout_p: float) -> bool:
-    """Whether :func:`attend` composes: bf16 (B, heads, N, d) tensors on a CPU of
-    :data:`COMPOSE_CPU` with oneDNN enabled (its bf16 products), keys and values of the queries'
-    batch and heads (not broadcast), a boolean mask or none, no gradient needed, no dropout, no
-    autocast to another dtype, and not while exporting or compiling (a graph keeps the one
-    attention operator)."""
-    if not (COMPOSE_CPU and q.device.type == 'cpu' and q.dtype == torch.bfloat16
-            and q.dim() == 4 and type(q) in PLAIN_TENSORS and not dropout_p
-            and q.shape[:2] == k.shape[:2] == v.shape[:2]
-            and (mask is None or mask.dtype == torch.bool) and torch.backends.mkldnn.enabled
-            and not is_recording()):
+def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+            dropout_p: float) -> bool:
+    """Whether :func:`attend` runs the compiled kernel: on a CPU of :data:`NATIVE_ATTENTION`,
+    fp32 or bf16 (B, heads, N, d) tensors, the channels contiguous, d a multiple of 16 up to
+    :data:`NATIVE_HEAD_DIM`, keys and values of the queries' batch, heads and dtype (not
+    broadcast), at least one key, a boolean mask or none, no dropout, no autocast to another
+    dtype, and what :func:`.native.native_call` asks (no gradient needed, not while recording a
+    graph: an exported or compiled graph keeps the one attention operator)."""
+    if not (NATIVE_ATTENTION and q.device.type == 'cpu'
+            and q.dtype in (torch.float32, torch.bfloat16) and not dropout_p
+            and q.dim() == k.dim() == v.dim() == 4 and k.shape == v.shape
+            and q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3] and k.shape[2] > 0
+            and q.shape[3] <= NATIVE_HEAD_DIM and not q.shape[3] % 16
+            and k.dtype == v.dtype == q.dtype
+            and q.stride(3) == k.stride(3) == v.stride(3) == 1
+            and (mask is None or mask.dtype == torch.bool)):
         return False
-    if torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') != torch.bfloat16:
+    if torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') != q.dtype:
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-
-
-def _even(total: int, most: int) -> int:
-    """The size of equal chunks of ``total`` items, at most ``most`` each (at least one)."""
-    chunks = -(-total // max(1, most))
-    return max(1, -(-total // max(1, chunks)))
-
-
-def _composed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(d)) v`` (``mask`` False: a score of -inf; the scaled softmax by
-    :func:`.softmax.softmax_rows_`, mmtwins' compiled kernel where it runs) in chunks of at most
-    :data:`COMPOSE_CHUNK_SCORES` scores (at least one query row each): of whole batch entries
-    where one entry's scores fit (LSA's windows), else of query rows of all entries; shapes as
-    :func:`attend`'s. A query whose every key is masked gets NaN (the fused kernel: zeros); the
-    layers never mask every key of a window."""
-    # q, k and v stay views of the packed projections: each chunk's product copies its slices
-    # where it needs them contiguous, small and in cache (whole copies up front were allocations
-    # large enough that glibc maps them fresh, page faults every step); the softmax scales.
-    scale = q.shape[-1] ** -0.5
-    B, heads, N = q.shape[:3]
-    keys = k.shape[-2]
-    # Score rows of whole softmax registers, of which the softmax and the product with ``v``
-    # take the first ``keys``
-    width = -(-keys // SOFTMAX_LANES) * SOFTMAX_LANES
-    k_t = k.transpose(-2, -1)
-    drop = None if mask is None else ~mask.view((1,) * (4 - mask.dim()) + mask.shape)
-    per_entry = heads * N * width
-    if per_entry <= COMPOSE_CHUNK_SCORES:
-        entries, rows = _even(B, COMPOSE_CHUNK_SCORES // max(1, per_entry)), max(1, N)
-    else:
-        entries, rows = max(1, B), _even(N, COMPOSE_CHUNK_SCORES // max(1, B * heads * width))
-    # Rows of ``width`` scores: every chunk is a contiguous prefix of them
-    scores = q.new_empty(entries * heads * rows, width)
-    # (B, N, heads, d) memory, as the fused kernel's output: the callers' merge of the heads,
-    # (B, N, heads * d), is then a view
-    out = q.new_empty(B, N, heads, v.shape[-1]).transpose(1, 2)
-    for b in range(0, B, entries):
-        e = slice(b, b + entries)
-        for s in range(0, N, rows):
-            r = slice(s, s + rows)
-            shape = (min(entries, B - b), heads, min(rows, N - s), width)
-            chunk = scores[:math.prod(shape[:3])].view(shape)
-            logits = torch.matmul(q[e, :, r], k_t[e], out=chunk[..., :keys])
-            if drop is not None:
-                logits.masked_fill_(drop[e if drop.shape[0] > 1 else slice(None), :,
-                                         r if drop.shape[2] > 1 else slice(None)], float('-inf'))
-            out[e, :, r] = softmax_rows_(chunk, keys, scale)[..., :keys] @ v[e]
-    return out
+    return native_call(q, k, v, mask)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            mask: Optional[torch.Tensor] = None, dropout_p: float = 0.) -> torch.Tensor:
-    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)``; in bf16
-    inference on a CPU with AVX512-BF16 and no AMX (:data:`COMPOSE_CPU`) composed from bf16
-    matmuls and a softmax instead (:func:`_composed`; logits and weights rounded to bf16, where
-    the kernel keeps them in fp32; a whole SVT-S or PCPVT-S stays within cosine 0.99997 of fp32
-    either way).
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)``; in
+    inference on a CPU of :data:`NATIVE_ATTENTION` by mmtwins' compiled kernel
+    (``mmtwins/csrc/attention.cpp``; where :func:`_native` says): fp32 to fp32 rounding of
+    PyTorch's values (within 2e-6 here), bf16 with the softmax weights rounded to bf16 for their
+    product with ``v`` (as a bf16 matmul rounds them; PyTorch's kernel keeps them in fp32). A
+    query whose every key is masked gives zeros either way.
 
     Shapes:
         q (B, heads, Nq, d), k and v (B, heads, Nk, d), mask boolean, broadcastable to
         (B, heads, Nq, Nk), True where a key is attended -> (B, heads, Nq, d).
     """
-    if _composes(q, k, v, mask, dropout_p):
-        return _composed(q, k, v, mask)
+    if _native(q, k, v, mask, dropout_p):
+        if mask is not None and (mask.shape[-1] != k.shape[2] or mask.stride(-1) != 1):
+            mask = mask.expand(*q.shape[:3], k.shape[2]).contiguous()  # keys contiguous
+        return _ext.attention(q, k, v, mask, q.shape[-1] ** -0.5)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 

@@ -14,6 +14,6 @@ def is_exporting() -> bool:
 
 def is_recording() -> bool:
     """True while a graph is being recorded, for export (:func:`is_exporting`) or by
-    ``torch.compile``: the eager-only CPU routes (oneDNN linears, the composed attention, the
-    compiled kernels) step aside, so the graph keeps PyTorch's own operators."""
+    ``torch.compile``: the eager-only CPU routes (oneDNN linears, the compiled kernels) step
+    aside, so the graph keeps PyTorch's own operators."""
     return is_exporting() or torch.compiler.is_compiling()

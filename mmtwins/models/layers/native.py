@@ -1,13 +1,14 @@
-"""mmtwins' compiled bf16 CPU kernels (``mmtwins._ext``, sources in ``mmtwins/csrc``), and on
-which tensors they run.
+"""mmtwins' compiled CPU kernels (``mmtwins._ext``, sources in ``mmtwins/csrc``), and on which
+tensors they run.
 
-Two operations of bf16 inference ran slower in PyTorch on a CPU with AVX512-BF16 and no AMX (an
-AMD EPYC Zen 5) than their fp32 forms: the softmax (:mod:`.softmax`) and LayerNorm
-(:mod:`.norm`). The kernels compute them in fp32 registers from bf16 memory. The install builds
-them on x86-64 Linux where torch is importable at build time (pip's ``setup.py`` path or
-``--no-build-isolation``, as ``tools/setup_env.sh`` installs) and a C++ compiler can (else it
-warns and installs without them); they run on CPUs with AVX512-BF16. Elsewhere, and wherever
-:func:`native_bf16` says no, PyTorch computes the same to bf16 rounding.
+Two operations ran slower in PyTorch on a CPU with AVX512-BF16 and no AMX (an AMD EPYC Zen 5)
+than they need to: attention (:mod:`.attention`, fp32 and bf16 inference; PyTorch's fused kernel
+multiplies through MKL, which runs there at its AVX2 rate) and LayerNorm in bf16 (:mod:`.norm`,
+slower than PyTorch's fp32 one). The install builds them on x86-64 Linux where torch is
+importable at build time (pip's ``setup.py`` path or ``--no-build-isolation``, as
+``tools/setup_env.sh`` installs) and a C++ compiler can (else it warns and installs without
+them); they run on CPUs with AVX512-BF16. Elsewhere, and wherever :func:`native_call` says no,
+PyTorch computes the same (to bf16 rounding in bf16, to fp32 rounding in fp32).
 """
 from typing import Optional
 
@@ -33,23 +34,33 @@ def _avx512_bf16() -> bool:
 #: Whether the kernels run here: built, and a CPU with AVX512-BF16.
 NATIVE_BF16 = _ext is not None and _avx512_bf16()
 
+#: Tensor types the kernels take (a subclass, such as a fake or sharded tensor, would not see the
+#: call).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
 #: The kernels' rows: a multiple of this many values (16 fp32 lanes of an AVX-512 register).
 NATIVE_LANES = 16
 
 
-def native_bf16(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
-    """Whether a kernel may compute on ``x`` and the tensors ``params`` (its weights; their
-    dtype, device and shape are the caller's to check): the kernels built and run here
-    (:data:`NATIVE_BF16`); not while a graph is being recorded for export or compiled, nor
-    under a dispatch mode or a forward-mode AD level (none would see the call); ``x`` a plain
-    contiguous bf16 CPU tensor (no subclass, no vmap or grad transform's wrapper) of rows of a
-    multiple of :data:`NATIVE_LANES` values; no gradient flowing through ``x`` or ``params``
-    (the kernels have no backward)."""
-    return (NATIVE_BF16 and x.dtype == torch.bfloat16 and x.device.type == 'cpu'
-            and not is_recording()
+def native_call(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a kernel may compute on ``tensors`` (its inputs and weights; their dtype, device,
+    shape and layout are the caller's to check): the kernels built and run here
+    (:data:`NATIVE_BF16`); not while a graph is being recorded for export or compiled, nor under
+    a dispatch mode or a forward-mode AD level (none would see the call); plain tensors (no
+    subclass, no vmap or grad transform's wrapper); no gradient flowing through any of them (the
+    kernels have no backward)."""
+    present = [t for t in tensors if t is not None]
+    return (NATIVE_BF16 and not is_recording()
             and _get_current_dispatch_mode() is None and forward_ad._current_level < 0
-            and type(x) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+            and all(type(t) in _PLAIN for t in present)
+            and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in present)))
+
+
+def native_bf16(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+    """Whether a row kernel may compute on ``x`` and the tensors ``params`` (its weights; their
+    dtype, device and shape are the caller's to check): :func:`native_call`, and ``x`` a
+    contiguous bf16 CPU tensor of rows of a multiple of :data:`NATIVE_LANES` values."""
+    return (native_call(x, *params) and x.dtype == torch.bfloat16 and x.device.type == 'cpu'
             and x.dim() > 0 and x.shape[-1] > 0 and not x.shape[-1] % NATIVE_LANES
-            and x.is_contiguous()
-            and not (torch.is_grad_enabled()
-                     and any(t is not None and t.requires_grad for t in (x, *params))))
+            and x.is_contiguous())

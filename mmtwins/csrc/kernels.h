@@ -1,4 +1,5 @@
-// What mmtwins' bf16 CPU kernels share: AVX-512 loads and stores of bf16 as fp32 registers.
+// mmtwins' CPU kernels: their entry points, and what they share (AVX-512 loads and stores of
+// bf16 as fp32 registers).
 //
 // Only the kernel functions are compiled for AVX-512 (a target attribute, not a compiler flag),
 // so the module loads on any x86-64 CPU; Python calls them only where the CPU has AVX512-BF16.
@@ -23,10 +24,12 @@ MMTWINS_AVX512_BF16 inline void store_bf16(at::BFloat16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-// In place: the softmax over the first ``keys`` scores of each row of ``scale * scores``
-// (``scores`` a contiguous bf16 CPU tensor whose rows are a multiple of 16 scores; ``scale``
-// positive), and zeros in the rest of each row.
-at::Tensor softmax_bf16_(at::Tensor scores, int64_t keys, double scale);
+// softmax(q k^T * scale) v (attention.cpp) for fp32 or bf16 CPU tensors q (B, heads, N, d),
+// k and v (B, heads, M, d), channels contiguous, d a multiple of 16 up to 128, M > 0; ``mask``
+// boolean, broadcastable to (B, heads, N, M) with its keys contiguous, True where a key is
+// attended. Returns (B, heads, N, d), a view of (B, N, heads, d) memory.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& mask, double scale);
 
 // LayerNorm over the last dim of a contiguous bf16 CPU tensor (a multiple of 16 channels) with
 // fp32 weight and bias: a new bf16 tensor.
