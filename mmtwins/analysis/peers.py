@@ -270,11 +270,13 @@ def saved_tensor_mb(model: nn.Module, x: torch.Tensor) -> float:
 #: backward function). Python time between operators is in no category: it is part of the gap
 #: between ``total`` and ``wall_ms``. On CUDA the fused attention's kernels are launched by
 #: ``aten::_efficient_attention_forward`` and ``aten::_flash_attention_backward`` and the like,
-#: below ``scaled_dot_product_*``.
+#: below ``scaled_dot_product_*``. mmtwins' compiled CPU kernels record themselves as
+#: ``mmtwins::attention`` and ``mmtwins::layer_norm_bf16``.
 KERNEL_CATEGORIES = (
     ('matmul', ('aten::mm', 'aten::addmm', 'aten::addmm_', 'aten::bmm', 'aten::baddbmm',
                 'aten::baddbmm_'), ()),
-    ('fused attention', (), ('scaled_dot_product', '_attention_forward', '_attention_backward')),
+    ('fused attention', (), ('scaled_dot_product', '_attention_forward', '_attention_backward',
+                             'mmtwins::attention')),
     ('convolution', (), ('conv',)),
     ('copies', ('aten::copy_', 'aten::cat', 'aten::stack', 'aten::fill_', 'aten::zero_'), ()),
     ('GELU', (), ('gelu',)),

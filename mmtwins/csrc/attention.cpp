@@ -15,6 +15,7 @@
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cmath>
@@ -85,8 +86,8 @@ MMTWINS_AVX512_BF16 inline __m512i widen_16(const void* p) {
 }
 
 // One head's keys and values, packed for the tiles, and a block's scores.
-//   kt: for each group of kStep channels, a row of ``ldk`` keys x kStep values (keys beyond
-//       the last are 0): 16 keys' products with one query are one register.
+//   kt: for each group of kStep channels, a row of kStep values per key, ``ldk`` values long
+//       (keys beyond the last are 0): 16 keys' products with one query are one register.
 //   vp: for each group of kStep keys, d channels x kStep values (keys beyond the last are 0).
 //   scores: kBlockRows rows of ``width`` fp32 scores; the softmax writes its weights (as T)
 //       over the start of each row.
@@ -195,17 +196,19 @@ MMTWINS_AVX512_BF16 void qk_block(const T* q, int64_t q_row, int rows, const Wor
 
 // In place, for each of ``rows`` rows of scores: the unnormalised softmax weights
 // exp(scale * (score - max)) as T over the row's start (0 for keys beyond ``keys`` and where
-// ``mask``, bytes of ``mask_row`` per row, is 0), and 1 / their sum in ``inv`` (0 for a row
-// without a key).
+// ``mask``, bytes of ``mask_row`` per row, is 0), 1 / their sum in ``inv`` (0 for a row
+// without a key, NaN for a row with a NaN score) and, where ``lse`` is given (every ``lse_row``
+// floats), the log of the sum of exp(scale * score) (+inf, NaN for those rows). ``scale`` > 0.
 template <typename T>
 MMTWINS_AVX512_BF16 void softmax_block(float* scores, int rows, int64_t width, int64_t keys,
                                      float scale, const uint8_t* mask, int64_t mask_row,
-                                     float* inv) {
+                                     float* inv, float* lse, int64_t lse_row) {
   const float to_log2 = scale * 1.4426950408889634f;
   for (int r = 0; r < rows; ++r) {
     float* row = scores + r * width;
     const uint8_t* m = mask ? mask + r * mask_row : nullptr;
     __m512 hi = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
     for (int64_t j = 0; j < width; j += kLanes) {
       const int64_t n = keys - j;
       __mmask16 lanes = n >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
@@ -217,12 +220,16 @@ MMTWINS_AVX512_BF16 void softmax_block(float* scores, int rows, int64_t width, i
                                           _mm512_loadu_ps(row + j));
       _mm512_storeu_ps(row + j, x);
       hi = _mm512_max_ps(hi, x);
+      nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     }
     const float row_max = _mm512_reduce_max_ps(hi);
     T* weights = reinterpret_cast<T*>(row);
-    if (row_max == -INFINITY) {  // no key: zero weights, zero output
+    if (row_max == -INFINITY || nan) {
+      // no key: zero weights, zero output (and a backward gives every key weight 0); a NaN
+      // score: a NaN output, as PyTorch's
       std::fill(weights, weights + width, T(0));
-      inv[r] = 0.f;
+      inv[r] = nan ? NAN : 0.f;
+      if (lse) lse[r * lse_row] = nan ? NAN : INFINITY;
       continue;
     }
     const __m512 to_log2_v = _mm512_set1_ps(to_log2);
@@ -235,7 +242,9 @@ MMTWINS_AVX512_BF16 void softmax_block(float* scores, int rows, int64_t width, i
       sum = _mm512_add_ps(sum, e);
       Ops<T>::store(weights + j, e);
     }
-    inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+    const float total = _mm512_reduce_add_ps(sum);
+    inv[r] = 1.f / total;
+    if (lse) lse[r * lse_row] = row_max * scale + std::log(total);
   }
 }
 
@@ -287,7 +296,8 @@ struct Head {
   const void* v;
   void* out;
   const uint8_t* mask;
-  int64_t q_row, k_row, v_row, out_row, mask_row;
+  float* lse;
+  int64_t q_row, k_row, v_row, out_row, mask_row, lse_row;
 };
 
 // Query rows [begin, end) of one head: pack, then blocks of kBlockRows rows.
@@ -303,7 +313,8 @@ MMTWINS_AVX512_BF16 void head_rows(const Head& h, int64_t begin, int64_t end, in
     qk_block<T>(static_cast<const T*>(h.q) + n * h.q_row, h.q_row, rows, w, d,
                 w.scores.data());
     softmax_block<T>(w.scores.data(), rows, w.width, keys, scale,
-                     h.mask ? h.mask + n * h.mask_row : nullptr, h.mask_row, inv);
+                     h.mask ? h.mask + n * h.mask_row : nullptr, h.mask_row, inv,
+                     h.lse ? h.lse + n * h.lse_row : nullptr, h.lse_row);
     // weights rows: the scores' rows, in T
     pv_block<T, DV>(reinterpret_cast<const T*>(w.scores.data()),
                     w.width * int64_t(sizeof(float) / sizeof(T)), rows, w.vp.data(),
@@ -313,7 +324,7 @@ MMTWINS_AVX512_BF16 void head_rows(const Head& h, int64_t begin, int64_t end, in
 
 template <typename T>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-         double scale, at::Tensor& out) {
+         double scale, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), M = k.size(2);
   const int64_t chunks = (N + kTaskRows - 1) / kTaskRows;
   const T* qp = q.const_data_ptr<T>();
@@ -322,6 +333,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   T* op = out.mutable_data_ptr<T>();
   const uint8_t* mp =
       mask.defined() ? reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>()) : nullptr;
+  float* lp = lse.defined() ? lse.mutable_data_ptr<float>() : nullptr;
   at::parallel_for(0, B * H * chunks, 1, [&](int64_t first, int64_t last) {
     Workspace<T> w(M, d);
     for (int64_t task = first; task < last; ++task) {
@@ -331,8 +343,9 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
                       vp + b * v.stride(0) + h * v.stride(1),
                       op + b * out.stride(0) + h * out.stride(2),
                       mp ? mp + b * mask.stride(0) + h * mask.stride(1) : nullptr,
+                      lp ? lp + b * lse.stride(0) + h * lse.stride(1) : nullptr,
                       q.stride(2), k.stride(2), v.stride(2), out.stride(1),
-                      mp ? mask.stride(2) : 0};
+                      mp ? mask.stride(2) : 0, lp ? lse.stride(2) : 0};
       const int64_t begin = chunk * kTaskRows, end = std::min(N, begin + kTaskRows);
       switch (d / kLanes) {
         case 1: head_rows<T, 1>(head, begin, end, M, scale, w); break;
@@ -350,10 +363,14 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
 
 }  // namespace
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const c10::optional<at::Tensor>& mask, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v,
+                                             const c10::optional<at::Tensor>& mask, double scale,
+                                             bool with_lse) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() &&
+                  q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "attention: 4-D CPU tensors (batch, heads, rows, channels)");
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), "attention: a positive scale");
   TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
                   k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "attention: q, k and v all fp32 or all bf16");
@@ -366,22 +383,26 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "attention: channels contiguous");
   // the packing gathers 16 keys by 32-bit byte offsets
-  TORCH_CHECK(k.stride(2) * int64_t(k.element_size()) * (kLanes - 1) <= INT32_MAX,
+  TORCH_CHECK(M == 1 || k.stride(2) * int64_t(k.element_size()) * (kLanes - 1) <= INT32_MAX,
               "attention: keys at most 2**31 / 15 bytes apart");
   at::Tensor m;
   if (mask && mask->defined()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->device().is_cpu(),
                 "attention: a boolean CPU mask");
     m = mask->expand({B, H, N, M});
-    TORCH_CHECK(m.stride(3) == 1, "attention: the mask's keys contiguous");
+    TORCH_CHECK(M == 1 || m.stride(3) == 1, "attention: the mask's keys contiguous");
   }
   // (B, N, heads, d) memory, as PyTorch's fused kernel returns
+  RECORD_FUNCTION("mmtwins::attention", std::vector<c10::IValue>({q, k, v}));
   at::Tensor out = at::empty({B, N, H, d}, q.options());
+  // (B, heads, N) as PyTorch's fused kernel gives it, a view of (B, N, heads) memory
+  at::Tensor lse;
+  if (with_lse) lse = at::empty({B, N, H}, q.options().dtype(at::kFloat)).transpose(1, 2);
   if (q.scalar_type() == at::kFloat)
-    run<float>(q, k, v, m, scale, out);
+    run<float>(q, k, v, m, scale, out, lse);
   else
-    run<at::BFloat16>(q, k, v, m, scale, out);
-  return out.transpose(1, 2);
+    run<at::BFloat16>(q, k, v, m, scale, out, lse);
+  return {out.transpose(1, 2), lse};
 }
 
 }  // namespace mmtwins

@@ -7,9 +7,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &mmtwins::attention,
         "softmax(q k^T * scale) v of fp32 or bf16 CPU tensors (batch, heads, rows, channels), "
         "mask boolean (True: attended) or None: (batch, heads, rows, channels), a view of "
-        "(batch, rows, heads, channels) memory",
+        "(batch, rows, heads, channels) memory, and if with_lse each row's log-sum-exp of its "
+        "scaled scores (batch, heads, rows) in fp32 (else None)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("scale"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("with_lse") = false, py::call_guard<py::gil_scoped_release>());
   m.def("layer_norm_bf16", &mmtwins::layer_norm_bf16,
         "LayerNorm over the last dim (a multiple of 16) of a contiguous bf16 CPU tensor, fp32 "
         "weight and bias: a new bf16 tensor",

@@ -27,9 +27,12 @@ MMTWINS_AVX512_BF16 inline void store_bf16(at::BFloat16* p, __m512 v) {
 // softmax(q k^T * scale) v (attention.cpp) for fp32 or bf16 CPU tensors q (B, heads, N, d),
 // k and v (B, heads, M, d), channels contiguous, d a multiple of 16 up to 128, M > 0; ``mask``
 // boolean, broadcastable to (B, heads, N, M) with its keys contiguous, True where a key is
-// attended. Returns (B, heads, N, d), a view of (B, N, heads, d) memory.
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const c10::optional<at::Tensor>& mask, double scale);
+// attended. Returns (B, heads, N, d), a view of (B, N, heads, d) memory, and where ``with_lse``
+// each query's log-sum-exp of its scaled scores, fp32 (B, heads, N) (else undefined).
+std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v,
+                                             const c10::optional<at::Tensor>& mask, double scale,
+                                             bool with_lse);
 
 // LayerNorm over the last dim of a contiguous bf16 CPU tensor (a multiple of 16 channels) with
 // fp32 weight and bias: a new bf16 tensor.

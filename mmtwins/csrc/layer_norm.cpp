@@ -11,6 +11,7 @@
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cmath>
@@ -114,6 +115,7 @@ at::Tensor layer_norm_bf16(const at::Tensor& x, const at::Tensor& weight, const 
     TORCH_CHECK(p->device().is_cpu() && p->scalar_type() == at::kFloat && p->is_contiguous() &&
                     p->dim() == 1 && p->size(0) == C,
                 "layer_norm_bf16: fp32 CPU weight and bias of shape (channels,)");
+  RECORD_FUNCTION("mmtwins::layer_norm_bf16", std::vector<c10::IValue>({x}));
   at::Tensor y = at::empty(x.sizes(), x.options());
   const int64_t n_rows = x.numel() / C;
   const at::BFloat16* in = x.const_data_ptr<at::BFloat16>();

@@ -4,14 +4,14 @@ separate operators) in GSA, LSA or both, switched step by step in alternating or
 
     python tools/analysis_tools/sdpa_ab.py --device cuda --batch 16 --where gsa   # GSA only
     python tools/analysis_tools/sdpa_ab.py --device cuda --batch 16 --amp --where all
-    python tools/analysis_tools/sdpa_ab.py --mode infer --amp --where all        # + mmtwins' own
+    python tools/analysis_tools/sdpa_ab.py --mode infer --where all             # + mmtwins' own
 
 The kernel is chosen when the forward runs, and the backward follows it. Both arms always call
-``scaled_dot_product_attention``; in CPU inference, where mmtwins' own choice
-(:func:`mmtwins.models.layers.attention.attend`) runs its compiled kernel instead, a third arm,
-``mmtwins``, runs that choice. Prints the median step time (ms) of each arm
-after 5 untimed steps, and on a GPU each arm's peak memory in its first step (the math path
-keeps the attention weights for backward).
+``scaled_dot_product_attention``; on a CPU where mmtwins' own choice
+(:func:`mmtwins.models.layers.attention.attend`) runs its compiled kernel instead (the forward;
+the backward is PyTorch's fused one), a third arm, ``mmtwins``, runs that choice. Prints the
+median step time (ms) of each arm after 5 untimed steps, and on a GPU each arm's peak memory in
+its first step (the math path keeps the attention weights for backward).
 """
 import argparse
 import contextlib
@@ -56,7 +56,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     arms = {'fused': kernel_only, f'math-{args.where}': math_arm(WHERE[args.where])}
-    if attention.NATIVE_ATTENTION and args.mode == 'infer' and args.device == 'cpu':
+    if attention.NATIVE_ATTENTION and args.device == 'cpu':
         arms['mmtwins'] = contextlib.nullcontext
     run_variants(args, arms)
 

@@ -1,69 +1,112 @@
 """The two spatial attentions of Twins (paper section 3.2), on token sequences.
 
 Both take ``x`` of shape (B, N, C) with N = H * W tokens in row-major order and ``hw = (H, W)``,
-and return (B, N, C). Attention runs through :func:`attend` (PyTorch's fused kernel, or in
-inference on some CPUs mmtwins' compiled one), the linears through
-:func:`.linear.apply_linear` (oneDNN on x86-64 CPUs, see there).
+and return (B, N, C). Attention runs through :func:`attend` (PyTorch's fused kernel, or on
+some CPUs mmtwins' compiled one, whose gradient PyTorch's fused backward computes), the linears
+through :func:`.linear.apply_linear` (oneDNN on x86-64 CPUs, see there).
 """
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .embed import pad_amounts
 from .linear import apply_linear, bf16_without_amx
 from .native import NATIVE_BF16, _ext, native_call
 from .norm import apply_norm
 
-#: Whether :func:`attend` runs mmtwins' compiled kernel (:mod:`.native`) in inference here: built,
-#: on a CPU with AVX512-BF16 and no AMX (:func:`.linear.bf16_without_amx`; measured on an AMD
-#: EPYC Zen 5 only: AMX CPUs, where PyTorch's kernel multiplies on AMX tiles, keep it).
+#: Whether :func:`attend` runs mmtwins' compiled kernel (:mod:`.native`) here: built, on a CPU
+#: with AVX512-BF16 and no AMX (:func:`.linear.bf16_without_amx`; measured on an AMD EPYC Zen 5
+#: only: AMX CPUs, where PyTorch's kernel multiplies on AMX tiles, keep it).
 NATIVE_ATTENTION = NATIVE_BF16 and bf16_without_amx()
 
 #: The most channels per head the compiled kernel takes (a multiple of 16 up to this).
 NATIVE_HEAD_DIM = 128
 
+#: Keys less than this many bytes apart: the kernel gathers 16 by 32-bit offsets.
+_GATHER_BYTES = 2**31 // 16
+
+#: PyTorch's fused CPU backward, from the forward's output and log-sum-exps (None in a PyTorch
+#: without it: the kernel then runs in inference only).
+_FUSED_BACKWARD = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward',
+                          None)
+
 
 def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-            dropout_p: float) -> bool:
+            dropout_p: float, backward: bool) -> bool:
     """Whether :func:`attend` runs the compiled kernel: on a CPU of :data:`NATIVE_ATTENTION`,
     fp32 or bf16 (B, heads, N, d) tensors, the channels contiguous, d a multiple of 16 up to
     :data:`NATIVE_HEAD_DIM`, keys and values of the queries' batch, heads and dtype (not
     broadcast), at least one key, a boolean mask or none, no dropout, no autocast to another
-    dtype, and what :func:`.native.native_call` asks (no gradient needed, not while recording a
-    graph: an exported or compiled graph keeps the one attention operator)."""
-    if not (NATIVE_ATTENTION and q.device.type == 'cpu'
+    dtype, and what :func:`.native.native_call` asks (not while recording a graph: an exported
+    or compiled graph keeps the one attention operator); a gradient only where ``backward``
+    (:data:`_FUSED_BACKWARD` computes it). It takes the place of ``F.scaled_dot_product_attention``
+    there, so a ``sdpa_kernel`` context or a function mode around it does not see these calls."""
+    if not (NATIVE_ATTENTION and q.device.type == k.device.type == v.device.type == 'cpu'
             and q.dtype in (torch.float32, torch.bfloat16) and not dropout_p
             and q.dim() == k.dim() == v.dim() == 4 and k.shape == v.shape
             and q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3] and k.shape[2] > 0
-            and q.shape[3] <= NATIVE_HEAD_DIM and not q.shape[3] % 16
+            and 0 < q.shape[3] <= NATIVE_HEAD_DIM and not q.shape[3] % 16
             and k.dtype == v.dtype == q.dtype
             and q.stride(3) == k.stride(3) == v.stride(3) == 1
-            and (mask is None or mask.dtype == torch.bool)):
+            and k.stride(2) * k.element_size() < _GATHER_BYTES
+            and (mask is None or (mask.dtype == torch.bool and 1 <= mask.dim() <= 4))):
         return False
     if torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') != q.dtype:
         return False
-    return native_call(q, k, v, mask)
+    return native_call(q, k, v, mask, backward=backward and _FUSED_BACKWARD is not None)
+
+
+class _Attention(torch.autograd.Function):
+    """The compiled kernel's forward; PyTorch's fused CPU backward (:data:`_FUSED_BACKWARD`)
+    from what its own fused forward keeps for it: q, k, v, the output and each query's
+    log-sum-exp of its scaled scores. Once differentiable, as PyTorch's fused attention is.
+
+    Shapes:
+        q (B, heads, Nq, d), k and v (B, heads, Nk, d), mask boolean, broadcastable to
+        (B, heads, Nq, Nk) with its keys contiguous -> (B, heads, Nq, d).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        out, lse = _ext.attention(q, k, v, mask, q.shape[-1] ** -0.5, True)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        # the fused kernel's mask is added to the scores
+        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(
+            ~mask, float('-inf'))
+        return (*_FUSED_BACKWARD(grad, q, k, v, out, lse, 0., False, attn_mask=bias,
+                                 scale=q.shape[-1] ** -0.5), None)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            mask: Optional[torch.Tensor] = None, dropout_p: float = 0.) -> torch.Tensor:
-    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)``; in
-    inference on a CPU of :data:`NATIVE_ATTENTION` by mmtwins' compiled kernel
-    (``mmtwins/csrc/attention.cpp``; where :func:`_native` says): fp32 to fp32 rounding of
-    PyTorch's values (within 2e-6 here), bf16 with the softmax weights rounded to bf16 for their
-    product with ``v`` (as a bf16 matmul rounds them; PyTorch's kernel keeps them in fp32). A
-    query whose every key is masked gives zeros either way.
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)``; on a
+    CPU of :data:`NATIVE_ATTENTION` by mmtwins' compiled kernel (``mmtwins/csrc/attention.cpp``;
+    where :func:`_native` says), with PyTorch's fused backward where a gradient is needed
+    (:class:`_Attention`): fp32 to fp32 rounding of PyTorch's values (within 2e-6 here), bf16
+    with the softmax weights rounded to bf16 for their product with ``v`` (as a bf16 matmul
+    rounds them; PyTorch's kernel keeps them in fp32). A query whose every key is masked gives
+    zeros either way.
 
     Shapes:
         q (B, heads, Nq, d), k and v (B, heads, Nk, d), mask boolean, broadcastable to
         (B, heads, Nq, Nk), True where a key is attended -> (B, heads, Nq, d).
     """
-    if _native(q, k, v, mask, dropout_p):
-        if mask is not None and (mask.shape[-1] != k.shape[2] or mask.stride(-1) != 1):
-            mask = mask.expand(*q.shape[:3], k.shape[2]).contiguous()  # keys contiguous
-        return _ext.attention(q, k, v, mask, q.shape[-1] ** -0.5)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if _native(q, k, v, mask, dropout_p, backward=grad):
+        if mask is not None and k.shape[2] > 1 and (mask.shape[-1] == 1 or mask.stride(-1) != 1):
+            mask = mask.expand(*mask.shape[:-1], k.shape[2]).contiguous()  # keys contiguous
+        if grad:
+            return _Attention.apply(q, k, v, mask)
+        return _ext.attention(q, k, v, mask, q.shape[-1] ** -0.5)[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 

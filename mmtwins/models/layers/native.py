@@ -42,19 +42,21 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 NATIVE_LANES = 16
 
 
-def native_call(*tensors: Optional[torch.Tensor]) -> bool:
+def native_call(*tensors: Optional[torch.Tensor], backward: bool = False) -> bool:
     """Whether a kernel may compute on ``tensors`` (its inputs and weights; their dtype, device,
     shape and layout are the caller's to check): the kernels built and run here
     (:data:`NATIVE_BF16`); not while a graph is being recorded for export or compiled, nor under
-    a dispatch mode or a forward-mode AD level (none would see the call); plain tensors (no
-    subclass, no vmap or grad transform's wrapper); no gradient flowing through any of them (the
-    kernels have no backward)."""
+    a dispatch mode or a forward-mode AD level (none would see the call); plain tensors or
+    parameters (no other subclass, no vmap or grad transform's wrapper); no gradient flowing
+    through any of them,
+    unless the caller has a ``backward`` for the kernel (the kernels have none)."""
     present = [t for t in tensors if t is not None]
     return (NATIVE_BF16 and not is_recording()
             and _get_current_dispatch_mode() is None and forward_ad._current_level < 0
             and all(type(t) in _PLAIN for t in present)
             and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in present)))
+            and (backward
+                 or not (torch.is_grad_enabled() and any(t.requires_grad for t in present))))
 
 
 def native_bf16(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
