@@ -82,7 +82,7 @@ def native_extension() -> dict:
                 super().run()
             except Exception as e:  # torch's ninja build raises RuntimeError, not CompileError
                 print(f'WARNING: mmtwins: the CPU kernels mmtwins._ext were not built ({e}); '
-                      "CPU inference will use PyTorch's attention and LayerNorm (slower)",
+                      "CPU attention and bf16 LayerNorm will run in PyTorch's (slower)",
                       file=sys.stderr)
 
     # at::parallel_for is inlined into the extension: its threads need OpenMP, as PyTorch's Linux

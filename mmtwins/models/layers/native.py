@@ -2,9 +2,9 @@
 tensors they run.
 
 Two operations ran slower in PyTorch on a CPU with AVX512-BF16 and no AMX (an AMD EPYC Zen 5)
-than they need to: attention (:mod:`.attention`, fp32 and bf16 inference; PyTorch's fused kernel
-multiplies through MKL, which runs there at its AVX2 rate) and LayerNorm in bf16 (:mod:`.norm`,
-slower than PyTorch's fp32 one). The install builds them on x86-64 Linux where torch is
+than they need to: attention (:mod:`.attention`, fp32 and bf16, in training the forward;
+PyTorch's fused kernel multiplies through MKL, which runs there at its AVX2 rate) and LayerNorm
+in bf16 inference (:mod:`.norm`, slower than PyTorch's fp32 one). The install builds them on x86-64 Linux where torch is
 importable at build time (pip's ``setup.py`` path or ``--no-build-isolation``, as
 ``tools/setup_env.sh`` installs) and a C++ compiler can (else it warns and installs without
 them); they run on CPUs with AVX512-BF16. Elsewhere, and wherever :func:`native_call` says no,
@@ -48,8 +48,8 @@ def native_call(*tensors: Optional[torch.Tensor], backward: bool = False) -> boo
     (:data:`NATIVE_BF16`); not while a graph is being recorded for export or compiled, nor under
     a dispatch mode or a forward-mode AD level (none would see the call); plain tensors or
     parameters (no other subclass, no vmap or grad transform's wrapper); no gradient flowing
-    through any of them,
-    unless the caller has a ``backward`` for the kernel (the kernels have none)."""
+    through any of them, unless the caller has a ``backward`` for the kernel (the kernels have
+    none)."""
     present = [t for t in tensors if t is not None]
     return (NATIVE_BF16 and not is_recording()
             and _get_current_dispatch_mode() is None and forward_ad._current_level < 0
