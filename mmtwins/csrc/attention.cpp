@@ -84,11 +84,6 @@ MMTWINS_AVX512_BF16 inline __m512 exp2_nonpositive(__m512 y) {
   return _mm512_maskz_scalef_ps(normal, p, n);
 }
 
-// 16 16-bit values, each in the low half of a 32-bit lane.
-MMTWINS_AVX512_BF16 inline __m512i widen_16(const void* p) {
-  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
-}
-
 // One head's keys and values, packed for the tiles, and a block's scores.
 //   kt: for each group of kStep channels, a row of kStep values per key, ``ldk`` values long
 //       (keys beyond the last are 0): 16 keys' products with one query are one register.
@@ -130,16 +125,16 @@ struct Workspace {
     for (int64_t j = 0; j < keys; j += s) {
       T* dst = vp.data() + j / s * d * s;
       const T* a = v + j * v_row;
-      if (s == 1) {
+      if constexpr (s == 1) {
         std::memcpy(dst, a, d * sizeof(T));
-        continue;
-      }
-      // pairs (v[j][c], v[j + 1][c]); a missing row j + 1 pairs with 0
-      const T* b = j + 1 < keys ? a + v_row : nullptr;
-      for (int64_t c = 0; c < d; c += kLanes) {
-        __m512i pairs = widen_16(a + c);
-        if (b) pairs = _mm512_or_si512(pairs, _mm512_slli_epi32(widen_16(b + c), 16));
-        _mm512_storeu_si512(dst + c * s, pairs);
+      } else {
+        // pairs (v[j][c], v[j + 1][c]); a missing row j + 1 pairs with 0
+        const T* b = j + 1 < keys ? a + v_row : nullptr;
+        for (int64_t c = 0; c < d; c += kLanes) {
+          __m512i pairs = widen_16(a + c);
+          if (b) pairs = _mm512_or_si512(pairs, _mm512_slli_epi32(widen_16(b + c), 16));
+          _mm512_storeu_si512(dst + c * s, pairs);
+        }
       }
     }
   }
@@ -148,7 +143,7 @@ struct Workspace {
 // scores[r][0, 16 * NJ) = q[r] . kt[:, 0, 16 * NJ) for R rows of q.
 template <typename T, int R, int NJ>
 MMTWINS_AVX512_BF16 inline void qk_tile(const T* q, int64_t q_row, const T* kt, int64_t ldk,
-                                      int64_t d, float* scores, int64_t width) {
+                                        int64_t d, float* scores, int64_t width) {
   using O = Ops<T>;
   __m512 acc[R][NJ];
   for (int r = 0; r < R; ++r)
@@ -169,7 +164,7 @@ MMTWINS_AVX512_BF16 inline void qk_tile(const T* q, int64_t q_row, const T* kt, 
 // R rows of scores against every key.
 template <typename T, int R>
 MMTWINS_AVX512_BF16 void qk_rows(const T* q, int64_t q_row, const Workspace<T>& w, int64_t d,
-                               float* scores) {
+                                 float* scores) {
   constexpr int s = Ops<T>::kStep;
   int64_t j = 0;
   for (; j + 2 * kLanes <= w.width; j += 2 * kLanes)
@@ -180,7 +175,7 @@ MMTWINS_AVX512_BF16 void qk_rows(const T* q, int64_t q_row, const Workspace<T>& 
 
 template <typename T>
 MMTWINS_AVX512_BF16 void qk_block(const T* q, int64_t q_row, int rows, const Workspace<T>& w,
-                                int64_t d, float* scores) {
+                                  int64_t d, float* scores) {
   int r = 0;
   for (; r + kTileRows <= rows; r += kTileRows)
     qk_rows<T, kTileRows>(q + r * q_row, q_row, w, d, scores + r * w.width);
@@ -205,8 +200,8 @@ MMTWINS_AVX512_BF16 void qk_block(const T* q, int64_t q_row, int rows, const Wor
 // floats), the log of the sum of exp(scale * score) (+inf, NaN for those rows). ``scale`` > 0.
 template <typename T>
 MMTWINS_AVX512_BF16 void softmax_block(float* scores, int rows, int64_t width, int64_t keys,
-                                     float scale, const uint8_t* mask, int64_t mask_row,
-                                     float* inv, float* lse, int64_t lse_row) {
+                                       float scale, const uint8_t* mask, int64_t mask_row,
+                                       float* inv, float* lse, int64_t lse_row) {
   const float to_log2 = scale * 1.4426950408889634f;
   for (int r = 0; r < rows; ++r) {
     float* row = scores + r * width;
@@ -255,7 +250,7 @@ MMTWINS_AVX512_BF16 void softmax_block(float* scores, int rows, int64_t width, i
 // out[r] = inv[r] * weights[r] . v for R rows; DV registers of 16 channels.
 template <typename T, int R, int DV>
 MMTWINS_AVX512_BF16 inline void pv_tile(const T* weights, int64_t weights_row, const T* vp,
-                                      int64_t keys, const float* inv, T* out, int64_t out_row) {
+                                        int64_t keys, const float* inv, T* out, int64_t out_row) {
   using O = Ops<T>;
   constexpr int d = DV * kLanes;
   __m512 acc[R][DV];
@@ -279,7 +274,7 @@ MMTWINS_AVX512_BF16 inline void pv_tile(const T* weights, int64_t weights_row, c
 
 template <typename T, int DV>
 MMTWINS_AVX512_BF16 void pv_block(const T* weights, int64_t weights_row, int rows, const T* vp,
-                                int64_t keys, const float* inv, T* out, int64_t out_row) {
+                                  int64_t keys, const float* inv, T* out, int64_t out_row) {
   constexpr int R = std::max(1, kPvRegisters / DV);
   int r = 0;
   for (; r + R <= rows; r += R)
@@ -307,7 +302,7 @@ struct Head {
 // Query rows [begin, end) of one head: pack, then blocks of kBlockRows rows.
 template <typename T, int DV>
 MMTWINS_AVX512_BF16 void head_rows(const Head& h, int64_t begin, int64_t end, int64_t keys,
-                                 float scale, Workspace<T>& w) {
+                                   float scale, Workspace<T>& w) {
   constexpr int64_t d = DV * kLanes;
   w.pack(static_cast<const T*>(h.k), h.k_row, static_cast<const T*>(h.v), h.v_row, keys, d);
   const int64_t padded_keys = (keys + Ops<T>::kStep - 1) / Ops<T>::kStep * Ops<T>::kStep;

@@ -14,9 +14,13 @@ namespace mmtwins {
 
 constexpr int kLanes = 16;  // fp32 lanes of an AVX-512 register
 
+// 16 16-bit values, each in the low half of a 32-bit lane.
+MMTWINS_AVX512_BF16 inline __m512i widen_16(const void* p) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+}
+
 MMTWINS_AVX512_BF16 inline __m512 load_bf16(const at::BFloat16* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(widen_16(p), 16));
 }
 
 // Rounded to nearest even.
