@@ -114,8 +114,7 @@ struct Workspace {
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
     for (int64_t j = 0; j < keys; j += kLanes) {
-      const __mmask16 lanes = keys - j >= kLanes ? __mmask16(0xFFFF)
-                                                 : __mmask16((1u << (keys - j)) - 1);
+      const __mmask16 lanes = first_lanes(keys - j);
       for (int64_t c = 0; c < d; c += s) {
         const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, offsets,
                                                           k + j * k_row + c, 1);
@@ -209,8 +208,7 @@ MMTWINS_AVX512_BF16 void softmax_block(float* scores, int rows, int64_t width, i
     __m512 hi = _mm512_set1_ps(-INFINITY);
     __mmask16 nan = 0;
     for (int64_t j = 0; j < width; j += kLanes) {
-      const int64_t n = keys - j;
-      __mmask16 lanes = n >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      __mmask16 lanes = first_lanes(keys - j);
       if (m) {
         const __m128i bytes = _mm_maskz_loadu_epi8(lanes, m + j);
         lanes &= _mm_test_epi8_mask(bytes, bytes);

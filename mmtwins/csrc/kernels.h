@@ -14,6 +14,11 @@ namespace mmtwins {
 
 constexpr int kLanes = 16;  // fp32 lanes of an AVX-512 register
 
+// The first min(n, 16) lanes of a register (n >= 0).
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+}
+
 // 16 16-bit values, each in the low half of a 32-bit lane.
 MMTWINS_AVX512_BF16 inline __m512i widen_16(const void* p) {
   return _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p)));

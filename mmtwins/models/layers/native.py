@@ -4,11 +4,12 @@ tensors they run.
 Two operations ran slower in PyTorch on a CPU with AVX512-BF16 and no AMX (an AMD EPYC Zen 5)
 than they need to: attention (:mod:`.attention`, fp32 and bf16, in training the forward;
 PyTorch's fused kernel multiplies through MKL, which runs there at its AVX2 rate) and LayerNorm
-in bf16 inference (:mod:`.norm`, slower than PyTorch's fp32 one). The install builds them on x86-64 Linux where torch is
-importable at build time (pip's ``setup.py`` path or ``--no-build-isolation``, as
-``tools/setup_env.sh`` installs) and a C++ compiler can (else it warns and installs without
-them); they run on CPUs with AVX512-BF16. Elsewhere, and wherever :func:`native_call` says no,
-PyTorch computes the same (to bf16 rounding in bf16, to fp32 rounding in fp32).
+in bf16 inference (:mod:`.norm`, slower than PyTorch's fp32 one). The install builds them on
+x86-64 Linux where torch is importable at build time (pip's ``setup.py`` path or
+``--no-build-isolation``, as ``tools/setup_env.sh`` installs) and a C++ compiler can (else it
+warns and installs without them); they run on CPUs with AVX512-BF16. Elsewhere, and wherever
+:func:`native_call` says no, PyTorch computes the same (to bf16 rounding in bf16, to fp32
+rounding in fp32).
 """
 from typing import Optional
 
@@ -17,6 +18,7 @@ from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .graph import is_recording
+from .linear import PLAIN_TENSORS
 
 try:
     from mmtwins import _ext
@@ -34,10 +36,6 @@ def _avx512_bf16() -> bool:
 #: Whether the kernels run here: built, and a CPU with AVX512-BF16.
 NATIVE_BF16 = _ext is not None and _avx512_bf16()
 
-#: Tensor types the kernels take (a subclass, such as a fake or sharded tensor, would not see the
-#: call).
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
 #: The kernels' rows: a multiple of this many values (16 fp32 lanes of an AVX-512 register).
 NATIVE_LANES = 16
 
@@ -47,13 +45,13 @@ def native_call(*tensors: Optional[torch.Tensor], backward: bool = False) -> boo
     shape and layout are the caller's to check): the kernels built and run here
     (:data:`NATIVE_BF16`); not while a graph is being recorded for export or compiled, nor under
     a dispatch mode or a forward-mode AD level (none would see the call); plain tensors or
-    parameters (no other subclass, no vmap or grad transform's wrapper); no gradient flowing
-    through any of them, unless the caller has a ``backward`` for the kernel (the kernels have
-    none)."""
+    parameters (:data:`.linear.PLAIN_TENSORS`: no other subclass, no vmap or grad transform's
+    wrapper); no gradient flowing through any of them, unless the caller has a ``backward`` for
+    the kernel (the kernels have none)."""
     present = [t for t in tensors if t is not None]
     return (NATIVE_BF16 and not is_recording()
             and _get_current_dispatch_mode() is None and forward_ad._current_level < 0
-            and all(type(t) in _PLAIN for t in present)
+            and all(type(t) in PLAIN_TENSORS for t in present)
             and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present)
             and (backward
                  or not (torch.is_grad_enabled() and any(t.requires_grad for t in present))))
