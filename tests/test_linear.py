@@ -12,10 +12,13 @@ from torch.profiler import ProfilerActivity, profile
 from mmtwins.analysis.peers import dense_gflops, kernel_breakdown
 from mmtwins.models import SVT
 from mmtwins.models.layers import LocallyGroupedAttention, Mlp, linear as linear_module
-from mmtwins.models.layers.linear import apply_linear, linear, linear_grads, use_onednn
+from mmtwins.models.layers.linear import (ChunkProducts, apply_linear, linear, linear_grads,
+                                         use_onednn)
 from probes import analysis_tool
 
 ONEDNN_OPS = {'aten::mkldnn_convolution', 'aten::convolution_backward'}
+#: The chunked MLP's forward products (:class:`ChunkProducts`) and their backward.
+MLP_ONEDNN_OPS = {'mkldnn::_convolution_pointwise', 'aten::convolution_backward'}
 BLAS_OPS = {'aten::addmm', 'aten::addmm_', 'aten::mm'}
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
@@ -196,7 +199,7 @@ def test_chunked_mlp_under_bf16_autocast_through_onednn_matches_the_blas_path(ch
 
     ops = _profiled_ops(run)
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        assert ONEDNN_OPS <= ops and not ops & BLAS_OPS
+        assert MLP_ONEDNN_OPS <= ops and not ops & BLAS_OPS
     got = run()
     assert [g.dtype for g in got] == [torch.bfloat16] + [torch.float32] * (1 + len(params))
     monkeypatch.setattr(linear_module, 'USE_ONEDNN', False)
@@ -274,11 +277,86 @@ def test_chunked_mlp_through_onednn_matches_the_blas_path(chunk_elems, recompute
 
     ops = _profiled_ops(run)
     # frozen weights: the input gradients are forward convolutions with the transposed weights
-    expected = {'aten::mkldnn_convolution'} if needs == 'frozen weights' else ONEDNN_OPS
+    expected = MLP_ONEDNN_OPS
+    if needs == 'frozen weights':
+        expected = {'mkldnn::_convolution_pointwise', 'aten::mkldnn_convolution'}
     assert expected <= ops and not ops & BLAS_OPS
     got = run()
     monkeypatch.setattr(linear_module, 'USE_ONEDNN', False)
     _assert_close(got, run())
+
+
+def _op_calls(fn, name: str) -> int:
+    """How many times ``fn()`` calls the operator ``name``."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == name for e in prof.events())
+
+
+REORDER = 'aten::mkldnn_reorder_conv2d_weight'
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_chunk_products_reorder_the_weight_once_and_give_linears_values(dtype, monkeypatch):
+    """Row blocks through oneDNN with the weight reordered once give :func:`linear`'s values bit
+    for bit (the same kernel, its weight reordered ahead), into ``out`` too; the fused GELU gives
+    ``F.gelu``'s to the dtype's rounding. A block off the route (fp64) takes ``F.linear``."""
+    monkeypatch.setattr(linear_module, 'ONEDNN_BF16', True)
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip('this CPU has no native bf16 for oneDNN')
+    torch.manual_seed(0)
+    x, w, b = (t.to(dtype) for t in (torch.randn(3000, 48), torch.randn(96, 48) / 7,
+                                     torch.randn(96)))
+    blocks = x.split(1024)  # the last one shorter
+    for pack, reorders in [(True, 1), (False, 0)]:
+        products = ChunkProducts(w, b, pack=pack)
+        with torch.no_grad():
+            got = [products(t) for t in blocks]
+            assert _op_calls(lambda: [products(t) for t in blocks], REORDER) == 0
+            for t, y in zip(blocks, got, strict=True):
+                assert torch.equal(y, linear(t, w, b))
+                out = torch.empty_like(y)
+                assert products(t, out=out) is out and torch.equal(out, y)
+                gelu, want = products(t, gelu=True), F.gelu(y.float())
+                assert gelu.dtype == dtype
+                tol = 1e-5 if dtype == torch.float32 else 1e-2
+                assert (gelu.float() - want).abs().max() <= tol * want.abs().max()
+        assert _op_calls(lambda: ChunkProducts(w, b, pack)(blocks[0]), REORDER) == reorders
+    x64, w64 = blocks[0].double(), w.double()
+    products, out = ChunkProducts(w64, None, pack=True), torch.empty(1024, 96, dtype=torch.float64)
+    assert not use_onednn(x64, w64)
+    assert products(x64, out=out) is out
+    torch.testing.assert_close(out, F.linear(x64, w64))
+    torch.testing.assert_close(products(x64, gelu=True), F.gelu(F.linear(x64, w64)))
+
+
+@pytest.mark.parametrize('autocast', [False, True], ids=['fp32', 'bf16 autocast'])
+@pytest.mark.parametrize('chunk_elems', [None, 1 << 17])  # 1 chunk; 2 of 1024 rows
+def test_chunked_mlp_inference_fuses_its_gelu_into_onednn(chunk_elems, autocast, monkeypatch):
+    """In inference the MLP's GELU is a post-op of ``fc1``'s oneDNN product (no GELU of its
+    own) and several chunks reorder each weight once; the values are the BLAS path's."""
+    monkeypatch.setattr(linear_module, 'ONEDNN_BF16', True)
+    if autocast and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip('this CPU has no native bf16 for oneDNN')
+    torch.manual_seed(0)
+    mlp, norm = Mlp(32, 128, chunk_elems=chunk_elems), torch.nn.LayerNorm(32)
+    x = torch.randn(2, 1024, 32)
+
+    @torch.no_grad()
+    def run():
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            return mlp(x, norm=norm)
+
+    ops = _profiled_ops(run)
+    assert 'mkldnn::_convolution_pointwise' in ops and not ops & BLAS_OPS
+    assert 'aten::gelu' not in ops
+    assert _op_calls(run, REORDER) == (0 if chunk_elems is None else 2)
+    got = run()
+    monkeypatch.setattr(linear_module, 'USE_ONEDNN', False)
+    if autocast:
+        _assert_bf16_close([got], [run()])
+    else:
+        _assert_close([got], [run()])
 
 
 def test_linear_twice_differentiable_as_f_linear():
@@ -305,6 +383,17 @@ def test_kernel_breakdown_counts_the_onednn_linears_as_matmuls(frozen):
     assert k['ms']['matmul'] > 0 and k['ms']['convolution'] == 0
     products = 2 if frozen else 3  # forward, input gradient, weight gradient
     flops = 2 * 4000 * 32 * 64 * products
+    assert k['matmul_gflops'] == pytest.approx(flops / k['ms']['matmul'] / 1e6)
+
+
+def test_kernel_breakdown_counts_the_mlps_fused_products_as_matmuls():
+    """The inference MLP's products, the GELU fused into the first, are matmuls with their
+    FLOPs; packing the weights for oneDNN is a copy, not a convolution."""
+    mlp, x = Mlp(32, 128, chunk_elems=1 << 17), torch.randn(2, 1024, 32)
+    with torch.no_grad():
+        k = kernel_breakdown(lambda: mlp(x))
+    assert k['ms']['GELU'] == k['ms']['convolution'] == 0 and k['ms']['copies'] > 0
+    flops = 2 * 2048 * 32 * 128 * 2  # fc1 and fc2
     assert k['matmul_gflops'] == pytest.approx(flops / k['ms']['matmul'] / 1e6)
 
 

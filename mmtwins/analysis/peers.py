@@ -265,20 +265,23 @@ def saved_tensor_mb(model: nn.Module, x: torch.Tensor) -> float:
 
 
 #: Operator categories of :func:`kernel_breakdown`: (category, operator names, name substrings),
-#: matched in this order; every other operator is ``other`` (element-wise ops, reductions such as
-#: the bias gradients, softmax of unfused attention, the autograd engine's own time around each
-#: backward function). Python time between operators is in no category: it is part of the gap
-#: between ``total`` and ``wall_ms``. On CUDA the fused attention's kernels are launched by
-#: ``aten::_efficient_attention_forward`` and ``aten::_flash_attention_backward`` and the like,
-#: below ``scaled_dot_product_*``. mmtwins' compiled CPU kernels record themselves as
-#: ``mmtwins::attention`` and ``mmtwins::layer_norm_bf16``.
+#: names matched before substrings, each in this order; every other operator is ``other``
+#: (element-wise ops, reductions such as the bias gradients, softmax of unfused attention, the
+#: autograd engine's own time around each backward function). Python time between operators is
+#: in no category: it is part of the gap between ``total`` and ``wall_ms``. On CUDA the fused
+#: attention's kernels are launched by ``aten::_efficient_attention_forward`` and
+#: ``aten::_flash_attention_backward`` and the like, below ``scaled_dot_product_*``. mmtwins'
+#: compiled CPU kernels record themselves as ``mmtwins::attention`` and
+#: ``mmtwins::layer_norm_bf16``; the weights its MLPs reorder for oneDNN ahead of their products
+#: (``aten::mkldnn_reorder_conv2d_weight``) are copies.
 KERNEL_CATEGORIES = (
     ('matmul', ('aten::mm', 'aten::addmm', 'aten::addmm_', 'aten::bmm', 'aten::baddbmm',
                 'aten::baddbmm_'), ()),
     ('fused attention', (), ('scaled_dot_product', '_attention_forward', '_attention_backward',
                              'mmtwins::attention')),
     ('convolution', (), ('conv',)),
-    ('copies', ('aten::copy_', 'aten::cat', 'aten::stack', 'aten::fill_', 'aten::zero_'), ()),
+    ('copies', ('aten::copy_', 'aten::cat', 'aten::stack', 'aten::fill_', 'aten::zero_',
+                'aten::to_mkldnn', 'aten::mkldnn_reorder_conv2d_weight'), ()),
     ('GELU', (), ('gelu',)),
     ('LayerNorm', (), ('layer_norm',)),
 )
@@ -286,18 +289,25 @@ CATEGORY_NAMES = tuple(c for c, _, _ in KERNEL_CATEGORIES) + ('other', )
 
 
 def _category(name: str) -> str:
-    for category, names, parts in KERNEL_CATEGORIES:
-        if name in names or any(part in name for part in parts):
+    """``name``'s category: the one naming it exactly, else the first one with a substring of it
+    (``aten::mkldnn_reorder_conv2d_weight`` is a copy, not a convolution)."""
+    for category, names, _ in KERNEL_CATEGORIES:
+        if name in names:
+            return category
+    for category, _, parts in KERNEL_CATEGORIES:
+        if any(part in name for part in parts):
             return category
     return 'other'
 
 
 #: Where the convolution operators take their input map and weight: mmtwins' CPU linears
 #: run as 1x1 convolutions over a (1, C, 1, M) map (:mod:`..models.layers.linear`). oneDNN's
-#: kernels run in the last two, which count the FLOPs; the others are dispatch.
+#: kernels run in :data:`_ONEDNN_CONVS`, which count the FLOPs; the others are dispatch.
 _CONV_OPERANDS = {'aten::conv2d': (0, 1), 'aten::convolution': (0, 1),
                   'aten::_convolution': (0, 1), 'aten::mkldnn_convolution': (0, 1),
-                  'aten::convolution_backward': (1, 2)}
+                  'mkldnn::_convolution_pointwise': (0, 1), 'aten::convolution_backward': (1, 2)}
+_ONEDNN_CONVS = ('aten::mkldnn_convolution', 'mkldnn::_convolution_pointwise',
+                 'aten::convolution_backward')
 
 
 def _token_linear(name: str, shapes) -> Optional[Tuple[list, list]]:
@@ -315,7 +325,7 @@ def _gemm_flops(name: str, shapes, args) -> int:
     and weight gradients it computed; both where not recorded)."""
     token = _token_linear(name, shapes)
     if token is not None:
-        if name not in ('aten::mkldnn_convolution', 'aten::convolution_backward'):
+        if name not in _ONEDNN_CONVS:
             return 0
         (_, c, _, m), (o, *_) = token
         grads = 1

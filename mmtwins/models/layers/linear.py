@@ -176,6 +176,56 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+class ChunkProducts:
+    """One linear's products with many row blocks (the chunks of an MLP) in a forward that
+    autograd does not record (inference, or the forward of an autograd Function): not
+    differentiable.
+
+    Where the route takes a block (:func:`use_onednn`), oneDNN computes it as a 1x1 convolution
+    with a post-op (``mkldnn::_convolution_pointwise``, which PyTorch's inductor fuses
+    activations into): the weight is reordered into oneDNN's blocked layout once, for the first
+    block, when ``pack`` is set (a plain weight is reordered again in every product), and on
+    request an exact GELU is applied to the product before it is stored (one pass over the
+    output instead of three). Products agree with :func:`linear`'s bit for bit, the GELU with
+    ``F.gelu`` to fp32 rounding. Other blocks take :func:`linear` and ``F.gelu``.
+
+    Shapes:
+        x (M, C), weight (O, C), bias (O,) -> (M, O).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], pack: bool):
+        self.weight, self.bias, self.pack = weight, bias, pack
+        self._packed: Optional[torch.Tensor] = None
+
+    def __call__(self, x: torch.Tensor, gelu: bool = False,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The product (its GELU if ``gelu``), written into ``out`` if given (oneDNN writes a
+        new tensor, copied there; ``torch.addmm`` writes it directly)."""
+        if use_onednn(x, self.weight):
+            x = _as_map(x.contiguous())
+            y = _from_map(torch.ops.mkldnn._convolution_pointwise(
+                x, self._weight(x.shape), self.bias, [0, 0], [1, 1], [1, 1], 1,
+                'gelu' if gelu else 'none', [], 'none'))
+            return y if out is None else out.copy_(y)
+        if gelu:
+            return F.gelu(F.linear(x, self.weight, self.bias))
+        if out is None:
+            return F.linear(x, self.weight, self.bias)
+        if self.bias is None:
+            return torch.mm(x, self.weight.t(), out=out)
+        return torch.addmm(self.bias, x, self.weight.t(), out=out)
+
+    def _weight(self, map_shape: torch.Size) -> torch.Tensor:
+        """The (O, C, 1, 1) weight, reordered for an input map of ``map_shape`` if ``pack``."""
+        weight = self.weight[:, :, None, None]
+        if not self.pack:
+            return weight
+        if self._packed is None:
+            self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                weight.contiguous().to_mkldnn(), [0, 0], [1, 1], [1, 1], 1, list(map_shape))
+        return self._packed
+
+
 def linear_grads(grad: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor,
                  needs: Sequence[bool]) -> Tuple[Optional[torch.Tensor], ...]:
     """The backward of ``linear(x, weight, bias)``: ``(grad @ weight, grad.T @ x, grad.sum(0))``,

@@ -16,7 +16,9 @@ the norm's own input). With ``recompute_hidden`` it keeps only the input and rec
 chunk by chunk too. Values and gradients are those of ``fc2(gelu(fc1(norm(x))))`` up to the
 order of floating-point summation, and the same with and without ``recompute_hidden``. On an
 x86-64 CPU the fp32 products (and on some CPUs the bf16 ones), forward and backward, run through
-oneDNN (:mod:`.linear`).
+oneDNN (:mod:`.linear`): there each forward reorders a weight into oneDNN's layout once for all
+its chunks (:class:`.linear.ChunkProducts`), and in inference ``fc1``'s product has the GELU fused
+into it, so the pre-activation is never stored.
 """
 from typing import List, Optional
 
@@ -26,8 +28,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .graph import is_exporting
-from .linear import (is_plain, linear, linear_grads, no_global_hooks, onednn_linear,
-                     use_onednn)
+from .linear import ChunkProducts, is_plain, linear, linear_grads, no_global_hooks, use_onednn
 from .norm import layer_norm
 
 #: Default bound on the elements of one chunk's hidden slice (2**20: 4 MB in fp32).
@@ -69,25 +70,29 @@ class _Norm:
 
 
 def _mlp_chunks(x: torch.Tensor, norm: Optional[_Norm], w1, b1, w2, b2, rows: Optional[int],
-                keep: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
-    """``fc2(gelu(fc1(norm(x))))`` on 2-D ``x`` (M, C) chunk by chunk; appends each ``h`` to
+                keep: Optional[List[torch.Tensor]] = None, inference: bool = False
+                ) -> torch.Tensor:
+    """``fc2(gelu(fc1(norm(x))))`` on 2-D ``x`` (M, C) chunk by chunk, in a forward autograd
+    does not record (:class:`.linear.ChunkProducts`: several chunks reorder each weight for
+    oneDNN once; in ``inference`` the GELU is fused into ``fc1``'s product, which a backward
+    recomputing ``h`` would not reproduce bit for bit); appends each pre-activation ``h`` to
     ``keep``. Several chunks (or none: no rows) write into one output tensor; one chunk returns
     its own."""
     spans = _spans(x.shape[0], rows)
     out = x.new_empty(x.shape[0], w2.shape[0], dtype=w2.dtype) if len(spans) != 1 else None
+    fc1, fc2 = (ChunkProducts(w, b, pack=out is not None) for w, b in ((w1, b1), (w2, b2)))
     for s, e in spans:
         xc = x[s:e] if norm is None else norm(x[s:e])
-        h = linear(xc, w1, b1)
-        if keep is not None:
-            keep.append(h)
-        if out is None:
-            return linear(F.gelu(h), w2, b2)
-        if use_onednn(h, w2):  # oneDNN writes a new tensor, copied into ``out``
-            out[s:e] = onednn_linear(F.gelu(h), w2, b2)
-        elif b2 is None:
-            torch.mm(F.gelu(h), w2.t(), out=out[s:e])
+        if inference:
+            a = fc1(xc, gelu=True)
         else:
-            torch.addmm(b2, F.gelu(h), w2.t(), out=out[s:e])
+            h = fc1(xc)
+            if keep is not None:
+                keep.append(h)
+            a = F.gelu(h)
+        if out is None:
+            return fc2(a)
+        fc2(a, out=out[s:e])
     return out
 
 
@@ -104,7 +109,8 @@ def _mlp_forward(x: torch.Tensor, norm_params, params, rows: Optional[int],
     ``norm_params`` is ``(weight, bias, eps)`` of the pre-norm; eps None means no norm. Returns
     the 2-D (M, C) tensor that backward needs (``x`` itself with a norm, which then runs in
     ``x``'s dtype as ``F.layer_norm`` would; else ``x`` in the compute dtype) and the output
-    (B, N, C_out). ``inference``: no backward follows (see :class:`_Norm`).
+    (B, N, C_out). ``inference``: no backward follows (see :class:`_Norm` and
+    :func:`_mlp_chunks`).
     """
     dev = x.device.type
     autocast = torch.is_autocast_enabled(dev)
@@ -116,9 +122,9 @@ def _mlp_forward(x: torch.Tensor, norm_params, params, rows: Optional[int],
     params = [None if p is None else _to(p, dtype) for p in params]
     if autocast:  # the linears compute in ``dtype`` already
         with torch.autocast(dev, enabled=False):
-            out = _mlp_chunks(x2, norm, *params, rows, keep=keep)
+            out = _mlp_chunks(x2, norm, *params, rows, keep, inference)
     else:
-        out = _mlp_chunks(x2, norm, *params, rows, keep=keep)
+        out = _mlp_chunks(x2, norm, *params, rows, keep, inference)
     return x2, out.view(*x.shape[:-1], out.shape[-1])
 
 
