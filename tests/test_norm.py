@@ -1,6 +1,6 @@
-"""The compiled bf16 LayerNorm (``mmtwins._ext.layer_norm_bf16``), which bf16 CPU inference uses
+"""The compiled LayerNorm (``mmtwins._ext.layer_norm``), which fp32 and bf16 CPU inference uses
 for the blocks', patch embeddings', GSA's and stage-end norms on CPUs with AVX512-BF16: PyTorch's
-values to bf16 rounding; everything else PyTorch's LayerNorm."""
+values to the dtype's rounding; everything else PyTorch's LayerNorm."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,13 +20,13 @@ native = pytest.mark.skipif(not kernels.NATIVE_BF16,
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """The shapes the kernel was called on, in order."""
-    calls, kernel = [], kernels._ext.layer_norm_bf16
+    calls, kernel = [], kernels._ext.layer_norm
 
     def counted(x, *args):
         calls.append(tuple(x.shape))
         return kernel(x, *args)
 
-    monkeypatch.setattr(kernels._ext, 'layer_norm_bf16', counted)
+    monkeypatch.setattr(kernels._ext, 'layer_norm', counted)
     return calls
 
 
@@ -35,58 +35,73 @@ def affine(channels: int, seed: int):
     return torch.randn(channels, generator=g), torch.randn(channels, generator=g)
 
 
+DTYPES = pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+
+
 @native
+@DTYPES
 @pytest.mark.parametrize('channels', [16, 64, 128, 256, 320, 512, 1024])
 @pytest.mark.parametrize('scale,shift', [(1., 0.), (30., 100.), (1e-3, 1.)])
-def test_rows_within_bf16_rounding_of_the_exact_norm(kernel_calls, channels, scale, shift):
+def test_rows_within_rounding_of_the_exact_norm(kernel_calls, channels, scale, shift, dtype):
     """Every width (64, 128 and 256 channels held in registers, four, two and one rows at a
     time, 37 rows leaving a remainder; other multiples of 16 read from memory), values spread
-    and offset (the rows 1e-3 wide on an offset of 1 hold a few bf16 values): each value within
-    bf16's rounding (a relative 2**-8) of the exact norm, or 1e-4 of it near 0 (where the
-    bias cancels the normalised value, both rounded in fp32)."""
+    and offset (the rows 1e-3 wide on an offset of 1 hold a few bf16 values). bf16: each value
+    within bf16's rounding (a relative 2**-8) of the exact norm, or 1e-4 of it near 0 (where the
+    bias cancels the normalised value, both rounded in fp32). fp32: no further from the exact
+    norm than twice PyTorch's fp32 LayerNorm (its sums cost a narrow row on an offset digits:
+    both 2-5e-4 off there, about 1e-6 elsewhere)."""
     weight, bias = affine(channels, channels)
     g = torch.Generator().manual_seed(channels)
-    x = (torch.randn(37, channels, generator=g) * scale + shift).bfloat16()
+    x = (torch.randn(37, channels, generator=g) * scale + shift).to(dtype)
     exact = F.layer_norm(x.double(), (channels,), weight.double(), bias.double(), 1e-6)
     got = layer_norm(x, weight, bias, 1e-6)
     assert kernel_calls == [(37, channels)]
-    assert got.dtype == torch.bfloat16 and got.shape == x.shape
-    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-4).all()
+    assert got.dtype == dtype and got.shape == x.shape
+    error = (got.double() - exact).abs()
+    if dtype == torch.bfloat16:
+        assert (error <= exact.abs() * 2 ** -8 + 1e-4).all()
+    else:
+        pytorchs = F.layer_norm(x, (channels,), weight, bias, 1e-6)
+        assert error.max() <= 2 * (pytorchs.double() - exact).abs().max() + 1e-6
 
 
 @native
-def test_constant_rows_and_no_rows():
-    """A constant row (variance 0) gives the bias (rounded to bf16); no rows, no values."""
+@DTYPES
+def test_constant_rows_and_no_rows(dtype):
+    """A constant row (variance 0) gives the bias (rounded to the dtype); no rows, no values."""
     weight, bias = affine(64, 2)
-    got = layer_norm(torch.full((3, 64), 2.5).bfloat16(), weight, bias, 1e-6)
-    assert torch.equal(got, bias.bfloat16().expand(3, 64))
+    got = layer_norm(torch.full((3, 64), 2.5).to(dtype), weight, bias, 1e-6)
+    assert torch.equal(got, bias.to(dtype).expand(3, 64))
     for empty in (torch.empty(0, 64), torch.empty(2, 0, 64)):
-        got = layer_norm(empty.bfloat16(), weight, bias, 1e-6)
-        assert got.shape == empty.shape and got.dtype == torch.bfloat16
+        got = layer_norm(empty.to(dtype), weight, bias, 1e-6)
+        assert got.shape == empty.shape and got.dtype == dtype
 
 
 @native
+@DTYPES
 @pytest.mark.parametrize('channels', [64, 320])
-def test_threads_split_rows_and_leading_dims_flatten(channels):
+def test_threads_split_rows_and_leading_dims_flatten(channels, dtype):
     """Many rows (an odd number: every thread's share ends in a remainder) over every thread, a
     (B, N, C) tensor: the same values as row by row, a 1-D tensor each."""
     weight, bias = affine(channels, 0)
-    x = (torch.randn(3, 2731, channels) * 3).bfloat16()
+    x = (torch.randn(3, 2731, channels) * 3).to(dtype)
     whole = layer_norm(x, weight, bias, 1e-5)
     rows = torch.stack([layer_norm(r, weight, bias, 1e-5) for r in x.view(-1, channels)])
     assert whole.shape == x.shape and torch.equal(whole.view(-1, channels), rows)
 
 
 @native
-def test_the_kernel_runs_in_bf16_inference_only(kernel_calls):
-    """The kernel for a contiguous bf16 CPU input with fp32 affine parameters and no gradient;
-    PyTorch's LayerNorm (and autograd) for anything else."""
+def test_the_kernel_runs_in_inference_only(kernel_calls):
+    """The kernel for a contiguous fp32 or bf16 CPU input with fp32 affine parameters and no
+    gradient; PyTorch's LayerNorm (and autograd) for anything else."""
     weight, bias = affine(64, 1)
     x = (torch.randn(8, 64) * 2).bfloat16()
     kernel = layer_norm(x, weight, bias, 1e-6)
-    assert kernel_calls == [(8, 64)]
+    layer_norm(x.float(), weight, bias, 1e-6)
+    assert kernel_calls == [(8, 64)] * 2
     others = {
-        'fp32': (x.float(), weight, bias),
+        'fp64': (x.double(), weight.double(), bias.double()),
+        'fp16': (x.half(), weight, bias),
         'no affine': (x, None, None),
         'bf16 weight': (x, weight.bfloat16(), bias.bfloat16()),
         'not a multiple of 16 channels': (x[:, :40].contiguous(), weight[:40], bias[:40]),
@@ -99,21 +114,21 @@ def test_the_kernel_runs_in_bf16_inference_only(kernel_calls):
         torch.testing.assert_close(layer_norm(xi, w, b, 1e-6),
                                    F.layer_norm(xi, xi.shape[-1:], w, b, 1e-6), rtol=0, atol=0,
                                    msg=case)
-    assert len(kernel_calls) == 1
+    assert len(kernel_calls) == 2
     grad_w = weight.clone().requires_grad_()
     assert layer_norm(x, grad_w, bias, 1e-6).grad_fn is not None
     with torch.no_grad():
         assert torch.equal(layer_norm(x, grad_w, bias, 1e-6), kernel)
-    assert len(kernel_calls) == 2
+    assert len(kernel_calls) == 3
     with torch.no_grad():  # a trace records PyTorch's LayerNorm
         traced = torch.jit.trace(lambda t: layer_norm(t, weight, bias, 1e-6), x,
                                  check_trace=False)
-    assert len(kernel_calls) == 2 and 'layer_norm' in str(traced.graph)
+    assert len(kernel_calls) == 3 and 'layer_norm' in str(traced.graph)
 
 
 @native
 def test_apply_norm_calls_modules_it_cannot_stand_in_for(kernel_calls):
-    """In bf16 inference a plain LayerNorm takes the kernel; a LayerNorm subclass, one with a
+    """In inference a plain LayerNorm takes the kernel; a LayerNorm subclass, one with a
     hook, one whose instance has its own forward, one over more than the last dim, one without
     affine parameters or without a bias are called (their forward and hooks run)."""
     x = torch.randn(2, 5, 32).bfloat16()
@@ -138,33 +153,39 @@ def test_apply_norm_calls_modules_it_cannot_stand_in_for(kernel_calls):
 
 
 @native
-def test_bf16_inference_of_a_backbone_takes_the_kernel_within_bf16_rounding(monkeypatch,
-                                                                             kernel_calls):
-    """Under bf16 autocast every norm of the backbone runs the kernel once (two per block, one
-    per patch embedding, GSA with sub-sampling and stage end), and its maps are those of
-    PyTorch's LayerNorm to bf16 rounding."""
+@pytest.mark.parametrize('autocast', [False, True], ids=['fp32', 'bf16 autocast'])
+def test_inference_of_a_backbone_takes_the_kernel_within_rounding(monkeypatch, kernel_calls,
+                                                                   autocast):
+    """In inference, fp32 or under bf16 autocast, every norm of the backbone runs the kernel
+    once (two per block, one per patch embedding, GSA with sub-sampling and stage end), and its
+    maps are those of PyTorch's LayerNorm to the dtype's rounding (fp32: the max abs difference
+    the peer comparisons allow, 1e-4)."""
     torch.manual_seed(0)
     model = SVT(arch=TINY_SVT).eval()
     x = torch.randn(2, 3, 64, 56)
-    with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16):
+    with torch.inference_mode(), torch.autocast('cpu', torch.bfloat16, enabled=autocast):
         got = model(x)
-        monkeypatch.setattr(norms, 'native_bf16', lambda *args: False)
+        monkeypatch.setattr(norms, 'native_rows', lambda *args: False)
         pytorchs = model(x)
     assert len(kernel_calls) == sum(isinstance(m, nn.LayerNorm) for m in model.modules()) > 20
     for a, b in zip(got, pytorchs):
-        assert a.dtype == torch.bfloat16
-        cosine = F.cosine_similarity(a.double().flatten(), b.double().flatten(), 0)
-        assert cosine > 0.9999
+        assert a.dtype == (torch.bfloat16 if autocast else torch.float32)
+        if autocast:
+            cosine = F.cosine_similarity(a.double().flatten(), b.double().flatten(), 0)
+            assert cosine > 0.9999
+        else:
+            assert (a - b).abs().max() <= 1e-4
 
 
 @native
-def test_the_mlps_norm_takes_the_kernel_in_inference_only(kernel_calls):
+@pytest.mark.parametrize('autocast', [False, True], ids=['fp32', 'bf16 autocast'])
+def test_the_mlps_norm_takes_the_kernel_in_inference_only(kernel_calls, autocast):
     """The chunked MLP's pre-norm takes the kernel where no backward follows; in training its
     autograd function's forward (which runs with gradients off) keeps PyTorch's LayerNorm, the
     one its backward recomputes, so with and without ``recompute_hidden`` it is one norm."""
     mlp, ln = Mlp(64, 256, chunk_elems=256 * 40), nn.LayerNorm(64, eps=1e-6)
-    x = torch.randn(2, 50, 64).bfloat16()
-    with torch.autocast('cpu', torch.bfloat16):
+    x = torch.randn(2, 50, 64).to(torch.bfloat16 if autocast else torch.float32)
+    with torch.autocast('cpu', torch.bfloat16, enabled=autocast):
         mlp(x.clone().requires_grad_(), norm=ln).float().sum().backward()
         assert kernel_calls == []
         with torch.no_grad():

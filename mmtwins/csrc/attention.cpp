@@ -49,7 +49,6 @@ struct Ops<float> {
   MMTWINS_AVX512_BF16 static __m512 fma(__m512 acc, __m512 a, __m512 b) {
     return _mm512_fmadd_ps(a, b, acc);
   }
-  MMTWINS_AVX512_BF16 static void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 };
 
 template <>
@@ -65,7 +64,6 @@ struct Ops<at::BFloat16> {
   MMTWINS_AVX512_BF16 static __m512 fma(__m512 acc, __m512 a, __m512 b) {
     return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
   }
-  MMTWINS_AVX512_BF16 static void store(at::BFloat16* p, __m512 v) { store_bf16(p, v); }
 };
 
 // 2**f = exp(f ln 2) by its Taylor series: the coefficients (ln 2)**i / i!.
@@ -237,7 +235,7 @@ MMTWINS_AVX512_BF16 void softmax_block(float* scores, int rows, int64_t width, i
       const __m512 y = _mm512_fmsub_ps(_mm512_loadu_ps(row + j), to_log2_v, shift);
       const __m512 e = exp2_nonpositive<Ops<T>::kExpDegree>(y);
       sum = _mm512_add_ps(sum, e);
-      Ops<T>::store(weights + j, e);
+      store_lanes(weights + j, e);
     }
     const float total = _mm512_reduce_add_ps(sum);
     inv[r] = 1.f / total;
@@ -266,7 +264,7 @@ MMTWINS_AVX512_BF16 inline void pv_tile(const T* weights, int64_t weights_row, c
   for (int r = 0; r < R; ++r) {
     const __m512 norm = _mm512_set1_ps(inv[r]);
     for (int t = 0; t < DV; ++t)
-      O::store(out + r * out_row + t * kLanes, _mm512_mul_ps(acc[r][t], norm));
+      store_lanes(out + r * out_row + t * kLanes, _mm512_mul_ps(acc[r][t], norm));
   }
 }
 

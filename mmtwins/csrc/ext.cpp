@@ -11,9 +11,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "scaled scores (batch, heads, rows) in fp32 (else None)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("scale"),
         py::arg("with_lse") = false, py::call_guard<py::gil_scoped_release>());
-  m.def("layer_norm_bf16", &mmtwins::layer_norm_bf16,
-        "LayerNorm over the last dim (a multiple of 16) of a contiguous bf16 CPU tensor, fp32 "
-        "weight and bias: a new bf16 tensor",
+  m.def("layer_norm", &mmtwins::layer_norm,
+        "LayerNorm over the last dim (a multiple of 16) of a contiguous fp32 or bf16 CPU tensor, "
+        "fp32 weight and bias: a new tensor of its dtype",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
         py::call_guard<py::gil_scoped_release>());
 }

@@ -1,5 +1,5 @@
 // mmtwins' CPU kernels: their entry points, and what they share (AVX-512 loads and stores of
-// bf16 as fp32 registers).
+// fp32 and bf16 values as fp32 registers).
 //
 // Only the kernel functions are compiled for AVX-512 (a target attribute, not a compiler flag),
 // so the module loads on any x86-64 CPU; Python calls them only where the CPU has AVX512-BF16.
@@ -24,12 +24,17 @@ MMTWINS_AVX512_BF16 inline __m512i widen_16(const void* p) {
   return _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
 }
 
-MMTWINS_AVX512_BF16 inline __m512 load_bf16(const at::BFloat16* p) {
+// 16 fp32 or bf16 values as the fp32 lanes of a register, and back (bf16 rounded to nearest
+// even).
+MMTWINS_AVX512_BF16 inline __m512 load_lanes(const float* p) { return _mm512_loadu_ps(p); }
+
+MMTWINS_AVX512_BF16 inline __m512 load_lanes(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(widen_16(p), 16));
 }
 
-// Rounded to nearest even.
-MMTWINS_AVX512_BF16 inline void store_bf16(at::BFloat16* p, __m512 v) {
+MMTWINS_AVX512_BF16 inline void store_lanes(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+
+MMTWINS_AVX512_BF16 inline void store_lanes(at::BFloat16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
@@ -43,9 +48,9 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
                                              const c10::optional<at::Tensor>& mask, double scale,
                                              bool with_lse);
 
-// LayerNorm over the last dim of a contiguous bf16 CPU tensor (a multiple of 16 channels) with
-// fp32 weight and bias: a new bf16 tensor.
-at::Tensor layer_norm_bf16(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                           double eps);
+// LayerNorm over the last dim of a contiguous fp32 or bf16 CPU tensor (a multiple of 16 channels)
+// with fp32 weight and bias: a new tensor of x's dtype.
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                      double eps);
 
 }  // namespace mmtwins

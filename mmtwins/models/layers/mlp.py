@@ -51,7 +51,7 @@ def _spans(total: int, rows: Optional[int]):
 class _Norm:
     """The pre-norm's parameters, applied row-wise to 2-D chunks in the input's dtype; its
     output is cast to the compute dtype of the linears. ``inference``: no backward will
-    recompute it, so :func:`.norm.layer_norm` may take mmtwins' compiled kernel (bf16 on some
+    recompute it, so :func:`.norm.layer_norm` may take mmtwins' compiled kernel (on some
     CPUs); else PyTorch's, as the backward's recomputation."""
 
     def __init__(self, weight, bias, eps: float, dtype: torch.dtype, inference: bool = False):

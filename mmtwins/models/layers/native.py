@@ -4,10 +4,10 @@ tensors they run.
 Two operations ran slower in PyTorch on a CPU with AVX512-BF16 and no AMX (an AMD EPYC Zen 5)
 than they need to: attention (:mod:`.attention`, fp32 and bf16, in training the forward;
 PyTorch's fused kernel multiplies through MKL, which runs there at its AVX2 rate) and LayerNorm
-in bf16 inference (:mod:`.norm`, slower than PyTorch's fp32 one). The install builds them on
-x86-64 Linux where torch is importable at build time (pip's ``setup.py`` path or
-``--no-build-isolation``, as ``tools/setup_env.sh`` installs) and a C++ compiler can (else it
-warns and installs without them); they run on CPUs with AVX512-BF16. Elsewhere, and wherever
+in inference (:mod:`.norm`, fp32 and bf16: PyTorch's is slow on rows of few channels). The
+install builds them on x86-64 Linux where torch is importable at build time (pip's ``setup.py``
+path or ``--no-build-isolation``, as ``tools/setup_env.sh`` installs) and a C++ compiler can
+(else it warns and installs without them); they run on CPUs with AVX512-BF16. Elsewhere, and wherever
 :func:`native_call` says no, PyTorch computes the same (to bf16 rounding in bf16, to fp32
 rounding in fp32).
 """
@@ -57,10 +57,14 @@ def native_call(*tensors: Optional[torch.Tensor], backward: bool = False) -> boo
                  or not (torch.is_grad_enabled() and any(t.requires_grad for t in present))))
 
 
-def native_bf16(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
+#: The dtypes of the row kernels' inputs.
+NATIVE_ROW_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def native_rows(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether a row kernel may compute on ``x`` and the tensors ``params`` (its weights; their
     dtype, device and shape are the caller's to check): :func:`native_call`, and ``x`` a
-    contiguous bf16 CPU tensor of rows of a multiple of :data:`NATIVE_LANES` values."""
-    return (native_call(x, *params) and x.dtype == torch.bfloat16 and x.device.type == 'cpu'
+    contiguous fp32 or bf16 CPU tensor of rows of a multiple of :data:`NATIVE_LANES` values."""
+    return (native_call(x, *params) and x.dtype in NATIVE_ROW_DTYPES and x.device.type == 'cpu'
             and x.dim() > 0 and x.shape[-1] > 0 and not x.shape[-1] % NATIVE_LANES
             and x.is_contiguous())

@@ -1,12 +1,13 @@
-"""LayerNorm over token channels, by mmtwins' compiled CPU kernel for bf16 inference where it runs.
+"""LayerNorm over token channels, by mmtwins' compiled CPU kernel in inference where it runs.
 
-PyTorch's CPU LayerNorm of bf16 tokens was slower than of fp32 ones on an AMD EPYC Zen 5 (AVX-512
-with bf16, no AMX): 0.80 against 0.49 ms for 32768 rows of 64 channels, 52 us for a Twins MLP
-chunk of 2048 such rows; 10-14 ms of SVT-S's and PCPVT-S's bf16 inference steps at 512x512, batch
-2. ``mmtwins._ext.layer_norm_bf16`` (``mmtwins/csrc/layer_norm.cpp``; where it is built and
-runs: :mod:`.native`; on every CPU with AVX512-BF16, measured on the Zen 5 only) took 0.15 ms
-and 11 us there. Its values are within bf16's rounding of the exact norm; PyTorch's differ from
-them by a rounding step in a few values in 10**5 (nearly constant rows: PyTorch's further off).
+PyTorch's CPU LayerNorm of rows of few channels is slow on an AMD EPYC Zen 5 (AVX-512 with
+bf16, no AMX): 0.50 ms for 32768 fp32 rows of 64 channels and 0.78 ms for bf16 ones (half the
+bytes), 36 and 56 us for a Twins MLP chunk of 2048 such rows; 10-15 ms of SVT-S's and PCPVT-S's
+inference steps at 512x512, batch 2. ``mmtwins._ext.layer_norm`` (``mmtwins/csrc/layer_norm.cpp``;
+where it is built and runs: :mod:`.native`; on every CPU with AVX512-BF16, measured on the Zen 5
+only) took 0.15 ms and 12 us in bf16 there. Its values are within the dtype's rounding of the
+exact norm: in bf16 PyTorch's differ from them by a rounding step in a few values in 10**5
+(nearly constant rows: PyTorch's further off), in fp32 by the order of the fp32 sums.
 """
 from typing import Optional
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import PLAIN_TENSORS, is_plain, no_global_hooks
-from .native import _ext, native_bf16
+from .native import _ext, native_rows
 
 
 def _affine(x: torch.Tensor, weight: Optional[torch.Tensor],
@@ -29,15 +30,16 @@ def _affine(x: torch.Tensor, weight: Optional[torch.Tensor],
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                eps: float) -> torch.Tensor:
     """``F.layer_norm(x, x.shape[-1:], weight, bias, eps)``, by the compiled kernel where
-    :func:`.native.native_bf16` takes ``x`` (bf16 inference on a CPU with AVX512-BF16) with an
-    fp32 weight and bias (autocast's parameters). Callers whose backward recomputes the norm
-    must not call it while gradients are off (the recomputation would differ by bf16 rounding).
+    :func:`.native.native_rows` takes ``x`` (fp32 or bf16 inference on a CPU with AVX512-BF16)
+    with an fp32 weight and bias (the model's parameters, autocast's too). Callers whose
+    backward recomputes the norm must not call it while gradients are off (the recomputation
+    would differ by a rounding step).
 
     Shapes:
         x (..., C), weight and bias (C,) -> (..., C).
     """
-    if native_bf16(x, weight, bias) and _affine(x, weight, bias):
-        return _ext.layer_norm_bf16(x, weight, bias, eps)
+    if native_rows(x, weight, bias) and _affine(x, weight, bias):
+        return _ext.layer_norm(x, weight, bias, eps)
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
@@ -49,7 +51,7 @@ def apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Shapes:
         x (..., C) -> (..., C).
     """
-    if (native_bf16(x) and is_plain(norm, nn.LayerNorm) and no_global_hooks()
+    if (native_rows(x) and is_plain(norm, nn.LayerNorm) and no_global_hooks()
             and tuple(norm.normalized_shape) == x.shape[-1:]):
         return layer_norm(x, norm.weight, norm.bias, norm.eps)
     return norm(x)
