@@ -298,9 +298,10 @@ REORDER = 'aten::mkldnn_reorder_conv2d_weight'
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_chunk_products_reorder_the_weight_once_and_give_linears_values(dtype, monkeypatch):
-    """Row blocks through oneDNN with the weight reordered once give :func:`linear`'s values bit
-    for bit (the same kernel, its weight reordered ahead), into ``out`` too; the fused GELU gives
-    ``F.gelu``'s to the dtype's rounding. A block off the route (fp64) takes ``F.linear``."""
+    """Row blocks through oneDNN with the weight reordered once (for the blocks of the first
+    one's rows) give :func:`linear`'s values bit for bit (the same kernel, its weight reordered
+    ahead), into ``out`` too; the fused GELU gives ``F.gelu``'s to the dtype's rounding. A block
+    off the route (fp64) takes ``F.linear``."""
     monkeypatch.setattr(linear_module, 'ONEDNN_BF16', True)
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip('this CPU has no native bf16 for oneDNN')
@@ -308,10 +309,17 @@ def test_chunk_products_reorder_the_weight_once_and_give_linears_values(dtype, m
     x, w, b = (t.to(dtype) for t in (torch.randn(3000, 48), torch.randn(96, 48) / 7,
                                      torch.randn(96)))
     blocks = x.split(1024)  # the last one shorter
+    packed = []  # per product, whether its weight was the reordered one
+    product = torch.ops.mkldnn._convolution_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, '_convolution_pointwise',
+                        lambda x, w, *args: packed.append(w.is_mkldnn) or product(x, w, *args))
     for pack, reorders in [(True, 1), (False, 0)]:
         products = ChunkProducts(w, b, pack=pack)
+        packed.clear()
         with torch.no_grad():
             got = [products(t) for t in blocks]
+            # oneDNN may want another layout for the shorter block: it takes the plain weight
+            assert packed == [pack, pack, False]
             assert _op_calls(lambda: [products(t) for t in blocks], REORDER) == 0
             for t, y in zip(blocks, got, strict=True):
                 assert torch.equal(y, linear(t, w, b))
