@@ -185,10 +185,10 @@ class ChunkProducts:
     with a post-op (``mkldnn::_convolution_pointwise``, which PyTorch's inductor fuses
     activations into): the weight is reordered into oneDNN's blocked layout once, for the first
     block and the blocks of its rows, when ``pack`` is set (a plain weight is reordered again in
-    every product), and on
-    request an exact GELU is applied to the product before it is stored (one pass over the
-    output instead of three). Products agree with :func:`linear`'s bit for bit, the GELU with
-    ``F.gelu`` to fp32 rounding. Other blocks take :func:`linear` and ``F.gelu``.
+    every product), and on request an exact GELU is applied to the product before it is stored
+    (one pass over the output instead of three). Products agree with :func:`linear`'s bit for
+    bit, the GELU with ``F.gelu`` to fp32 rounding. Other blocks take ``F.linear`` and
+    ``F.gelu``.
 
     Shapes:
         x (M, C), weight (O, C), bias (O,) -> (M, O).

@@ -7,9 +7,9 @@ PyTorch's fused kernel multiplies through MKL, which runs there at its AVX2 rate
 in inference (:mod:`.norm`, fp32 and bf16: PyTorch's is slow on rows of few channels). The
 install builds them on x86-64 Linux where torch is importable at build time (pip's ``setup.py``
 path or ``--no-build-isolation``, as ``tools/setup_env.sh`` installs) and a C++ compiler can
-(else it warns and installs without them); they run on CPUs with AVX512-BF16. Elsewhere, and wherever
-:func:`native_call` says no, PyTorch computes the same (to bf16 rounding in bf16, to fp32
-rounding in fp32).
+(else it warns and installs without them); they run on CPUs with AVX512-BF16. Elsewhere, and
+wherever :func:`native_call` says no, PyTorch computes the same (to bf16 rounding in bf16, to
+fp32 rounding in fp32).
 """
 from typing import Optional
 
