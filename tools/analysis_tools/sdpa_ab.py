@@ -36,7 +36,7 @@ def math_forward(forward):
     return wrapped
 
 
-#: mmtwins' compiled kernel of CPU inference switched off: every attention calls PyTorch's.
+#: mmtwins' compiled attention kernel switched off: every attention calls PyTorch's.
 kernel_only = patched(attention, 'NATIVE_ATTENTION', False)
 
 

@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 
 from .embed import pad_amounts
 from .linear import apply_linear, bf16_without_amx
-from .native import NATIVE_BF16, _ext, native_call
+from .native import NATIVE_BF16, NATIVE_DTYPES, NATIVE_LANES, _ext, native_call
 from .norm import apply_norm
 
 #: Whether :func:`attend` runs mmtwins' compiled kernel (:mod:`.native`) here: built, on a CPU
@@ -22,11 +22,13 @@ from .norm import apply_norm
 #: only: AMX CPUs, where PyTorch's kernel multiplies on AMX tiles, keep it).
 NATIVE_ATTENTION = NATIVE_BF16 and bf16_without_amx()
 
-#: The most channels per head the compiled kernel takes (a multiple of 16 up to this).
+#: The most channels per head the compiled kernel takes (a multiple of
+#: :data:`.native.NATIVE_LANES` up to this).
 NATIVE_HEAD_DIM = 128
 
-#: Keys less than this many bytes apart: the kernel gathers 16 by 32-bit offsets.
-_GATHER_BYTES = 2**31 // 16
+#: Keys less than this many bytes apart: the kernel gathers a register's lanes of keys by 32-bit
+#: offsets.
+_GATHER_BYTES = 2**31 // NATIVE_LANES
 
 #: PyTorch's fused CPU backward, from the forward's output and log-sum-exps (None in a PyTorch
 #: without it: the kernel then runs in inference only).
@@ -45,10 +47,10 @@ def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[to
     (:data:`_FUSED_BACKWARD` computes it). It takes the place of ``F.scaled_dot_product_attention``
     there, so a ``sdpa_kernel`` context or a function mode around it does not see these calls."""
     if not (NATIVE_ATTENTION and q.device.type == k.device.type == v.device.type == 'cpu'
-            and q.dtype in (torch.float32, torch.bfloat16) and not dropout_p
+            and q.dtype in NATIVE_DTYPES and not dropout_p
             and q.dim() == k.dim() == v.dim() == 4 and k.shape == v.shape
             and q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3] and k.shape[2] > 0
-            and 0 < q.shape[3] <= NATIVE_HEAD_DIM and not q.shape[3] % 16
+            and 0 < q.shape[3] <= NATIVE_HEAD_DIM and not q.shape[3] % NATIVE_LANES
             and k.dtype == v.dtype == q.dtype
             and q.stride(3) == k.stride(3) == v.stride(3) == 1
             and k.stride(2) * k.element_size() < _GATHER_BYTES

@@ -57,14 +57,14 @@ def native_call(*tensors: Optional[torch.Tensor], backward: bool = False) -> boo
                  or not (torch.is_grad_enabled() and any(t.requires_grad for t in present))))
 
 
-#: The dtypes of the row kernels' inputs.
-NATIVE_ROW_DTYPES = (torch.float32, torch.bfloat16)
+#: The dtypes the kernels compute in (their inputs').
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def native_rows(x: torch.Tensor, *params: Optional[torch.Tensor]) -> bool:
     """Whether a row kernel may compute on ``x`` and the tensors ``params`` (its weights; their
     dtype, device and shape are the caller's to check): :func:`native_call`, and ``x`` a
     contiguous fp32 or bf16 CPU tensor of rows of a multiple of :data:`NATIVE_LANES` values."""
-    return (native_call(x, *params) and x.dtype in NATIVE_ROW_DTYPES and x.device.type == 'cpu'
+    return (native_call(x, *params) and x.dtype in NATIVE_DTYPES and x.device.type == 'cpu'
             and x.dim() > 0 and x.shape[-1] > 0 and not x.shape[-1] % NATIVE_LANES
             and x.is_contiguous())
