@@ -87,7 +87,7 @@ def native_extension() -> dict:
 
     # at::parallel_for is inlined into the extension: its threads need OpenMP, as PyTorch's Linux
     # wheels are built with (their libgomp.so.1 is then the one loaded)
-    sources = [f'mmtwins/csrc/{name}.cpp' for name in ('ext', 'attention', 'layer_norm')]
+    sources = [f'mmtwins/csrc/{name}.cpp' for name in ('ext', 'attention', 'gelu', 'layer_norm')]
     return dict(ext_modules=[CppExtension('mmtwins._ext', sources,
                                           extra_compile_args=['-O3', '-fopenmp'],
                                           extra_link_args=['-fopenmp'])],

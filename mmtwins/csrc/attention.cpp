@@ -66,22 +66,6 @@ struct Ops<at::BFloat16> {
   }
 };
 
-// 2**f = exp(f ln 2) by its Taylor series: the coefficients (ln 2)**i / i!.
-constexpr float kExp2Taylor[] = {1.f,          6.9314718e-01f, 2.4022651e-01f, 5.5504109e-02f,
-                                 9.6181291e-03f, 1.3333558e-03f, 1.5403530e-04f, 1.5252734e-05f};
-
-// 2**y for y <= 0: 2**f * 2**n, f in [-0.5, 0.5] by a Taylor polynomial of ``Degree`` (relative
-// error below 1e-7 for degree 7, 5e-5 for degree 4); exactly 0 below 2**-126 and for -inf.
-template <int Degree>
-MMTWINS_AVX512_BF16 inline __m512 exp2_nonpositive(__m512 y) {
-  const __mmask16 normal = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
-  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(y, n);
-  __m512 p = _mm512_set1_ps(kExp2Taylor[Degree]);
-  for (int i = Degree - 1; i >= 0; --i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Taylor[i]));
-  return _mm512_maskz_scalef_ps(normal, p, n);
-}
-
 // One head's keys and values, packed for the tiles, and a block's scores.
 //   kt: for each group of kStep channels, a row of kStep values per key, ``ldk`` values long
 //       (keys beyond the last are 0): 16 keys' products with one query are one register.

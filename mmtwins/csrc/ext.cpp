@@ -16,4 +16,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fp32 weight and bias: a new tensor of its dtype",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("gelu", &mmtwins::gelu,
+        "the exact GELU of a contiguous fp32 or bf16 CPU tensor of a multiple of 16 values",
+        py::arg("h"), py::call_guard<py::gil_scoped_release>());
+  m.def("gelu_with_grad", &mmtwins::gelu_with_grad,
+        "(gelu(h), grad * gelu'(h)) for contiguous fp32 or bf16 CPU tensors of one shape, a "
+        "multiple of 16 values",
+        py::arg("grad"), py::arg("h"), py::call_guard<py::gil_scoped_release>());
 }

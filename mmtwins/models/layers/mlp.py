@@ -10,7 +10,8 @@ allocated from the reused heap and still in cache when the next operation reads 
 
 In training, :class:`_ChunkedMlpFunction` keeps only its input and the pre-activation hidden
 chunks ``h`` for backward, and recomputes there what it needs of the rest: ``gelu(h)`` (autograd
-would keep ``h`` for the GELU and ``gelu(h)`` for ``fc2``, the widest tensor twice) and, when the
+would keep ``h`` for the GELU and ``gelu(h)`` for ``fc2``, the widest tensor twice; on CPUs with
+AVX512-BF16 one pass of :mod:`.gelu`'s kernel gives it with the GELU's gradient) and, when the
 block's pre-norm is passed in, the normalised tokens (autograd would keep them for ``fc1`` next to
 the norm's own input). With ``recompute_hidden`` it keeps only the input and recomputes ``h``
 chunk by chunk too. Values and gradients are those of ``fc2(gelu(fc1(norm(x))))`` up to the
@@ -23,10 +24,10 @@ into it, so the pre-activation is never stored.
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .gelu import gelu, gelu_with_grad
 from .graph import is_exporting
 from .linear import ChunkProducts, is_plain, linear, linear_grads, no_global_hooks, use_onednn
 from .norm import layer_norm
@@ -89,7 +90,7 @@ def _mlp_chunks(x: torch.Tensor, norm: Optional[_Norm], w1, b1, w2, b2, rows: Op
             h = fc1(xc)
             if keep is not None:
                 keep.append(h)
-            a = F.gelu(h)
+            a = gelu(h)
         if out is None:
             return fc2(a)
         fc2(a, out=out[s:e])
@@ -202,9 +203,12 @@ class _ChunkedMlpFunction(torch.autograd.Function):
             else:
                 xc, mean, rstd = norm.with_stats(x2[s:e])
             h = hidden[i] if hidden else linear(xc, w1c, b1c)
-            ga, gw2, gb2 = _linear_backward(g[s:e], F.gelu(h), w2c, True, gw2, gb2, need_w2,
-                                            need_b2, acc_dtype)
-            gh = torch.ops.aten.gelu_backward(ga, h)
+            # fc2's input gradient first (h stands in for gelu(h), of its shape and dtype: only
+            # the route reads it), so gelu(h) and the GELU's gradient come from one pass
+            ga = _linear_backward(g[s:e], h, w2c, True, None, None, False, False, acc_dtype)[0]
+            a, gh = gelu_with_grad(ga, h)
+            _, gw2, gb2 = _linear_backward(g[s:e], a, w2c, False, gw2, gb2, need_w2, need_b2,
+                                           acc_dtype)
             gxc, gw1, gb1 = _linear_backward(gh, xc, w1c, need_y, gw1, gb1, need_w1, need_b1,
                                              acc_dtype)
             if not need_y:

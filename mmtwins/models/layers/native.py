@@ -1,10 +1,11 @@
 """mmtwins' compiled CPU kernels (``mmtwins._ext``, sources in ``mmtwins/csrc``), and on which
 tensors they run.
 
-Two operations ran slower in PyTorch on a CPU with AVX512-BF16 and no AMX (an AMD EPYC Zen 5)
+Three operations ran slower in PyTorch on a CPU with AVX512-BF16 and no AMX (an AMD EPYC Zen 5)
 than they need to: attention (:mod:`.attention`, fp32 and bf16, in training the forward;
-PyTorch's fused kernel multiplies through MKL, which runs there at its AVX2 rate) and LayerNorm
-in inference (:mod:`.norm`, fp32 and bf16: PyTorch's is slow on rows of few channels). The
+PyTorch's fused kernel multiplies through MKL, which runs there at its AVX2 rate), LayerNorm
+in inference (:mod:`.norm`, fp32 and bf16: PyTorch's is slow on rows of few channels) and the
+GELU of a training MLP with its gradient (:mod:`.gelu`: two passes in PyTorch, one here). The
 install builds them on x86-64 Linux where torch is importable at build time (pip's ``setup.py``
 path or ``--no-build-isolation``, as ``tools/setup_env.sh`` installs) and a C++ compiler can
 (else it warns and installs without them); they run on CPUs with AVX512-BF16. Elsewhere, and
