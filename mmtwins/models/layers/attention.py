@@ -18,8 +18,8 @@ from .native import NATIVE_BF16, NATIVE_DTYPES, NATIVE_LANES, _ext, native_call
 from .norm import apply_norm
 
 #: Whether :func:`attend` runs mmtwins' compiled kernel (:mod:`.native`) here: built, on a CPU
-#: with AVX512-BF16 and no AMX (:func:`.linear.bf16_without_amx`; measured on an AMD EPYC Zen 5
-#: only: AMX CPUs, where PyTorch's kernel multiplies on AMX tiles, keep it).
+#: with AVX512-BF16 and no AMX (:func:`.linear.bf16_without_amx`; measured on AMD EPYC Zen 5 and
+#: Zen 4 CPUs: AMX CPUs, where PyTorch's kernel multiplies on AMX tiles, keep it).
 NATIVE_ATTENTION = NATIVE_BF16 and bf16_without_amx()
 
 #: The most channels per head the compiled kernel takes (a multiple of
