@@ -6,7 +6,7 @@ computes them in two passes over the chunk, ``F.gelu`` and ``gelu_backward``, ea
 erf and exp, and a pass over a chunk of a million values is bound by memory on a 2-core CPU.
 ``mmtwins._ext.gelu_with_grad`` (``mmtwins/csrc/gelu.cpp``; where it is built and runs:
 :mod:`.native`) gives both in one pass from one exp: on an AMD EPYC Zen 4, 0.26-0.32 ms per
-million values against 0.64-0.88 ms for PyTorch's two (fp32 and bf16; one-off timings). Its erf
+million values against 0.65-0.90 ms for PyTorch's two (fp32 and bf16; one-off timings). Its erf
 is the formula of PyTorch's and oneDNN's vectorised erf (Abramowitz and Stegun 7.1.26, to
 1.5e-7), its fp32 values within 1e-6 of the exact GELU and its gradient, as PyTorch's are.
 The forward's ``gelu(h)`` takes the same kernel, so the backward recomputes exactly the values
