@@ -15,8 +15,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
-#include <algorithm>
-
 namespace mmtwins {
 namespace {
 
