@@ -271,9 +271,9 @@ def saved_tensor_mb(model: nn.Module, x: torch.Tensor) -> float:
 #: in no category: it is part of the gap between ``total`` and ``wall_ms``. On CUDA the fused
 #: attention's kernels are launched by ``aten::_efficient_attention_forward`` and
 #: ``aten::_flash_attention_backward`` and the like, below ``scaled_dot_product_*``. mmtwins'
-#: compiled CPU kernels record themselves as ``mmtwins::attention`` and
-#: ``mmtwins::layer_norm``; the weights its MLPs reorder for oneDNN ahead of their products
-#: (``aten::mkldnn_reorder_conv2d_weight``) are copies.
+#: compiled CPU kernels record themselves as ``mmtwins::attention``, ``mmtwins::layer_norm``,
+#: ``mmtwins::gelu`` and ``mmtwins::gelu_with_grad``; the weights its MLPs reorder for oneDNN
+#: ahead of their products (``aten::mkldnn_reorder_conv2d_weight``) are copies.
 KERNEL_CATEGORIES = (
     ('matmul', ('aten::mm', 'aten::addmm', 'aten::addmm_', 'aten::bmm', 'aten::baddbmm',
                 'aten::baddbmm_'), ()),

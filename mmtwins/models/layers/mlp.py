@@ -203,11 +203,12 @@ class _ChunkedMlpFunction(torch.autograd.Function):
             else:
                 xc, mean, rstd = norm.with_stats(x2[s:e])
             h = hidden[i] if hidden else linear(xc, w1c, b1c)
+            gc = g[s:e]
             # fc2's input gradient first (h stands in for gelu(h), of its shape and dtype: only
             # the route reads it), so gelu(h) and the GELU's gradient come from one pass
-            ga = _linear_backward(g[s:e], h, w2c, True, None, None, False, False, acc_dtype)[0]
+            ga = _linear_backward(gc, h, w2c, True, None, None, False, False, acc_dtype)[0]
             a, gh = gelu_with_grad(ga, h)
-            _, gw2, gb2 = _linear_backward(g[s:e], a, w2c, False, gw2, gb2, need_w2, need_b2,
+            _, gw2, gb2 = _linear_backward(gc, a, w2c, False, gw2, gb2, need_w2, need_b2,
                                            acc_dtype)
             gxc, gw1, gb1 = _linear_backward(gh, xc, w1c, need_y, gw1, gb1, need_w1, need_b1,
                                              acc_dtype)
