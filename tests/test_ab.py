@@ -12,6 +12,7 @@ from probes import CountOps, analysis_tool
 from mmtwins.analysis import ab
 from mmtwins.analysis.ab import (_in_sys_modules, alternate, format_arms, module_at, patched,
                                  revision_arm)
+from mmtwins.analysis.peers import build_impl
 from mmtwins.models.backbones import SVT
 from mmtwins.models.layers import (GlobalSubsampledAttention, LocallyGroupedAttention, Mlp,
                                    PatchEmbed, attention)
@@ -135,6 +136,32 @@ def test_sdpa_ab_times_mmtwins_own_choice_too_where_it_takes_its_kernel(capsys):
                 patched(F, 'scaled_dot_product_attention', counted)():
             layer(x, (7, 7))
         assert bool(calls) == fused
+
+
+def test_sdpa_ab_records_each_distinct_attention_call_of_a_forward():
+    tool = analysis_tool('sdpa_ab')
+    torch.manual_seed(0)
+    model = build_impl('mmtwins', 'svt', 'small')
+    calls = tool.recorded_calls(model, torch.randn(1, 3, 64, 64), amp=False)
+    # SVT-S's 18 blocks: per stage one LSA and one GSA shape (stage 4: 2 x 2 maps, a window)
+    assert sum(c[-1] for c in calls.values()) == 18 and len(calls) == 8
+    for (q_key, k_key, v_key, mask_key, dtype), (q, k, v, mask, _) in calls.items():
+        assert (tuple(q.shape), q.stride()) == q_key and (tuple(k.shape), k.stride()) == k_key
+        assert (tuple(v.shape), v.stride()) == v_key and dtype == q.dtype == torch.float32
+        assert not q.requires_grad and (mask is None) == (mask_key is None)
+    amp = tool.recorded_calls(model, torch.randn(1, 3, 64, 64), amp=True)
+    assert {key[-1] for key in amp} == {torch.bfloat16}
+
+
+def test_sdpa_ab_times_each_call_and_their_sum(capsys):
+    tool = analysis_tool('sdpa_ab')
+    tool.main(['--calls', '--size', '32', '--steps', '6', '--variants', 'svt', '--batch', '1'])
+    *lines, total = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith('svt-small train float32 q (') for line in lines)
+    assert all(': pytorch ' in line and ', mmtwins ' in line for line in lines)
+    assert total.startswith('svt-small train fp32 32x32 batch 1, all calls of a forward: pytorch ')
+    with pytest.raises(SystemExit, match='--device cpu'):
+        tool.main(['--calls', '--device', 'cuda'])
 
 
 def test_patched_restores_static_methods_and_inherited_attributes():

@@ -1,5 +1,5 @@
-"""``attend``: PyTorch's fused attention, or in inference on CPUs with AVX512-BF16 and no AMX
-mmtwins' compiled kernel (fp32 and bf16), with the same values."""
+"""``attend``: PyTorch's fused attention, or on CPUs with AVX512-BF16 and no AMX mmtwins'
+compiled kernel and its backward (fp32 and bf16), with the same values and gradients."""
 import contextlib
 import math
 import types
@@ -20,17 +20,31 @@ needs_kernel = pytest.mark.skipif(not attention.NATIVE_ATTENTION,
                                   reason='the kernel runs on CPUs with AVX512-BF16, no AMX')
 
 
+class _Calls(list):
+    """Calls of the kernel, and of its backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.backward = []
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """The calls of the compiled kernel (their q), which runs as usual."""
-    calls = []
-    kernel = attention._ext.attention if attention._ext is not None else None
+    """The calls of the compiled kernel (their q), which runs as usual; its backward's calls
+    (their grad) in ``kernel_calls.backward``."""
+    calls = _Calls()
+    ext = attention._ext
 
     def spy(q, *args):
         calls.append(q)
-        return kernel(q, *args)
+        return ext.attention(q, *args)
 
-    monkeypatch.setattr(attention, '_ext', types.SimpleNamespace(attention=spy))
+    def backward_spy(grad, *args):
+        calls.backward.append(grad)
+        return ext.attention_backward(grad, *args)
+
+    monkeypatch.setattr(attention, '_ext', types.SimpleNamespace(
+        attention=spy, attention_backward=backward_spy))
     return calls
 
 
@@ -41,16 +55,23 @@ def stand_in(monkeypatch):
     run."""
     calls = []
 
+    def bias(mask):
+        return None if mask is None else torch.zeros(mask.shape).masked_fill_(~mask, -math.inf)
+
     def fake(q, k, v, mask, scale, with_lse=False):
         calls.append(q)
-        bias = None if mask is None else torch.zeros(mask.shape).masked_fill_(~mask, -math.inf)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0., False, attn_mask=bias, scale=scale)
+            q, k, v, 0., False, attn_mask=bias(mask), scale=scale)
         return out, lse if with_lse else None
+
+    def fake_backward(grad, q, k, v, out, lse, mask, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0., False, attn_mask=bias(mask), scale=scale)
 
     monkeypatch.setattr(attention, 'NATIVE_ATTENTION', True)
     monkeypatch.setattr(native, 'NATIVE_BF16', True)
-    monkeypatch.setattr(attention, '_ext', types.SimpleNamespace(attention=fake))
+    monkeypatch.setattr(attention, '_ext', types.SimpleNamespace(
+        attention=fake, attention_backward=fake_backward))
     return calls
 
 
@@ -88,10 +109,16 @@ def assert_near(out, q, k, v, mask=None):
     """fp32: within 1e-5 of the exact values (fp32 rounding of the sums), or no further off than
     PyTorch's kernel by twice (large scores, whose rounding the exp magnifies); bf16: no further
     off than PyTorch's kernel (which keeps the weights in fp32) by half again, or 0.02."""
-    err = (out.double() - exact(q, k, v, mask)).abs().max().item()
-    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    fused_err = (fused.double() - exact(q, k, v, mask)).abs().max().item()
-    if q.dtype == torch.float32:
+    assert_bounded(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                   exact(q, k, v, mask))
+
+
+def assert_bounded(got, fused, want):
+    """``got`` within :func:`assert_near`'s bounds of the exact ``want``, by the error of
+    PyTorch's kernel's ``fused``."""
+    err = (got.double() - want).abs().max().item()
+    fused_err = (fused.double() - want).abs().max().item()
+    if got.dtype == torch.float32:
         assert err < max(1e-5, 2 * fused_err)
     else:
         assert err < max(0.02, 1.5 * fused_err)
@@ -209,7 +236,7 @@ def test_contiguous_inputs_and_no_queries(kernel_calls):
 
 
 @pytest.mark.parametrize('case', [
-    'gradient without the fused backward', 'dropout', 'other CPU', 'exporting', 'compiling',
+    'dropout', 'other CPU', 'exporting', 'compiling',
     'fp16', 'fp16 autocast', 'bf16 autocast of fp32', 'float mask', '3-D', '0 channels',
     '24 channels', '144 channels', 'strided channels', 'broadcast keys', 'no keys'])
 def test_the_fused_kernel_runs_where_the_kernel_does_not_apply(stand_in, monkeypatch, case):
@@ -218,10 +245,7 @@ def test_the_fused_kernel_runs_where_the_kernel_does_not_apply(stand_in, monkeyp
                   nk=0 if case == 'no keys' else 49)
     dropout = 0.5 if case == 'dropout' else 0.
     mask, context = None, contextlib.nullcontext()
-    if case == 'gradient without the fused backward':  # a PyTorch without it
-        q.requires_grad_()
-        monkeypatch.setattr(attention, '_FUSED_BACKWARD', None)
-    elif case == 'other CPU':
+    if case == 'other CPU':
         monkeypatch.setattr(attention, 'NATIVE_ATTENTION', False)
     elif case == 'exporting':
         monkeypatch.setattr(graph, 'is_exporting', lambda: True)
@@ -252,7 +276,7 @@ def test_the_kernel_takes_tensors_with_and_without_gradients(stand_in):
     assert len(stand_in) == 2
 
 
-def test_a_gradient_takes_the_kernels_forward_and_pytorchs_fused_backward(stand_in):
+def test_a_gradient_takes_the_kernels_forward_and_backward(stand_in):
     q, k, v = (t.requires_grad_() for t in qkv())
     mask = torch.rand(3, 1, 1, 49) > 0.3
     mask[..., 0] = True
@@ -319,27 +343,110 @@ def test_whole_networks_in_inference_take_the_kernel(kernel_calls, monkeypatch, 
     assert autocast_cosine(model, x) >= 0.999
 
 
+def kernel_grads(q, k, v, mask=None, grad=None):
+    """The output and (dq, dk, dv) of :func:`attend` at ``grad`` (random if None), the kernel
+    asserted to have run both ways."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    if grad is None:
+        torch.manual_seed(2)
+        grad = torch.randn(q.shape).to(q.dtype)
+    fused, out = fused_ran(attend, q, k, v, mask)
+    assert not fused and out.requires_grad
+    return out, torch.autograd.grad(out, (q, k, v), grad), grad
+
+
+def assert_grads_near(grads, q, k, v, mask, grad):
+    """Each of (dq, dk, dv) of q's dtype and shape and within the bounds of
+    :func:`assert_near` of the exact gradients, by PyTorch's fused backward's error."""
+    def of(q, k, v, grad):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+    exact_grads = of(q.double(), k.double(), v.double(), grad.double())
+    for got, fused, want in zip(grads, of(q, k, v, grad), exact_grads):
+        assert got.dtype == q.dtype and got.shape == want.shape
+        assert_bounded(got, fused, want)
+
+
 @needs_kernel
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
-@pytest.mark.parametrize('mask_shape', [None, (3, 1, 1, 49), (3, 2, 49, 49)],
-                         ids=['no mask', 'key mask', 'per query and head'])
-def test_training_takes_the_kernel_and_pytorchs_fused_backward(kernel_calls, dtype, mask_shape):
-    q, k, v = (t.detach().requires_grad_() for t in qkv(dtype=dtype))
-    mask = None
-    if mask_shape:
-        torch.manual_seed(1)
-        mask = torch.rand(mask_shape) > 0.3
+@pytest.mark.parametrize('d', [16, 32, 48, 64, 80, 96, 112, 128])
+@pytest.mark.parametrize('keys', [1, 5, 49, 300])
+def test_the_backward_computes_the_gradients(kernel_calls, dtype, d, keys):
+    # keys: one, part of a register, LSA's windows, several tiles and a part; bf16 tensors
+    # widened to fp32, their gradients rounded back
+    q, k, v = qkv(nk=keys, d=d, dtype=dtype)
+    out, grads, grad = kernel_grads(q, k, v)
+    assert len(kernel_calls) == len(kernel_calls.backward) == 1
+    # (B, N, heads, d) memory, as the forward's output
+    assert all(g.transpose(1, 2).is_contiguous() for g in grads)
+    assert_grads_near(grads, q, k, v, None, grad)
+
+
+@needs_kernel
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+@pytest.mark.parametrize('queries', [1, 63, 65, 700])
+def test_the_backwards_rows_split_over_blocks_and_tasks(kernel_calls, dtype, queries):
+    # one head: its rows split into chunks of whole 64-row blocks, each summing its own dk
+    # and dv, on every thread count; sharp weights (some below 2**-126) among them
+    q, k, v = qkv(batch=1, heads=1, nq=queries, nk=37, dtype=dtype)
+    q = q * torch.linspace(1, 30, queries)[:, None].to(dtype)
+    threads = torch.get_num_threads()
+    _, grads, grad = kernel_grads(q, k, v)
+    torch.set_num_threads(1)
+    try:
+        _, alone, _ = kernel_grads(q, k, v)
+    finally:
+        torch.set_num_threads(threads)
+    assert_grads_near(grads, q, k, v, None, grad)
+    assert_grads_near(alone, q, k, v, None, grad)
+
+
+@needs_kernel
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['fp32', 'bf16'])
+@pytest.mark.parametrize('mask_shape', [(3, 1, 1, 49), (3, 2, 49, 49), (49, 49), (3, 1, 49, 1)],
+                         ids=['key mask', 'per query and head', '2-D', 'per query'])
+def test_masked_keys_get_no_gradient(kernel_calls, dtype, mask_shape):
+    q, k, v = qkv(dtype=dtype)
+    torch.manual_seed(1)
+    mask = torch.rand(mask_shape) > 0.3
+    if mask_shape[-1] > 1:
         mask[..., 0] = True
-    grad = torch.randn(q.shape).to(dtype)
-    fused, out = fused_ran(attend, q, k, v, mask)
-    assert not fused and len(kernel_calls) == 1 and out.requires_grad
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    expected = torch.autograd.grad(reference, (q, k, v), grad)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
-    torch.testing.assert_close(out, reference, **tol)
-    for g, e in zip(grads, expected):
-        torch.testing.assert_close(g, e, **tol)
+    mask = mask.expand(3, 2, 49, 49).clone()
+    mask[1, 0, :, 3] = False  # a key no query attends: dk, dv 0
+    mask[2, 1, 4] = False  # a query without keys: output and dq 0
+    _, (dq, dk, dv), grad = kernel_grads(q, k, v, mask)
+    assert dk[1, 0, 3].eq(0).all() and dv[1, 0, 3].eq(0).all() and dq[2, 1, 4].eq(0).all()
+    attends = mask.any(-1)
+    assert dq[~attends].eq(0).all()
+    # the rest against a reference where the queries without keys have no gradient
+    assert_grads_near((dq, dk, dv), q, k, v, mask | ~attends[..., None],
+                      grad * attends[..., None])
+
+
+@needs_kernel
+def test_the_backward_takes_broadcast_gradients_contiguous_inputs_and_no_queries(kernel_calls):
+    q, k, v = (t.contiguous() for t in qkv(nk=20))
+    grad = torch.ones(()).expand(q.shape)  # what out.sum() sends back
+    assert_grads_near(kernel_grads(q, k, v, grad=grad)[1], q, k, v, None, grad)
+    dq, dk, dv = kernel_grads(q[:, :, :0], k, v)[1]
+    assert dq.shape == (3, 2, 0, 32) and dk.eq(0).all() and dv.eq(0).all()
+
+
+@needs_kernel
+def test_the_backward_checks_its_arguments():
+    q, k, v = qkv()
+    out, lse = attention._ext.attention(q, k, v, None, 32 ** -0.5, True)
+    backward = attention._ext.attention_backward
+    with pytest.raises(RuntimeError, match="grad and out of q's shape and dtype"):
+        backward(out[:, :, 1:], q, k, v, out, lse, None, 32 ** -0.5)
+    with pytest.raises(RuntimeError, match='fp32 log-sum-exps'):
+        backward(out, q, k, v, out, lse[..., 1:], None, 32 ** -0.5)
+    with pytest.raises(RuntimeError, match='q, k and v all fp32 or all bf16'):
+        backward(out, q, k.double(), v, out, lse, None, 32 ** -0.5)
+    with pytest.raises(RuntimeError, match='a boolean CPU mask'):
+        backward(out, q, k, v, out, lse, torch.zeros(49), 32 ** -0.5)
 
 
 @needs_kernel

@@ -1,4 +1,5 @@
-// Attention's forward on x86-64 CPUs with AVX-512 (mmtwins._ext.attention), fp32 or bf16.
+// Attention on x86-64 CPUs with AVX-512, fp32 or bf16: the forward (mmtwins._ext.attention)
+// and the backward (mmtwins._ext.attention_backward, below).
 //
 // softmax(q k^T * scale) v for every (batch entry, head), query rows in blocks of kBlockRows:
 // the block's scores (fp32, one row of every key) stay in L1 between the three steps, keys and
@@ -8,7 +9,7 @@
 // product with v (as a bf16 matmul rounds them). The softmax runs in fp32: exp to about 1e-7
 // relative in fp32 (5e-5 in bf16), normalised on the output, not on the weights. A row whose
 // every key is masked gives zeros (as PyTorch's fused CPU kernel does); training takes each
-// row's log-sum-exp of its scores too, for PyTorch's fused backward.
+// row's log-sum-exp of its scores too, for the backward.
 //
 // PyTorch's fused CPU kernel multiplies through its BLAS, which on an AMD EPYC Zen 5 is MKL at
 // its AVX2 rate (about 240 GFLOP/s for fp32 on 2 cores, against 500 for oneDNN's AVX-512
@@ -66,6 +67,26 @@ struct Ops<at::BFloat16> {
   }
 };
 
+// dst[c / kStep][j * kStep, (j + 1) * kStep) = src[j][c, c + kStep) for ``keys`` rows j of
+// ``src`` (``row`` elements apart) and d channels c, rows of dst ``ld`` elements apart: k^T as
+// rows of 32-bit words (kStep channels each), gathered 16 keys a register.
+template <typename T>
+MMTWINS_AVX512_BF16 void transpose_words(const T* src, int64_t row, int64_t keys, int64_t d,
+                                         T* dst, int64_t ld) {
+  constexpr int s = Ops<T>::kStep;
+  const __m512i offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(row * int64_t(sizeof(T)))));
+  for (int64_t j = 0; j < keys; j += kLanes) {
+    const __mmask16 lanes = first_lanes(keys - j);
+    for (int64_t c = 0; c < d; c += s) {
+      const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, offsets,
+                                                        src + j * row + c, 1);
+      _mm512_mask_storeu_epi32(dst + c / s * ld + j * s, lanes, words);
+    }
+  }
+}
+
 // One head's keys and values, packed for the tiles, and a block's scores.
 //   kt: for each group of kStep channels, a row of kStep values per key, ``ldk`` values long
 //       (keys beyond the last are 0): 16 keys' products with one query are one register.
@@ -87,22 +108,11 @@ struct Workspace {
     scores.resize(kBlockRows * width);
   }
 
-  // k^T is a transpose of 32-bit words (kStep channels each): gathered, 16 keys a register.
+  // k^T by transpose_words, v in pairs of keys
   MMTWINS_AVX512_BF16 void pack(const T* k, int64_t k_row, const T* v, int64_t v_row,
                                 int64_t keys, int64_t d) {
     constexpr int s = Ops<T>::kStep;
-    const int64_t row_bytes = k_row * int64_t(sizeof(T));
-    const __m512i offsets = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
-    for (int64_t j = 0; j < keys; j += kLanes) {
-      const __mmask16 lanes = first_lanes(keys - j);
-      for (int64_t c = 0; c < d; c += s) {
-        const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, offsets,
-                                                          k + j * k_row + c, 1);
-        _mm512_mask_storeu_epi32(kt.data() + c / s * ldk + j * s, lanes, words);
-      }
-    }
+    transpose_words(k, k_row, keys, d, kt.data(), ldk);
     for (int64_t j = 0; j < keys; j += s) {
       T* dst = vp.data() + j / s * d * s;
       const T* a = v + j * v_row;
@@ -142,34 +152,35 @@ MMTWINS_AVX512_BF16 inline void qk_tile(const T* q, int64_t q_row, const T* kt, 
     for (int t = 0; t < NJ; ++t) _mm512_storeu_ps(scores + r * width + t * kLanes, acc[r][t]);
 }
 
-// R rows of scores against every key.
+// R rows of scores against every key of kt (rows ``ldk`` values apart, ``width`` keys).
 template <typename T, int R>
-MMTWINS_AVX512_BF16 void qk_rows(const T* q, int64_t q_row, const Workspace<T>& w, int64_t d,
-                                 float* scores) {
+MMTWINS_AVX512_BF16 void qk_rows(const T* q, int64_t q_row, const T* kt, int64_t ldk,
+                                 int64_t width, int64_t d, float* scores) {
   constexpr int s = Ops<T>::kStep;
   int64_t j = 0;
-  for (; j + 2 * kLanes <= w.width; j += 2 * kLanes)
-    qk_tile<T, R, 2>(q, q_row, w.kt.data() + j * s, w.ldk, d, scores + j, w.width);
-  for (; j < w.width; j += kLanes)
-    qk_tile<T, R, 1>(q, q_row, w.kt.data() + j * s, w.ldk, d, scores + j, w.width);
+  for (; j + 2 * kLanes <= width; j += 2 * kLanes)
+    qk_tile<T, R, 2>(q, q_row, kt + j * s, ldk, d, scores + j, width);
+  for (; j < width; j += kLanes)
+    qk_tile<T, R, 1>(q, q_row, kt + j * s, ldk, d, scores + j, width);
 }
 
+// scores (rows of ``width``) = q kt for ``rows`` rows of q.
 template <typename T>
-MMTWINS_AVX512_BF16 void qk_block(const T* q, int64_t q_row, int rows, const Workspace<T>& w,
-                                  int64_t d, float* scores) {
+MMTWINS_AVX512_BF16 void qk_block(const T* q, int64_t q_row, int rows, const T* kt, int64_t ldk,
+                                  int64_t width, int64_t d, float* scores) {
   int r = 0;
   for (; r + kTileRows <= rows; r += kTileRows)
-    qk_rows<T, kTileRows>(q + r * q_row, q_row, w, d, scores + r * w.width);
+    qk_rows<T, kTileRows>(q + r * q_row, q_row, kt, ldk, width, d, scores + r * width);
   const T* qr = q + r * q_row;
-  float* sr = scores + r * w.width;
+  float* sr = scores + r * width;
   switch (rows - r) {
-    case 1: return qk_rows<T, 1>(qr, q_row, w, d, sr);
-    case 2: return qk_rows<T, 2>(qr, q_row, w, d, sr);
-    case 3: return qk_rows<T, 3>(qr, q_row, w, d, sr);
-    case 4: return qk_rows<T, 4>(qr, q_row, w, d, sr);
-    case 5: return qk_rows<T, 5>(qr, q_row, w, d, sr);
-    case 6: return qk_rows<T, 6>(qr, q_row, w, d, sr);
-    case 7: return qk_rows<T, 7>(qr, q_row, w, d, sr);
+    case 1: return qk_rows<T, 1>(qr, q_row, kt, ldk, width, d, sr);
+    case 2: return qk_rows<T, 2>(qr, q_row, kt, ldk, width, d, sr);
+    case 3: return qk_rows<T, 3>(qr, q_row, kt, ldk, width, d, sr);
+    case 4: return qk_rows<T, 4>(qr, q_row, kt, ldk, width, d, sr);
+    case 5: return qk_rows<T, 5>(qr, q_row, kt, ldk, width, d, sr);
+    case 6: return qk_rows<T, 6>(qr, q_row, kt, ldk, width, d, sr);
+    case 7: return qk_rows<T, 7>(qr, q_row, kt, ldk, width, d, sr);
     default: return;
   }
 }
@@ -289,8 +300,8 @@ MMTWINS_AVX512_BF16 void head_rows(const Head& h, int64_t begin, int64_t end, in
   float inv[kBlockRows];
   for (int64_t n = begin; n < end; n += kBlockRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kBlockRows, end - n));
-    qk_block<T>(static_cast<const T*>(h.q) + n * h.q_row, h.q_row, rows, w, d,
-                w.scores.data());
+    qk_block<T>(static_cast<const T*>(h.q) + n * h.q_row, h.q_row, rows, w.kt.data(), w.ldk,
+                w.width, d, w.scores.data());
     softmax_block<T>(w.scores.data(), rows, w.width, keys, scale,
                      h.mask ? h.mask + n * h.mask_row : nullptr, h.mask_row, inv,
                      h.lse ? h.lse + n * h.lse_row : nullptr, h.lse_row);
@@ -340,37 +351,235 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   });
 }
 
+
+// ---- The backward, in fp32 (bf16 tensors are widened to fp32 first) ----
+//
+// For each (batch entry, head), with P = softmax(scale q k^T) recomputed from the forward's
+// log-sum-exps and delta = rowsum(grad * out):
+//   dv = P^T grad,  dS = scale P * (grad v^T - delta),  dq = dS k,  dk = dS^T q.
+// Query rows in blocks of kBackRows (the block's P and dS, one row of every key each, stay in
+// L2 between the steps); dk and dv accumulate over the blocks of a task, a range of one head's
+// query rows, and over the tasks of a head (a head's rows are split only where there are fewer
+// than 4 heads a thread).
+
+constexpr int kBackRows = 64;  // query rows whose P and dS are computed together
+constexpr int kAxpyRegisters = 24;  // accumulators of an axpy tile (rows x d / 16)
+
+// out[i] (+)= sum_{j < n} a[i * a_row + j * a_col] * b[j * b_row] for R rows i of DV registers
+// (16 * DV channels) each: rows of a (or with a_row 1, columns) times the rows of b.
+template <int R, int DV, bool kAdd>
+MMTWINS_AVX512_BF16 inline void axpy_tile(const float* a, int64_t a_row, int64_t a_col,
+                                          const float* b, int64_t b_row, int64_t n, float* out,
+                                          int64_t out_row) {
+  __m512 acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < DV; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 values[DV];
+    for (int t = 0; t < DV; ++t) values[t] = _mm512_loadu_ps(b + j * b_row + t * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * a_row + j * a_col]);
+      for (int t = 0; t < DV; ++t) acc[r][t] = _mm512_fmadd_ps(x, values[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < DV; ++t) {
+      float* o = out + r * out_row + t * kLanes;
+      _mm512_storeu_ps(o, kAdd ? _mm512_add_ps(acc[r][t], _mm512_loadu_ps(o)) : acc[r][t]);
+    }
+}
+
+// axpy_tile over ``rows`` rows i.
+template <int DV, bool kAdd>
+MMTWINS_AVX512_BF16 void axpy_rows(const float* a, int64_t a_row, int64_t a_col, int64_t rows,
+                                   const float* b, int64_t b_row, int64_t n, float* out,
+                                   int64_t out_row) {
+  constexpr int R = std::max(1, kAxpyRegisters / DV);
+  int64_t i = 0;
+  for (; i + R <= rows; i += R)
+    axpy_tile<R, DV, kAdd>(a + i * a_row, a_row, a_col, b, b_row, n, out + i * out_row, out_row);
+  for (; i + 4 <= rows; i += 4)
+    axpy_tile<4, DV, kAdd>(a + i * a_row, a_row, a_col, b, b_row, n, out + i * out_row, out_row);
+  for (; i < rows; ++i)
+    axpy_tile<1, DV, kAdd>(a + i * a_row, a_row, a_col, b, b_row, n, out + i * out_row, out_row);
+}
+
+// In place over ``rows`` rows of scores s and of dp = grad v^T (``width`` floats each):
+// s = P = exp(scale * s - lse) (0 for keys beyond ``keys`` and where ``mask``, bytes of
+// ``mask_row`` per row, is 0) and dp = scale * P * (dp - delta).
+MMTWINS_AVX512_BF16 void softmax_gradient(float* s, float* dp, int rows, int64_t width,
+                                          int64_t keys, float scale, const uint8_t* mask,
+                                          int64_t mask_row, const float* lse, int64_t lse_row,
+                                          const float* delta) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const __m512 to_log2 = _mm512_set1_ps(scale * kLog2e), scale_v = _mm512_set1_ps(scale);
+  for (int r = 0; r < rows; ++r) {
+    float* sr = s + r * width;
+    float* dpr = dp + r * width;
+    const uint8_t* m = mask ? mask + r * mask_row : nullptr;
+    const __m512 shift = _mm512_set1_ps(lse[r * lse_row] * kLog2e);
+    const __m512 dr = _mm512_set1_ps(delta[r]);
+    for (int64_t j = 0; j < width; j += kLanes) {
+      __mmask16 lanes = first_lanes(keys - j);
+      if (m) {
+        const __m128i bytes = _mm_maskz_loadu_epi8(lanes, m + j);
+        lanes &= _mm_test_epi8_mask(bytes, bytes);
+      }
+      const __m512 y = _mm512_fmsub_ps(_mm512_loadu_ps(sr + j), to_log2, shift);
+      const __m512 p = _mm512_maskz_mov_ps(lanes, exp2_nonpositive<7>(y));
+      _mm512_storeu_ps(sr + j, p);
+      const __m512 g = _mm512_sub_ps(_mm512_loadu_ps(dpr + j), dr);
+      _mm512_storeu_ps(dpr + j, _mm512_mul_ps(_mm512_mul_ps(p, scale_v), g));
+    }
+  }
+}
+
+// One (batch entry, head)'s fp32 rows, and its task's outputs: dq rows, and dk and dv rows
+// that the task accumulates into (zeros at first).
+struct BackwardHead {
+  const float *grad, *q, *k, *v, *out, *lse;
+  const uint8_t* mask;
+  float *dq, *dk, *dv;
+  int64_t grad_row, q_row, k_row, v_row, out_row, lse_row, mask_row, dq_row, dkv_row;
+};
+
+// A task's buffers: k^T and v^T (as Workspace<float>::kt), and a block's P, dS and deltas.
+struct BackwardWorkspace {
+  int64_t width, ldk;
+  std::vector<float> kt, vt, p, ds;
+
+  BackwardWorkspace(int64_t keys, int64_t d)
+      : width((keys + kLanes - 1) / kLanes * kLanes), ldk(width + kKeyPad),
+        kt(d * ldk, 0.f), vt(d * ldk, 0.f), p(kBackRows * width), ds(kBackRows * width) {}
+};
+
+// rowsum(grad * out) for ``rows`` rows of d = DV * 16 channels.
+template <int DV>
+MMTWINS_AVX512_BF16 void deltas(const float* grad, int64_t grad_row, const float* out,
+                                int64_t out_row, int rows, float* delta) {
+  for (int r = 0; r < rows; ++r) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int t = 0; t < DV; ++t)
+      sum = _mm512_fmadd_ps(_mm512_loadu_ps(grad + r * grad_row + t * kLanes),
+                            _mm512_loadu_ps(out + r * out_row + t * kLanes), sum);
+    delta[r] = _mm512_reduce_add_ps(sum);
+  }
+}
+
+// Query rows [begin, end) of one head.
+template <int DV>
+MMTWINS_AVX512_BF16 void backward_rows(const BackwardHead& h, int64_t begin, int64_t end,
+                                       int64_t keys, float scale, BackwardWorkspace& w) {
+  constexpr int64_t d = DV * kLanes;
+  transpose_words(h.k, h.k_row, keys, d, w.kt.data(), w.ldk);
+  transpose_words(h.v, h.v_row, keys, d, w.vt.data(), w.ldk);
+  float delta[kBackRows];
+  for (int64_t n = begin; n < end; n += kBackRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kBackRows, end - n));
+    const float* q = h.q + n * h.q_row;
+    const float* grad = h.grad + n * h.grad_row;
+    qk_block<float>(q, h.q_row, rows, w.kt.data(), w.ldk, w.width, d, w.p.data());
+    qk_block<float>(grad, h.grad_row, rows, w.vt.data(), w.ldk, w.width, d, w.ds.data());
+    deltas<DV>(grad, h.grad_row, h.out + n * h.out_row, h.out_row, rows, delta);
+    softmax_gradient(w.p.data(), w.ds.data(), rows, w.width, keys, scale,
+                     h.mask ? h.mask + n * h.mask_row : nullptr, h.mask_row,
+                     h.lse + n * h.lse_row, h.lse_row, delta);
+    // dq = dS k; dv += P^T grad; dk += dS^T q (with a_row 1 the rows of P^T and dS^T)
+    axpy_rows<DV, false>(w.ds.data(), w.width, 1, rows, h.k, h.k_row, keys, h.dq + n * h.dq_row,
+                         h.dq_row);
+    if (n == begin) {  // the task's first block writes dk and dv
+      axpy_rows<DV, false>(w.p.data(), 1, w.width, keys, grad, h.grad_row, rows, h.dv,
+                           h.dkv_row);
+      axpy_rows<DV, false>(w.ds.data(), 1, w.width, keys, q, h.q_row, rows, h.dk, h.dkv_row);
+    } else {
+      axpy_rows<DV, true>(w.p.data(), 1, w.width, keys, grad, h.grad_row, rows, h.dv,
+                          h.dkv_row);
+      axpy_rows<DV, true>(w.ds.data(), 1, w.width, keys, q, h.q_row, rows, h.dk, h.dkv_row);
+    }
+  }
+}
+
+// dq (B, N, heads, d) memory; dk and dv (chunks, B, M, heads, d), chunk c the sums over each
+// head's query rows [c * chunk_rows, (c + 1) * chunk_rows), none of them empty.
+void backward_run(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                  const at::Tensor& mask, double scale, int64_t chunk_rows, at::Tensor& dq,
+                  at::Tensor& dk, at::Tensor& dv) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), M = k.size(2);
+  const int64_t chunks = dk.size(0);
+  const uint8_t* mp =
+      mask.defined() ? reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>()) : nullptr;
+  auto at_head = [](const at::Tensor& t, int64_t b, int64_t h) {
+    return t.const_data_ptr<float>() + b * t.stride(0) + h * t.stride(1);
+  };
+  at::parallel_for(0, B * H * chunks, 1, [&](int64_t first, int64_t last) {
+    BackwardWorkspace w(M, d);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t b = task / chunks / H, h = task / chunks % H, chunk = task % chunks;
+      const int64_t begin = chunk * chunk_rows, end = std::min(N, begin + chunk_rows);
+      const int64_t dkv = chunk * dk.stride(0) + b * dk.stride(1) + h * d;
+      const BackwardHead head{
+          at_head(grad, b, h), at_head(q, b, h), at_head(k, b, h), at_head(v, b, h),
+          at_head(out, b, h), at_head(lse, b, h),
+          mp ? mp + b * mask.stride(0) + h * mask.stride(1) : nullptr,
+          dq.mutable_data_ptr<float>() + b * dq.stride(0) + h * d,
+          dk.mutable_data_ptr<float>() + dkv, dv.mutable_data_ptr<float>() + dkv,
+          grad.stride(2), q.stride(2), k.stride(2), v.stride(2), out.stride(2), lse.stride(2),
+          mp ? mask.stride(2) : 0, dq.stride(1), dk.stride(2)};
+      switch (d / kLanes) {
+        case 1: backward_rows<1>(head, begin, end, M, scale, w); break;
+        case 2: backward_rows<2>(head, begin, end, M, scale, w); break;
+        case 3: backward_rows<3>(head, begin, end, M, scale, w); break;
+        case 4: backward_rows<4>(head, begin, end, M, scale, w); break;
+        case 5: backward_rows<5>(head, begin, end, M, scale, w); break;
+        case 6: backward_rows<6>(head, begin, end, M, scale, w); break;
+        case 7: backward_rows<7>(head, begin, end, M, scale, w); break;
+        case 8: backward_rows<8>(head, begin, end, M, scale, w); break;
+      }
+    }
+  });
+}
+
+// The mask expanded to (B, heads, N, M) (undefined for none) if q, k, v and mask are as
+// attention() takes them; else an error naming ``op``.
+at::Tensor checked_mask(const char* op, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const c10::optional<at::Tensor>& mask,
+                        double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() &&
+                  q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              op, ": 4-D CPU tensors (batch, heads, rows, channels)");
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), op, ": a positive scale");
+  TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
+                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              op, ": q, k and v all fp32 or all bf16");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), M = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == d && v.sizes() == k.sizes(),
+              op, ": k and v of shape (batch, heads, keys, channels) as q's");
+  TORCH_CHECK(d % kLanes == 0 && d > 0 && d <= 8 * kLanes,
+              op, ": channels a multiple of 16, at most 128");
+  TORCH_CHECK(M > 0, op, ": at least one key");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              op, ": channels contiguous");
+  // the packing gathers 16 keys by 32-bit byte offsets
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(M == 1 || t->stride(2) * int64_t(t->element_size()) * (kLanes - 1) <= INT32_MAX,
+                op, ": keys and values at most 2**31 / 15 bytes apart");
+  if (!mask || !mask->defined()) return at::Tensor();
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->device().is_cpu(),
+              op, ": a boolean CPU mask");
+  at::Tensor m = mask->expand({B, H, N, M});
+  TORCH_CHECK(M == 1 || m.stride(3) == 1, op, ": the mask's keys contiguous");
+  return m;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tensor& k,
                                              const at::Tensor& v,
                                              const c10::optional<at::Tensor>& mask, double scale,
                                              bool with_lse) {
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() &&
-                  q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "attention: 4-D CPU tensors (batch, heads, rows, channels)");
-  TORCH_CHECK(scale > 0 && std::isfinite(scale), "attention: a positive scale");
-  TORCH_CHECK((q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
-                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "attention: q, k and v all fp32 or all bf16");
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), M = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == d && v.sizes() == k.sizes(),
-              "attention: k and v of shape (batch, heads, keys, channels) as q's");
-  TORCH_CHECK(d % kLanes == 0 && d > 0 && d <= 8 * kLanes,
-              "attention: channels a multiple of 16, at most 128");
-  TORCH_CHECK(M > 0, "attention: at least one key");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
-              "attention: channels contiguous");
-  // the packing gathers 16 keys by 32-bit byte offsets
-  TORCH_CHECK(M == 1 || k.stride(2) * int64_t(k.element_size()) * (kLanes - 1) <= INT32_MAX,
-              "attention: keys at most 2**31 / 15 bytes apart");
-  at::Tensor m;
-  if (mask && mask->defined()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->device().is_cpu(),
-                "attention: a boolean CPU mask");
-    m = mask->expand({B, H, N, M});
-    TORCH_CHECK(M == 1 || m.stride(3) == 1, "attention: the mask's keys contiguous");
-  }
+  const at::Tensor m = checked_mask("attention", q, k, v, mask, scale);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
   // (B, N, heads, d) memory, as PyTorch's fused kernel returns
   RECORD_FUNCTION("mmtwins::attention", std::vector<c10::IValue>({q, k, v}));
   at::Tensor out = at::empty({B, N, H, d}, q.options());
@@ -382,6 +591,50 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
   else
     run<at::BFloat16>(q, k, v, m, scale, out, lse);
   return {out.transpose(1, 2), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& mask,
+    double scale) {
+  const at::Tensor m = checked_mask("attention_backward", q, k, v, mask, scale);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3), M = k.size(2);
+  TORCH_CHECK(grad.sizes() == q.sizes() && out.sizes() == q.sizes() && grad.device().is_cpu() &&
+                  out.device().is_cpu() && grad.scalar_type() == q.scalar_type() &&
+                  out.scalar_type() == q.scalar_type(),
+              "attention_backward: grad and out of q's shape and dtype");
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat &&
+                  lse.sizes() == at::IntArrayRef({B, H, N}),
+              "attention_backward: fp32 log-sum-exps (batch, heads, rows)");
+  RECORD_FUNCTION("mmtwins::attention_backward", std::vector<c10::IValue>({grad, q, k, v}));
+  // fp32 with the channels contiguous (bf16 widened; a gradient may come broadcast)
+  auto wide = [](const at::Tensor& t) {
+    const at::Tensor f = t.to(at::kFloat);
+    return f.stride(-1) == 1 ? f : f.contiguous();
+  };
+  const at::Tensor g32 = wide(grad), q32 = wide(q), k32 = wide(k), v32 = wide(v),
+                   o32 = wide(out);
+  // a head's rows split into chunks of whole blocks where there are fewer than 4 heads a
+  // thread, none empty
+  const int64_t blocks = (N + kBackRows - 1) / kBackRows;
+  const int64_t heads = std::max<int64_t>(1, B * H);
+  const int64_t split = std::max<int64_t>(
+      1, std::min(blocks, (4 * at::get_num_threads() + heads - 1) / heads));
+  const int64_t chunk_rows = std::max<int64_t>(1, (blocks + split - 1) / split) * kBackRows;
+  const int64_t chunks = std::max<int64_t>(1, (N + chunk_rows - 1) / chunk_rows);
+  // (B, N, heads, d) memory, as the forward's output; dk and dv one sum a chunk (no rows: 0)
+  at::Tensor dq = at::empty({B, N, H, d}, q32.options());
+  at::Tensor dk = at::empty({chunks, B, M, H, d}, q32.options()), dv = at::empty_like(dk);
+  if (!N) {
+    dk.zero_();
+    dv.zero_();
+  }
+  backward_run(g32, q32, k32, v32, o32, lse, m, scale, chunk_rows, dq, dk, dv);
+  auto result = [&](const at::Tensor& t) {
+    return t.transpose(-3, -2).to(q.scalar_type());
+  };
+  return {result(dq), result(chunks == 1 ? dk[0] : dk.sum(0)),
+          result(chunks == 1 ? dv[0] : dv.sum(0))};
 }
 
 }  // namespace mmtwins

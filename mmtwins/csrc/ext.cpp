@@ -11,6 +11,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "scaled scores (batch, heads, rows) in fp32 (else None)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("scale"),
         py::arg("with_lse") = false, py::call_guard<py::gil_scoped_release>());
+  m.def("attention_backward", &mmtwins::attention_backward,
+        "the gradients (dq, dk, dv) of attention at grad, from its output and log-sum-exps for "
+        "the same q, k, v, mask and scale: q's dtype, views of (batch, rows, heads, channels) "
+        "memory",
+        py::arg("grad"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("mask"), py::arg("scale"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("layer_norm", &mmtwins::layer_norm,
         "LayerNorm over the last dim (a multiple of 16) of a contiguous fp32 or bf16 CPU tensor, "
         "fp32 weight and bias: a new tensor of its dtype",

@@ -65,6 +65,14 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
                                              const c10::optional<at::Tensor>& mask, double scale,
                                              bool with_lse);
 
+// The gradients (dq, dk, dv) of attention() at ``grad`` (q's shape and dtype), from its ``out``
+// and log-sum-exps ``lse`` for the same q, k, v, mask and scale: q's dtype, each a view of
+// (B, rows, heads, d) memory.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const c10::optional<at::Tensor>& mask,
+    double scale);
+
 // LayerNorm over the last dim of a contiguous fp32 or bf16 CPU tensor (a multiple of 16 channels)
 // with fp32 weight and bias: a new tensor of x's dtype.
 at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

@@ -2,8 +2,8 @@
 
 Both take ``x`` of shape (B, N, C) with N = H * W tokens in row-major order and ``hw = (H, W)``,
 and return (B, N, C). Attention runs through :func:`attend` (PyTorch's fused kernel, or on
-some CPUs mmtwins' compiled one, whose gradient PyTorch's fused backward computes), the linears
-through :func:`.linear.apply_linear` (oneDNN on x86-64 CPUs, see there).
+some CPUs mmtwins' compiled one, forward and backward), the linears through
+:func:`.linear.apply_linear` (oneDNN on x86-64 CPUs, see there).
 """
 from typing import Optional, Tuple
 
@@ -30,21 +30,15 @@ NATIVE_HEAD_DIM = 128
 #: offsets.
 _GATHER_BYTES = 2**31 // NATIVE_LANES
 
-#: PyTorch's fused CPU backward, from the forward's output and log-sum-exps (None in a PyTorch
-#: without it: the kernel then runs in inference only).
-_FUSED_BACKWARD = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu_backward',
-                          None)
-
-
 def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-            dropout_p: float, backward: bool) -> bool:
+            dropout_p: float) -> bool:
     """Whether :func:`attend` runs the compiled kernel: on a CPU of :data:`NATIVE_ATTENTION`,
     fp32 or bf16 (B, heads, N, d) tensors, the channels contiguous, d a multiple of 16 up to
     :data:`NATIVE_HEAD_DIM`, keys and values of the queries' batch, heads and dtype (not
     broadcast), at least one key, a boolean mask or none, no dropout, no autocast to another
     dtype, and what :func:`.native.native_call` asks (not while recording a graph: an exported
-    or compiled graph keeps the one attention operator); a gradient only where ``backward``
-    (:data:`_FUSED_BACKWARD` computes it). It takes the place of ``F.scaled_dot_product_attention``
+    or compiled graph keeps the one attention operator), with or without a gradient (the kernel
+    has its backward). It takes the place of ``F.scaled_dot_product_attention``
     there, so a ``sdpa_kernel`` context or a function mode around it does not see these calls."""
     if not (NATIVE_ATTENTION and q.device.type == k.device.type == v.device.type == 'cpu'
             and q.dtype in NATIVE_DTYPES and not dropout_p
@@ -58,13 +52,13 @@ def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[to
         return False
     if torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') != q.dtype:
         return False
-    return native_call(q, k, v, mask, backward=backward and _FUSED_BACKWARD is not None)
+    return native_call(q, k, v, mask, backward=True)
 
 
 class _Attention(torch.autograd.Function):
-    """The compiled kernel's forward; PyTorch's fused CPU backward (:data:`_FUSED_BACKWARD`)
-    from what its own fused forward keeps for it: q, k, v, the output and each query's
-    log-sum-exp of its scaled scores. Once differentiable, as PyTorch's fused attention is.
+    """The compiled kernel, forward and backward (``_ext.attention_backward``: the gradients
+    from q, k, v, the output and each query's log-sum-exp of its scaled scores, as PyTorch's
+    fused backward takes them). Once differentiable, as PyTorch's fused attention is.
 
     Shapes:
         q (B, heads, Nq, d), k and v (B, heads, Nk, d), mask boolean, broadcastable to
@@ -81,29 +75,26 @@ class _Attention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        # the fused kernel's mask is added to the scores
-        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(
-            ~mask, float('-inf'))
-        return (*_FUSED_BACKWARD(grad, q, k, v, out, lse, 0., False, attn_mask=bias,
-                                 scale=q.shape[-1] ** -0.5), None)
+        return (*_ext.attention_backward(grad, q, k, v, out, lse, mask, q.shape[-1] ** -0.5),
+                None)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            mask: Optional[torch.Tensor] = None, dropout_p: float = 0.) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)``; on a
     CPU of :data:`NATIVE_ATTENTION` by mmtwins' compiled kernel (``mmtwins/csrc/attention.cpp``;
-    where :func:`_native` says), with PyTorch's fused backward where a gradient is needed
-    (:class:`_Attention`): fp32 to fp32 rounding of PyTorch's values (within 2e-6 here), bf16
-    with the softmax weights rounded to bf16 for their product with ``v`` (as a bf16 matmul
-    rounds them; PyTorch's kernel keeps them in fp32). A query whose every key is masked gives
-    zeros either way.
+    where :func:`_native` says), and its backward where a gradient is needed (:class:`_Attention`):
+    fp32 to fp32 rounding of PyTorch's values (within 2e-6 here), bf16 with the softmax weights
+    rounded to bf16 for their product with ``v`` (as a bf16 matmul rounds them; PyTorch's kernel
+    keeps them in fp32), gradients computed in fp32 for bf16 tensors too. A query whose every key
+    is masked gives zeros (and gradients 0) either way.
 
     Shapes:
         q (B, heads, Nq, d), k and v (B, heads, Nk, d), mask boolean, broadcastable to
         (B, heads, Nq, Nk), True where a key is attended -> (B, heads, Nq, d).
     """
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if _native(q, k, v, mask, dropout_p, backward=grad):
+    if _native(q, k, v, mask, dropout_p):
         if mask is not None and k.shape[2] > 1 and (mask.shape[-1] == 1 or mask.stride(-1) != 1):
             mask = mask.expand(*mask.shape[:-1], k.shape[2]).contiguous()  # keys contiguous
         if grad:

@@ -2,7 +2,7 @@
 tensors they run.
 
 Three operations ran slower in PyTorch on a CPU with AVX512-BF16 and no AMX (an AMD EPYC Zen 5)
-than they need to: attention (:mod:`.attention`, fp32 and bf16, in training the forward;
+than they need to: attention (:mod:`.attention`, fp32 and bf16, forward and backward;
 PyTorch's fused kernel multiplies through MKL, which runs there at its AVX2 rate), LayerNorm
 in inference (:mod:`.norm`, fp32 and bf16: PyTorch's is slow on rows of few channels) and the
 GELU of a training MLP with its gradient (:mod:`.gelu`: two passes in PyTorch, one here). The
