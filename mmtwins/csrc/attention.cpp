@@ -361,6 +361,12 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
 // L2 between the steps); dk and dv accumulate over the blocks of a task, a range of one head's
 // query rows, and over the tasks of a head (a head's rows are split only where there are fewer
 // than 4 heads a thread).
+//
+// PyTorch's fused CPU backward multiplies through its BLAS too, and in bf16 was slower than in
+// fp32 on the Twins shapes (4.3-6.8x on LSA's windows, forward and backward). On the AMD EPYC
+// Zen 4 CPU mmtwins' forward and backward of the Twins calls at 512x512 took 0.75-0.84x
+// PyTorch's fused time in fp32, 0.17-0.92x in bf16 (sdpa_ab.py --calls); blocks of 48-128 rows
+// timed alike there, 16 slower.
 
 constexpr int kBackRows = 64;  // query rows whose P and dS are computed together
 constexpr int kAxpyRegisters = 24;  // accumulators of an axpy tile (rows x d / 16)
