@@ -48,7 +48,7 @@ def native_call(*tensors: Optional[torch.Tensor], backward: bool = False) -> boo
     a dispatch mode or a forward-mode AD level (none would see the call); plain tensors or
     parameters (:data:`.linear.PLAIN_TENSORS`: no other subclass, no vmap or grad transform's
     wrapper); no gradient flowing through any of them, unless the caller has a ``backward`` for
-    the kernel (the kernels have none)."""
+    the kernel (only attention's has one)."""
     present = [t for t in tensors if t is not None]
     return (NATIVE_BF16 and not is_recording()
             and _get_current_dispatch_mode() is None and forward_ad._current_level < 0
