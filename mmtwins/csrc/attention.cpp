@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <climits>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace mmtwins {
@@ -185,6 +186,17 @@ MMTWINS_AVX512_BF16 void qk_block(const T* q, int64_t q_row, int rows, const T* 
   }
 }
 
+// The lanes of keys [j, j + 16) below ``keys`` and, where ``mask`` (a row's bytes) is given,
+// attended (nonzero).
+MMTWINS_AVX512_BF16 inline __mmask16 key_lanes(const uint8_t* mask, int64_t j, int64_t keys) {
+  __mmask16 lanes = first_lanes(keys - j);
+  if (mask) {
+    const __m128i bytes = _mm_maskz_loadu_epi8(lanes, mask + j);
+    lanes &= _mm_test_epi8_mask(bytes, bytes);
+  }
+  return lanes;
+}
+
 // In place, for each of ``rows`` rows of scores: the unnormalised softmax weights
 // exp(scale * (score - max)) as T over the row's start (0 for keys beyond ``keys`` and where
 // ``mask``, bytes of ``mask_row`` per row, is 0), 1 / their sum in ``inv`` (0 for a row
@@ -201,11 +213,7 @@ MMTWINS_AVX512_BF16 void softmax_block(float* scores, int rows, int64_t width, i
     __m512 hi = _mm512_set1_ps(-INFINITY);
     __mmask16 nan = 0;
     for (int64_t j = 0; j < width; j += kLanes) {
-      __mmask16 lanes = first_lanes(keys - j);
-      if (m) {
-        const __m128i bytes = _mm_maskz_loadu_epi8(lanes, m + j);
-        lanes &= _mm_test_epi8_mask(bytes, bytes);
-      }
+      const __mmask16 lanes = key_lanes(m, j, keys);
       const __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), lanes,
                                           _mm512_loadu_ps(row + j));
       _mm512_storeu_ps(row + j, x);
@@ -279,6 +287,22 @@ MMTWINS_AVX512_BF16 void pv_block(const T* weights, int64_t weights_row, int row
                       out + r * out_row, out_row);
 }
 
+// f(std::integral_constant<int, DV>()) for DV = dv in 1..8: the tiles' registers a row of d =
+// 16 * DV channels.
+template <typename F>
+void with_registers(int64_t dv, F&& f) {
+  switch (dv) {
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 6: return f(std::integral_constant<int, 6>());
+    case 7: return f(std::integral_constant<int, 7>());
+    case 8: return f(std::integral_constant<int, 8>());
+  }
+}
+
 // Strides (elements) of one (batch entry, head)'s rows and where its task starts.
 struct Head {
   const void* q;
@@ -337,16 +361,9 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
                       q.stride(2), k.stride(2), v.stride(2), out.stride(1),
                       mp ? mask.stride(2) : 0, lp ? lse.stride(2) : 0};
       const int64_t begin = chunk * kTaskRows, end = std::min(N, begin + kTaskRows);
-      switch (d / kLanes) {
-        case 1: head_rows<T, 1>(head, begin, end, M, scale, w); break;
-        case 2: head_rows<T, 2>(head, begin, end, M, scale, w); break;
-        case 3: head_rows<T, 3>(head, begin, end, M, scale, w); break;
-        case 4: head_rows<T, 4>(head, begin, end, M, scale, w); break;
-        case 5: head_rows<T, 5>(head, begin, end, M, scale, w); break;
-        case 6: head_rows<T, 6>(head, begin, end, M, scale, w); break;
-        case 7: head_rows<T, 7>(head, begin, end, M, scale, w); break;
-        case 8: head_rows<T, 8>(head, begin, end, M, scale, w); break;
-      }
+      with_registers(d / kLanes, [&](auto dv) {
+        head_rows<T, decltype(dv)::value>(head, begin, end, M, scale, w);
+      });
     }
   });
 }
@@ -426,11 +443,7 @@ MMTWINS_AVX512_BF16 void softmax_gradient(float* s, float* dp, int rows, int64_t
     const __m512 shift = _mm512_set1_ps(lse[r * lse_row] * kLog2e);
     const __m512 dr = _mm512_set1_ps(delta[r]);
     for (int64_t j = 0; j < width; j += kLanes) {
-      __mmask16 lanes = first_lanes(keys - j);
-      if (m) {
-        const __m128i bytes = _mm_maskz_loadu_epi8(lanes, m + j);
-        lanes &= _mm_test_epi8_mask(bytes, bytes);
-      }
+      const __mmask16 lanes = key_lanes(m, j, keys);
       const __m512 y = _mm512_fmsub_ps(_mm512_loadu_ps(sr + j), to_log2, shift);
       const __m512 p = _mm512_maskz_mov_ps(lanes, exp2_nonpositive<7>(y));
       _mm512_storeu_ps(sr + j, p);
@@ -532,16 +545,9 @@ void backward_run(const at::Tensor& grad, const at::Tensor& q, const at::Tensor&
           dk.mutable_data_ptr<float>() + dkv, dv.mutable_data_ptr<float>() + dkv,
           grad.stride(2), q.stride(2), k.stride(2), v.stride(2), out.stride(2), lse.stride(2),
           mp ? mask.stride(2) : 0, dq.stride(1), dk.stride(2)};
-      switch (d / kLanes) {
-        case 1: backward_rows<1>(head, begin, end, M, scale, w); break;
-        case 2: backward_rows<2>(head, begin, end, M, scale, w); break;
-        case 3: backward_rows<3>(head, begin, end, M, scale, w); break;
-        case 4: backward_rows<4>(head, begin, end, M, scale, w); break;
-        case 5: backward_rows<5>(head, begin, end, M, scale, w); break;
-        case 6: backward_rows<6>(head, begin, end, M, scale, w); break;
-        case 7: backward_rows<7>(head, begin, end, M, scale, w); break;
-        case 8: backward_rows<8>(head, begin, end, M, scale, w); break;
-      }
+      with_registers(d / kLanes, [&](auto dv) {
+        backward_rows<decltype(dv)::value>(head, begin, end, M, scale, w);
+      });
     }
   });
 }
