@@ -88,6 +88,9 @@ MMTWINS_AVX512_BF16 void transpose_words(const T* src, int64_t row, int64_t keys
   }
 }
 
+// n keys rounded up to whole registers of 16.
+constexpr int64_t whole_registers(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
 // One head's keys and values, packed for the tiles, and a block's scores.
 //   kt: for each group of kStep channels, a row of kStep values per key, ``ldk`` values long
 //       (keys beyond the last are 0): 16 keys' products with one query are one register.
@@ -102,7 +105,7 @@ struct Workspace {
 
   Workspace(int64_t keys, int64_t d) {
     constexpr int s = Ops<T>::kStep;
-    width = (keys + kLanes - 1) / kLanes * kLanes;
+    width = whole_registers(keys);
     ldk = (width + kKeyPad) * s;
     kt.assign(d / s * ldk, T(0));
     vp.assign(width / s * d * s, T(0));
@@ -368,7 +371,6 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   });
 }
 
-
 // ---- The backward, in fp32 (bf16 tensors are widened to fp32 first) ----
 //
 // For each (batch entry, head), with P = softmax(scale q k^T) recomputed from the forward's
@@ -454,7 +456,7 @@ MMTWINS_AVX512_BF16 void softmax_gradient(float* s, float* dp, int rows, int64_t
 }
 
 // One (batch entry, head)'s fp32 rows, and its task's outputs: dq rows, and dk and dv rows
-// that the task accumulates into (zeros at first).
+// that the task's first block writes and its later blocks add to.
 struct BackwardHead {
   const float *grad, *q, *k, *v, *out, *lse;
   const uint8_t* mask;
@@ -462,13 +464,13 @@ struct BackwardHead {
   int64_t grad_row, q_row, k_row, v_row, out_row, lse_row, mask_row, dq_row, dkv_row;
 };
 
-// A task's buffers: k^T and v^T (as Workspace<float>::kt), and a block's P, dS and deltas.
+// A task's buffers: k^T and v^T (as Workspace<float>::kt), and a block's P and dS.
 struct BackwardWorkspace {
   int64_t width, ldk;
   std::vector<float> kt, vt, p, ds;
 
   BackwardWorkspace(int64_t keys, int64_t d)
-      : width((keys + kLanes - 1) / kLanes * kLanes), ldk(width + kKeyPad),
+      : width(whole_registers(keys)), ldk(width + kKeyPad),
         kt(d * ldk, 0.f), vt(d * ldk, 0.f), p(kBackRows * width), ds(kBackRows * width) {}
 };
 
@@ -506,15 +508,15 @@ MMTWINS_AVX512_BF16 void backward_rows(const BackwardHead& h, int64_t begin, int
     // dq = dS k; dv += P^T grad; dk += dS^T q (with a_row 1 the rows of P^T and dS^T)
     axpy_rows<DV, false>(w.ds.data(), w.width, 1, rows, h.k, h.k_row, keys, h.dq + n * h.dq_row,
                          h.dq_row);
-    if (n == begin) {  // the task's first block writes dk and dv
-      axpy_rows<DV, false>(w.p.data(), 1, w.width, keys, grad, h.grad_row, rows, h.dv,
+    const auto dkv = [&](auto add) {
+      axpy_rows<DV, add()>(w.p.data(), 1, w.width, keys, grad, h.grad_row, rows, h.dv,
                            h.dkv_row);
-      axpy_rows<DV, false>(w.ds.data(), 1, w.width, keys, q, h.q_row, rows, h.dk, h.dkv_row);
-    } else {
-      axpy_rows<DV, true>(w.p.data(), 1, w.width, keys, grad, h.grad_row, rows, h.dv,
-                          h.dkv_row);
-      axpy_rows<DV, true>(w.ds.data(), 1, w.width, keys, q, h.q_row, rows, h.dk, h.dkv_row);
-    }
+      axpy_rows<DV, add()>(w.ds.data(), 1, w.width, keys, q, h.q_row, rows, h.dk, h.dkv_row);
+    };
+    if (n == begin)  // the task's first block writes dk and dv
+      dkv(std::false_type());
+    else
+      dkv(std::true_type());
   }
 }
 
