@@ -16,7 +16,7 @@ from mmtwins.analysis.peers import build_impl
 from mmtwins.models.backbones import SVT
 from mmtwins.models.layers import (GlobalSubsampledAttention, LocallyGroupedAttention, Mlp,
                                    PatchEmbed, attention)
-from mmtwins.models.layers.mlp import CHUNK_ELEMS
+from mmtwins.models.layers.mlp import CHUNK_ROWS
 from mmtwins.registry import MODELS
 
 
@@ -187,7 +187,7 @@ _REVISION_OF_EMBED = """
 from torch import nn
 
 from ...registry import MODELS
-from .mlp import CHUNK_ELEMS
+from .mlp import CHUNK_ROWS
 
 
 def _tokens(x):
@@ -198,7 +198,7 @@ def _tokens(x):
 class PatchEmbed(nn.Module):
 
     def forward(self, x):
-        return self.norm(_tokens(self.proj(x))), CHUNK_ELEMS
+        return self.norm(_tokens(self.proj(x))), CHUNK_ROWS
 """
 
 
@@ -207,7 +207,7 @@ class PatchEmbed(nn.Module):
 _REVISION_OF_MLP = """
 from torch import nn
 
-CHUNK_ELEMS = 123
+CHUNK_ROWS = 123
 
 
 class Mlp(nn.Module):
@@ -244,7 +244,7 @@ def test_revision_arm_runs_the_revision_methods_and_restores_the_working_tree(re
     with revision_arm('HEAD', ['mmtwins/models/layers/embed.py'], revision_repo)():
         tokens, tag = embed(img)
     torch.testing.assert_close(tokens, expected)
-    assert hw == (4, 4) and tag == CHUNK_ELEMS
+    assert hw == (4, 4) and tag == CHUNK_ROWS
     assert embed(img)[1] == (4, 4)
     assert layouts == [True, False, True]
     assert 'PatchEmbed' not in MODELS.module_dict
@@ -265,7 +265,7 @@ def test_revision_modules_import_each_other_and_their_methods_call_super(tmp_pat
         assert embed(img)[1] == 123
         assert mlp.eval() is mlp and mlp.trained_by_revision is False and not mlp.training
     with revision_arm('HEAD', paths[:1], repo)():
-        assert embed(img)[1] == CHUNK_ELEMS  # mlp.py not taken: the working tree's
+        assert embed(img)[1] == CHUNK_ROWS  # mlp.py not taken: the working tree's
     assert mlp.train() is mlp and mlp.trained_by_revision is False  # the working tree's again
 
 

@@ -93,7 +93,7 @@ def test_gradients_equal_timms_in_float64(family):
     load_twins_checkpoint(ours, peer.model.state_dict(), logger='silent')
     for m in ours.modules():
         if isinstance(m, Mlp):
-            m.chunk_elems = 1 << 16  # 128-256 token rows per chunk: 13-25 chunks in stage 0
+            m.chunk_rows = 128  # 25 chunks in stage 0
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
     inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
     outs = [ours(inputs[0]), peer(inputs[1])]

@@ -15,17 +15,17 @@ from mmtwins.analysis.peers import build_impl, saved_tensor_mb
 # thread waiting for a core made a test's computation 10-50x slower (measured).
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 from mmtwins.models.layers import Mlp
-from mmtwins.models.layers.mlp import _ChunkedMlpFunction
+from mmtwins.models.layers.mlp import CHUNK_ROWS, _ChunkedMlpFunction
 
-# 64 hidden channels: a chunk bound of 7 * 64 elements gives chunks of 7 token rows, so 2 x 10
-# tokens run as 7 + 7 + 6 rows; None computes the hidden tensor whole.
-CHUNKINGS = [7 * 64, None]
+# Chunks of 7 token rows: 2 x 10 tokens run as 7 + 7 + 6 rows; None computes the hidden tensor
+# whole.
+CHUNKINGS = [7, None]
 
 
-def _mlp(chunk_elems, norm: bool):
+def _mlp(chunk_rows, norm: bool):
     """An MLP of 16 -> 64 -> 16 channels and, if ``norm``, a pre-norm with non-trivial affine
     parameters (a block's ``norm2``), or None."""
-    mlp = Mlp(16, 64, chunk_elems=chunk_elems)
+    mlp = Mlp(16, 64, chunk_rows=chunk_rows)
     if not norm:
         return mlp, None
     ln = torch.nn.LayerNorm(16, eps=1e-6)
@@ -56,10 +56,10 @@ NORM_IDS = ['no-norm', 'pre-norm']
 
 
 @pytest.mark.parametrize('norm', NORMS, ids=NORM_IDS)
-@pytest.mark.parametrize('chunk_elems', CHUNKINGS)
-def test_chunked_mlp_matches_the_plain_composition_in_fp32(chunk_elems, norm):
+@pytest.mark.parametrize('chunk_rows', CHUNKINGS)
+def test_chunked_mlp_matches_the_plain_composition_in_fp32(chunk_rows, norm):
     torch.manual_seed(0)
-    (mlp, ln), x = _mlp(chunk_elems, norm), torch.randn(2, 10, 16)
+    (mlp, ln), x = _mlp(chunk_rows, norm), torch.randn(2, 10, 16)
     ours, plain = _grads(mlp, x, False, norm=ln), _grads(mlp, x, True, norm=ln)
     assert len(ours) == len(plain) == 6 + 2 * norm
     for a, b in zip(ours, plain):
@@ -71,10 +71,10 @@ def test_chunked_mlp_matches_the_plain_composition_in_fp32(chunk_elems, norm):
 
 
 @pytest.mark.parametrize('norm', NORMS, ids=NORM_IDS)
-@pytest.mark.parametrize('chunk_elems', CHUNKINGS)
-def test_chunked_mlp_in_fp64_sums_its_gradients_in_fp64(chunk_elems, norm):
+@pytest.mark.parametrize('chunk_rows', CHUNKINGS)
+def test_chunked_mlp_in_fp64_sums_its_gradients_in_fp64(chunk_rows, norm):
     torch.manual_seed(0)
-    mlp, ln = _mlp(chunk_elems, norm)
+    mlp, ln = _mlp(chunk_rows, norm)
     mlp, ln = mlp.double(), ln if ln is None else ln.double()
     x = torch.randn(2, 10, 16, dtype=torch.float64)
     for ours, plain in zip(_grads(mlp, x, False, norm=ln), _grads(mlp, x, True, norm=ln)):
@@ -83,12 +83,12 @@ def test_chunked_mlp_in_fp64_sums_its_gradients_in_fp64(chunk_elems, norm):
 
 
 @pytest.mark.parametrize('norm', NORMS, ids=NORM_IDS)
-@pytest.mark.parametrize('chunk_elems', CHUNKINGS)
-def test_chunked_mlp_under_bf16_autocast_keeps_dtypes_and_fp32_accuracy(chunk_elems, norm):
+@pytest.mark.parametrize('chunk_rows', CHUNKINGS)
+def test_chunked_mlp_under_bf16_autocast_keeps_dtypes_and_fp32_accuracy(chunk_rows, norm):
     """Autocast dtypes as F.linear's (and F.layer_norm's); weight gradients summed over chunks
     in fp32, so they are no further from the fp32 gradients than autocast's own ones."""
     torch.manual_seed(0)
-    (mlp, ln), x = _mlp(chunk_elems, norm), torch.randn(2, 10, 16)
+    (mlp, ln), x = _mlp(chunk_rows, norm), torch.randn(2, 10, 16)
     ours = _grads(mlp, x, plain=False, autocast=True, norm=ln)
     plain = _grads(mlp, x, plain=True, autocast=True, norm=ln)
     ref = _grads(mlp, x, plain=True, norm=ln)
@@ -121,7 +121,7 @@ def test_hooked_or_replaced_layers_take_the_plain_composition():
     LoRA would be skipped or broken by it, so those get the plain composition of the modules."""
     torch.manual_seed(0)
     x = torch.randn(2, 10, 16)
-    mlp, ln = _mlp(7 * 64, norm=True)
+    mlp, ln = _mlp(7, norm=True)
     assert _uses_chunks(mlp, x, ln)
     calls = []
     for layer in (mlp.fc1, mlp.act, mlp.drop1, mlp.fc2, ln):
@@ -163,12 +163,12 @@ def test_hooked_or_replaced_layers_take_the_plain_composition():
         assert (mlp.fc1.weight == 0).float().mean() == 0.5
 
     from mmpretrain.models.peft.lora import LoRALinear
-    mlp, _ = _mlp(7 * 64, norm=False)
+    mlp, _ = _mlp(7, norm=False)
     mlp.fc1 = LoRALinear(mlp.fc1, alpha=1, rank=2)
     mlp(x).sum().backward()  # 'LoRALinear' object has no attribute 'out_features' before
     assert mlp.fc1.lora_up.weight.grad is not None
 
-    mlp, _ = _mlp(7 * 64, norm=False)
+    mlp, _ = _mlp(7, norm=False)
     quantised = torch.ao.quantization.quantize_dynamic(mlp.eval(), {torch.nn.Linear})
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(quantised(x).flatten(), mlp(x).flatten(), 0)
@@ -176,12 +176,12 @@ def test_hooked_or_replaced_layers_take_the_plain_composition():
 
 
 @pytest.mark.parametrize('bias1,bias2', [(False, False), (True, False), (False, True)])
-@pytest.mark.parametrize('chunk_elems', CHUNKINGS)
-def test_chunked_mlp_takes_linears_without_bias(chunk_elems, bias1, bias2):
+@pytest.mark.parametrize('chunk_rows', CHUNKINGS)
+def test_chunked_mlp_takes_linears_without_bias(chunk_rows, bias1, bias2):
     """``nn.Linear(bias=False)`` is a plain linear too: same values and gradients."""
     torch.manual_seed(0)
     x = torch.randn(2, 10, 16)
-    mlp, ln = _mlp(chunk_elems, norm=True)
+    mlp, ln = _mlp(chunk_rows, norm=True)
     mlp.fc1 = torch.nn.Linear(16, 64, bias=bias1)
     mlp.fc2 = torch.nn.Linear(64, 16, bias=bias2)
     assert _uses_chunks(mlp, x, ln)
@@ -193,7 +193,7 @@ def test_hidden_dropout_drops_in_training_only():
     """With drop > 0 a training call runs the plain composition, whose dropouts drop (after the
     GELU and after fc2); an eval call is the chunked path, without them."""
     torch.manual_seed(0)
-    mlp, x = Mlp(16, 64, drop=0.5, chunk_elems=7 * 64), torch.randn(2, 10, 16)
+    mlp, x = Mlp(16, 64, drop=0.5, chunk_rows=7), torch.randn(2, 10, 16)
     with torch.no_grad():
         plain = mlp.fc2(mlp.act(mlp.fc1(x)))
         first, second = mlp(x), mlp(x)
@@ -210,7 +210,7 @@ def test_hidden_dropout_drops_in_training_only():
 def test_chunked_mlp_refuses_a_second_derivative():
     """Its backward uses the pre-activations saved in forward, which carry no graph: a second
     derivative (a gradient penalty) would be silently wrong, so it raises."""
-    mlp, ln = _mlp(7 * 64, norm=True)
+    mlp, ln = _mlp(7, norm=True)
     x = torch.randn(2, 10, 16, requires_grad=True)
     g, = torch.autograd.grad(mlp(x, norm=ln).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match='marked with @once_differentiable'):
@@ -221,7 +221,7 @@ def test_chunked_mlp_in_bf16_sums_the_norm_gradients_in_fp32():
     """A bf16 model (no autocast): the pre-norm's gradients are summed over 286 chunks of 7
     rows in fp32, as the weights' are; summed in bf16 they were 0.024 off the fp64 reference."""
     torch.manual_seed(0)
-    (mlp, ln), x = _mlp(7 * 64, True), torch.randn(4, 500, 16)
+    (mlp, ln), x = _mlp(7, True), torch.randn(4, 500, 16)
 
     def norm_grads(dtype):
         for p in [*mlp.to(dtype).parameters(), *ln.to(dtype).parameters()]:
@@ -241,7 +241,7 @@ def test_chunked_mlp_on_no_tokens_gives_empty_outputs_and_gradients():
 
 
 def test_chunked_mlp_computes_only_the_gradients_needed():
-    (mlp, ln), x = _mlp(7 * 64, True), torch.randn(2, 10, 16, requires_grad=True)
+    (mlp, ln), x = _mlp(7, True), torch.randn(2, 10, 16, requires_grad=True)
     mlp.requires_grad_(False)  # a frozen stage under a trainable one
     ln.requires_grad_(False)
     mlp(x, norm=ln).sum().backward()
@@ -260,7 +260,7 @@ def test_chunked_mlp_computes_only_the_gradients_needed():
 
 @pytest.mark.parametrize('norm', NORMS, ids=NORM_IDS)
 def test_chunked_mlp_keeps_only_its_input_and_the_pre_activation_for_backward(norm):
-    (mlp, ln), x = _mlp(7 * 64, norm), torch.randn(2, 10, 16, requires_grad=True)
+    (mlp, ln), x = _mlp(7, norm), torch.randn(2, 10, 16, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         mlp(x, norm=ln)
@@ -274,17 +274,34 @@ def test_chunked_mlp_keeps_only_its_input_and_the_pre_activation_for_backward(no
         assert [t.data_ptr() for t in acts if t.shape == (20, 16)] == [x.data_ptr()]
 
 
+def test_default_chunks_are_chunk_rows_token_rows_whatever_the_width():
+    """By default a CPU MLP runs in chunks of CHUNK_ROWS token rows, batch entries together,
+    for a narrow hidden layer as for a wide one; a chunk size below one row is refused."""
+    rows = 2 * CHUNK_ROWS + 5
+    for hidden in (32, 256):
+        mlp, x = Mlp(16, hidden), torch.randn(1, rows, 16, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            mlp(x)
+        params = {p.data_ptr() for p in mlp.parameters()}
+        assert sorted(t.shape[0] for t in saved if t.data_ptr() not in params
+                      and t.shape[-1] == hidden) == [5, CHUNK_ROWS, CHUNK_ROWS]
+    with pytest.raises(ValueError, match='chunk_rows'):
+        Mlp(16, 64, chunk_rows=0)
+
+
 @pytest.mark.parametrize('norm', NORMS, ids=NORM_IDS)
-@pytest.mark.parametrize('chunk_elems', CHUNKINGS)
+@pytest.mark.parametrize('chunk_rows', CHUNKINGS)
 def test_chunked_mlp_recomputing_its_hidden_keeps_only_its_input_and_changes_nothing(
-        chunk_elems, norm):
+        chunk_rows, norm):
     """``recompute_hidden`` (set by the backbones' ``with_cp``) keeps only the input for
     backward and recomputes each chunk's ``h`` there exactly as the forward computed it: the
     same values and gradients, bit for bit, in fp32 and under bf16 autocast, there with fp32
     tokens and with bf16 ones (a block's after a bf16 patch embedding: the forward's norm is
     PyTorch's, as the backward's, not mmtwins' inference kernel)."""
     torch.manual_seed(0)
-    (mlp, ln), x = _mlp(chunk_elems, norm), torch.randn(2, 10, 16)
+    (mlp, ln), x = _mlp(chunk_rows, norm), torch.randn(2, 10, 16)
     for autocast, dtype in ((False, torch.float32), (True, torch.float32), (True, torch.bfloat16)):
         mlp.recompute_hidden = False
         kept = _grads(mlp, x.to(dtype), False, autocast, norm=ln)

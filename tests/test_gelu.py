@@ -110,7 +110,7 @@ def test_a_training_mlp_takes_the_kernel_once_per_chunk_each_way(kernel_calls,
     one pass for the GELU and its gradient per chunk; gradients those of the plain composition
     to fp32 rounding, the same with and without ``recompute_hidden``."""
     torch.manual_seed(0)
-    mlp = Mlp(16, 64, chunk_elems=7 * 64, recompute_hidden=recompute_hidden)
+    mlp = Mlp(16, 64, chunk_rows=7, recompute_hidden=recompute_hidden)
     x = torch.randn(2, 10, 16, requires_grad=True)
     mlp(x).square().sum().backward()
     assert kernel_calls == ['gelu'] * 3 + ['gelu_with_grad'] * 3

@@ -178,12 +178,12 @@ def test_bf16_products_take_the_route_on_a_cpu_with_native_bf16(case, monkeypatc
         assert ONEDNN_OPS <= ops and not ops & BLAS_OPS
 
 
-@pytest.mark.parametrize('chunk_elems', [None, 1 << 17])  # 1 chunk; 2 of 1024 rows
-def test_chunked_mlp_under_bf16_autocast_through_onednn_matches_the_blas_path(chunk_elems,
+@pytest.mark.parametrize('chunk_rows', [None, 1024])  # 1 chunk; 2 of 1024 rows
+def test_chunked_mlp_under_bf16_autocast_through_onednn_matches_the_blas_path(chunk_rows,
                                                                              monkeypatch):
     monkeypatch.setattr(linear_module, 'ONEDNN_BF16', True)
     torch.manual_seed(0)
-    mlp, norm = Mlp(32, 128, chunk_elems=chunk_elems), torch.nn.LayerNorm(32)
+    mlp, norm = Mlp(32, 128, chunk_rows=chunk_rows), torch.nn.LayerNorm(32)
     x = torch.randn(2, 1024, 32, requires_grad=True)
     params = [p for m in (mlp, norm) for p in m.parameters()]
 
@@ -254,11 +254,11 @@ def test_apply_linear_calls_the_layer_unless_it_takes_the_route(monkeypatch):
 
 @pytest.mark.parametrize('needs', ['all', 'frozen weights', 'no input gradient'])
 @pytest.mark.parametrize('recompute_hidden', [False, True])
-@pytest.mark.parametrize('chunk_elems', [None, 1 << 17])  # 1 chunk; 2 of 1024 rows
-def test_chunked_mlp_through_onednn_matches_the_blas_path(chunk_elems, recompute_hidden, needs,
+@pytest.mark.parametrize('chunk_rows', [None, 1024])  # 1 chunk; 2 of 1024 rows
+def test_chunked_mlp_through_onednn_matches_the_blas_path(chunk_rows, recompute_hidden, needs,
                                                           monkeypatch):
     torch.manual_seed(0)
-    mlp = Mlp(32, 128, chunk_elems=chunk_elems, recompute_hidden=recompute_hidden)
+    mlp = Mlp(32, 128, chunk_rows=chunk_rows, recompute_hidden=recompute_hidden)
     norm = torch.nn.LayerNorm(32)
     x = torch.randn(2, 1024, 32, requires_grad=needs != 'no input gradient')
     if needs == 'frozen weights':
@@ -339,15 +339,15 @@ def test_chunk_products_reorder_the_weight_once_and_give_linears_values(dtype, m
 
 
 @pytest.mark.parametrize('autocast', [False, True], ids=['fp32', 'bf16 autocast'])
-@pytest.mark.parametrize('chunk_elems', [None, 1 << 17])  # 1 chunk; 2 of 1024 rows
-def test_chunked_mlp_inference_fuses_its_gelu_into_onednn(chunk_elems, autocast, monkeypatch):
+@pytest.mark.parametrize('chunk_rows', [None, 1024])  # 1 chunk; 2 of 1024 rows
+def test_chunked_mlp_inference_fuses_its_gelu_into_onednn(chunk_rows, autocast, monkeypatch):
     """In inference the MLP's GELU is a post-op of ``fc1``'s oneDNN product (no GELU of its
     own) and several chunks reorder each weight once; the values are the BLAS path's."""
     monkeypatch.setattr(linear_module, 'ONEDNN_BF16', True)
     if autocast and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip('this CPU has no native bf16 for oneDNN')
     torch.manual_seed(0)
-    mlp, norm = Mlp(32, 128, chunk_elems=chunk_elems), torch.nn.LayerNorm(32)
+    mlp, norm = Mlp(32, 128, chunk_rows=chunk_rows), torch.nn.LayerNorm(32)
     x = torch.randn(2, 1024, 32)
 
     @torch.no_grad()
@@ -358,7 +358,7 @@ def test_chunked_mlp_inference_fuses_its_gelu_into_onednn(chunk_elems, autocast,
     ops = _profiled_ops(run)
     assert 'mkldnn::_convolution_pointwise' in ops and not ops & BLAS_OPS
     assert 'aten::gelu' not in ops
-    assert _op_calls(run, REORDER) == (0 if chunk_elems is None else 2)
+    assert _op_calls(run, REORDER) == (0 if chunk_rows is None else 2)
     got = run()
     monkeypatch.setattr(linear_module, 'USE_ONEDNN', False)
     if autocast:
@@ -397,7 +397,7 @@ def test_kernel_breakdown_counts_the_onednn_linears_as_matmuls(frozen):
 def test_kernel_breakdown_counts_the_mlps_fused_products_as_matmuls():
     """The inference MLP's products, the GELU fused into the first, are matmuls with their
     FLOPs; packing the weights for oneDNN is a copy, not a convolution."""
-    mlp, x = Mlp(32, 128, chunk_elems=1 << 17), torch.randn(2, 1024, 32)
+    mlp, x = Mlp(32, 128, chunk_rows=1024), torch.randn(2, 1024, 32)
     with torch.no_grad():
         k = kernel_breakdown(lambda: mlp(x))
     assert k['ms']['GELU'] == k['ms']['convolution'] == 0 and k['ms']['copies'] > 0

@@ -183,7 +183,7 @@ def test_the_mlps_norm_takes_the_kernel_in_inference_only(kernel_calls, autocast
     """The chunked MLP's pre-norm takes the kernel where no backward follows; in training its
     autograd function's forward (which runs with gradients off) keeps PyTorch's LayerNorm, the
     one its backward recomputes, so with and without ``recompute_hidden`` it is one norm."""
-    mlp, ln = Mlp(64, 256, chunk_elems=256 * 40), nn.LayerNorm(64, eps=1e-6)
+    mlp, ln = Mlp(64, 256, chunk_rows=40), nn.LayerNorm(64, eps=1e-6)
     x = torch.randn(2, 50, 64).to(torch.bfloat16 if autocast else torch.float32)
     with torch.autocast('cpu', torch.bfloat16, enabled=autocast):
         mlp(x.clone().requires_grad_(), norm=ln).float().sum().backward()
