@@ -26,9 +26,6 @@ NATIVE_ATTENTION = NATIVE_BF16 and bf16_without_amx()
 #: :data:`.native.NATIVE_LANES` up to this).
 NATIVE_HEAD_DIM = 128
 
-#: Keys less than this many bytes apart: the kernel gathers a register's lanes of keys by 32-bit
-#: offsets.
-_GATHER_BYTES = 2**31 // NATIVE_LANES
 
 def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
             dropout_p: float) -> bool:
@@ -47,7 +44,6 @@ def _native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[to
             and 0 < q.shape[3] <= NATIVE_HEAD_DIM and not q.shape[3] % NATIVE_LANES
             and k.dtype == v.dtype == q.dtype
             and q.stride(3) == k.stride(3) == v.stride(3) == 1
-            and k.stride(2) * k.element_size() < _GATHER_BYTES
             and (mask is None or (mask.dtype == torch.bool and 1 <= mask.dim() <= 4))):
         return False
     if torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') != q.dtype:
