@@ -35,9 +35,10 @@ from .norm import layer_norm
 
 #: Default token rows per chunk. A fixed row count, not a bound on the hidden slice's elements:
 #: on an AMD EPYC Zen 4 (2 cores) the training forward and backward of one MLP with its pre-norm
-#: were fastest at 2048 rows a chunk for every width timed (hidden 256-4096; 512-8192 rows), up
-#: to 1.3x faster than with the chunks of at most 2**20 hidden elements used before (256-4096
-#: rows), and inference within 5 % (``docs/benchmarks.md``, "MLP chunks of 2048 rows").
+#: were fastest at 2048 rows a chunk, or within 5 % of it, for every width timed (hidden
+#: 256-4096, 256-8192 rows), up to 1.3x faster than in the chunks of at most 2**20 hidden
+#: elements used before (256-4096 rows); inference took 0.88-1.09x the time
+#: (``docs/benchmarks.md``, "MLP chunks of 2048 rows").
 CHUNK_ROWS = 2048
 
 
