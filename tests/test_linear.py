@@ -108,6 +108,10 @@ def test_linear_grads_are_the_backward_of_linear():
     torch.testing.assert_close(gw, g.t() @ x, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(gb, g.sum(0), rtol=1e-5, atol=1e-4)
     assert linear_grads(g, x, w, (False, True, False))[::2] == (None, None)
+    for given in (x, None):  # the input gradient alone: from x's shape, or without x
+        gx, gw, gb = linear_grads(g, given, w, (True, False, False))
+        torch.testing.assert_close(gx, g @ w, rtol=1e-5, atol=1e-5)
+        assert gw is None and gb is None
     gx_t, _, _ = linear_grads(g.t().contiguous().t(), x, w, (True, False, False))  # columns
     torch.testing.assert_close(gx_t, gx)
 
@@ -276,11 +280,10 @@ def test_chunked_mlp_through_onednn_matches_the_blas_path(chunk_rows, recompute_
         return [y.detach()] + grads
 
     ops = _profiled_ops(run)
-    # frozen weights: the input gradients are forward convolutions with the transposed weights
-    expected = MLP_ONEDNN_OPS
-    if needs == 'frozen weights':
-        expected = {'mkldnn::_convolution_pointwise', 'aten::mkldnn_convolution'}
-    assert expected <= ops and not ops & BLAS_OPS
+    # every input gradient, frozen weights' too, by oneDNN's backward from the weight as it is,
+    # not a forward convolution with a transposed copy of it (one recomputes h, though)
+    forbidden = BLAS_OPS | (set() if recompute_hidden else {'aten::mkldnn_convolution'})
+    assert MLP_ONEDNN_OPS <= ops and not ops & forbidden
     got = run()
     monkeypatch.setattr(linear_module, 'USE_ONEDNN', False)
     _assert_close(got, run())
