@@ -3,6 +3,7 @@ import contextlib
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,12 +11,12 @@ import torch.nn.functional as F
 from probes import CountOps, analysis_tool
 
 from mmtwins.analysis import ab
-from mmtwins.analysis.ab import (_in_sys_modules, alternate, format_arms, module_at, patched,
-                                 revision_arm)
+from mmtwins.analysis.ab import (_in_sys_modules, alternate, extension_arm, format_arms,
+                                 load_extension, module_at, patched, revision_arm)
 from mmtwins.analysis.peers import build_impl
 from mmtwins.models.backbones import SVT
 from mmtwins.models.layers import (GlobalSubsampledAttention, LocallyGroupedAttention, Mlp,
-                                   PatchEmbed, attention)
+                                   PatchEmbed, attention, gelu, native, norm)
 from mmtwins.models.layers.mlp import CHUNK_ROWS
 from mmtwins.registry import MODELS
 
@@ -317,3 +318,39 @@ def test_revision_ab_defaults_to_the_small_variants_and_takes_no_all():
     assert tool.parse_args(['--against', 'HEAD']).variants == ['pcpvt-small', 'svt-small']
     with pytest.raises(SystemExit):
         tool.parse_args(['--against', 'HEAD', '--variants', 'all'])
+
+
+built = pytest.mark.skipif(native._ext is None, reason='mmtwins._ext is not built here')
+
+
+@built
+def test_a_second_build_loads_apart_and_every_kernel_caller_switches_to_it():
+    """Loaded again from its own file, the build is a module of its own (under the same name
+    Python would hand back the first one), and its arm switches every module that calls the
+    kernels, restoring them after."""
+    current = native._ext
+    other = load_extension(Path(current.__file__).parent)
+    assert other is not current and other.gelu is not current.gelu
+    h = torch.randn(64)
+    assert torch.equal(other.gelu(h), current.gelu(h))
+    callers = (native, attention, norm, gelu)
+    with extension_arm(other)():
+        assert all(m._ext is other for m in callers)
+    assert all(m._ext is current for m in callers)
+
+
+def test_a_missing_build_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match='no compiled _ext'):
+        load_extension(tmp_path)
+    with pytest.raises(SystemExit, match='--against'):
+        analysis_tool('build_ab').main(['--against', str(tmp_path / 'none.so')])
+
+
+@built
+def test_build_ab_tool_prints_both_arms(capsys):
+    folder = str(Path(native._ext.__file__).parent)
+    analysis_tool('build_ab').main(['--against', folder, '--size', '32', '--steps', '6',
+                                    '--variants', 'svt', '--batch', '1', '--mode', 'infer'])
+    line, = capsys.readouterr().out.splitlines()
+    assert line.startswith('svt-small infer 1x3x32x32 fp32 cpu: this build ')
+    assert f', {folder} ' in line

@@ -3,12 +3,14 @@
 Each arm is a context manager factory that switches the model to one path (patching a forward,
 restricting a kernel backend). The arms take turns step by step, in alternating order, so drift
 in the machine's speed (shared hosts, clocks, heap state) falls on every arm alike, which
-separate runs cannot promise. Used by ``tools/analysis_tools/revision_ab.py``, ``mlp_ab.py``
-and ``sdpa_ab.py``.
+separate runs cannot promise. Used by ``tools/analysis_tools/revision_ab.py``, ``build_ab.py``,
+``mlp_ab.py`` and ``sdpa_ab.py``.
 """
 import argparse
 import contextlib
+import hashlib
 import importlib
+import importlib.util
 import re
 import statistics
 import subprocess
@@ -186,6 +188,42 @@ def revision_arm(rev: str, paths: Sequence[str],
                       and isinstance(fn, (types.FunctionType, staticmethod, classmethod))]
 
     return combined(swaps)
+
+
+def load_extension(path) -> types.ModuleType:
+    """Another build of mmtwins' compiled kernels: ``path`` a ``_ext*.so`` file or the folder
+    holding one (the ``mmtwins/`` of a clone built with ``python setup.py build_ext --inplace``),
+    loaded beside this checkout's ``mmtwins._ext`` under a package name of its own (for a second
+    file of a module name it has loaded, Python hands back the first module).
+
+    Raises:
+        FileNotFoundError: no ``_ext*.so`` there.
+        ImportError: the file is not a loadable build (another Python or torch, say).
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob('_ext*.so'))
+        if not found:
+            raise FileNotFoundError(f'no compiled _ext*.so in {path}')
+        path = found[0]
+    elif not path.is_file():
+        raise FileNotFoundError(f'no such file: {path}')
+    package = 'mmtwins_build_' + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(f'{package}._ext', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def extension_arm(module: types.ModuleType) -> Callable[[], ContextManager]:
+    """An arm in which every mmtwins module that calls the compiled kernels by its ``_ext`` name
+    calls ``module``'s instead (:func:`load_extension`); the Python code stays this checkout's."""
+    from mmtwins.models.layers import native
+    if native._ext is None:
+        raise ValueError('this checkout has no compiled kernels (mmtwins._ext) to swap')
+    users = [m for name, m in list(sys.modules.items())
+             if name.startswith('mmtwins.') and getattr(m, '_ext', None) is native._ext]
+    return combined([patched(m, '_ext', module) for m in users])
 
 
 def combined(arms: Sequence[Callable[[], ContextManager]]) -> Callable[[], ContextManager]:
