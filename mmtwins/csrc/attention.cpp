@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <climits>
 #include <cstring>
 #include <type_traits>
 #include <vector>
