@@ -2,7 +2,7 @@
 gradient checkpointing included; autocast close to fp32; the peer comparison on the GPU.
 
 The GPU tests are skipped where torch sees no CUDA device, as on the CI machines;
-docs/benchmarks.md says where they last ran (`python -m pytest tests/test_cuda.py` on a GPU
+docs/benchmarks_history.md says where they last ran (`python -m pytest tests/test_cuda.py` on a GPU
 machine). The autocast training check also runs on the CPU (bf16), everywhere.
 """
 import copy

@@ -10,7 +10,7 @@ is timed. Timings are interleaved (implementations take turns, in orders where e
 every other equally often) and the median of the repeats is reported.
 
 A process's speed depends on its memory allocator's state, which differs from one process to
-the next (measured in docs/benchmarks.md: one SVT-S training step 1149 ms in one process and
+the next (measured in docs/benchmarks_history.md: one SVT-S training step 1149 ms in one process and
 1445 ms in another, same code). With ``rounds`` > 1 every case runs that many times, each with
 fresh worker processes; an entry's time is then the median of its rounds' medians, and the
 speed-up's spread over the rounds is reported beside it.
@@ -859,7 +859,7 @@ def machine_info(device: str = 'cpu') -> dict:
     ``cpu_amx`` (the ``amx_bf16`` flag of ``/proc/cpuinfo``; None where that file is missing)
     and ``cpu_family_model`` (its x86 ``cpu family/model``, e.g. ``26/2``, a Zen 5 EPYC; None
     where it lacks them) tell apart CPUs that ``cpu_capability`` and a virtual machine's CPU name
-    (``AMD EPYC``) report alike, whose bf16 speed differs (measured in docs/benchmarks.md:
+    (``AMD EPYC``) report alike, whose bf16 speed differs (docs/benchmarks_history.md:
     autocast inference 2.0-2.8x fp32 with AMX, 1.45-1.57x with AVX512-BF16 alone on an older
     EPYC, 2.24-2.48x on the Zen 5 one). On a GPU also its name, the CUDA and cuDNN versions and
     whether fp32 matmuls and convolutions may use TF32 (PyTorch's defaults: matmuls no, cuDNN

@@ -51,7 +51,7 @@ def cpu_amp_is_emulated() -> bool:
     """True where autocast would run on a CPU without native bf16 (AVX512-BF16 or AMX).
 
     There, bf16 matrix multiplications and convolutions are emulated through conversions, and
-    autocast is several times slower than fp32 (measured: docs/benchmarks.md).
+    autocast is several times slower than fp32 (measured: docs/benchmarks_history.md).
     """
     return not torch.cuda.is_available() and not cpu_has_native_bf16()
 

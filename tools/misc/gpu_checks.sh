@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks behind docs/benchmarks.md in one bounded run, most wanted first: the MLP A/B,
-# the training step against the peers (fp32 and fp16 autocast) at batch 2, the attention-kernel
-# A/B and the peers at batch 16 (where the GPU, not the host, sets the pace), the CUDA tests,
-# the COCO-size training step, bf16 autocast. Steps run in that order, each capped so the whole
-# run ends within SECONDS; a step that would get under 20 s is skipped. After every step the
-# logs, JSON and Markdown written so far are packed into OUTDIR/gpu_checks.tar.gz, so a run cut
-# short keeps what it measured (compare_peers.py also rewrites its JSON after every case).
+# The GPU checks behind docs/benchmarks_history.md ("On a GPU") in one bounded run, most wanted
+# first: the MLP A/B, the training step against the peers (fp32 and fp16 autocast) at batch 2,
+# the attention-kernel A/B and the peers at batch 16 (where the GPU, not the host, sets the
+# pace), the CUDA tests, the COCO-size training step, bf16 autocast. Steps run in that order,
+# each capped so the whole run ends within SECONDS; a step that would get under 20 s is
+# skipped. After every step the logs, JSON and Markdown written so far are packed into
+# OUTDIR/gpu_checks.tar.gz, so a run cut short keeps what it measured (compare_peers.py also
+# rewrites its JSON after every case).
 #
 #   bash tools/misc/gpu_checks.sh OUTDIR [SECONDS]          # default 540 s
 #
