@@ -482,3 +482,80 @@ def test_run_plan_logs_each_case_as_it_starts_and_marks_the_json_unfinished(monk
 
 def test_compare_peers_defaults_to_the_small_variants():
     assert analysis_tool('compare_peers').parse_args([]).variants == ['pcpvt-small', 'svt-small']
+
+
+def _result(case, variant='svt-small', precision=None, **fields):
+    """A CaseResult as :data:`peers.CASES`' ``case`` gives it."""
+    mode, shape, amp = peers.CASES[case]
+    precision = precision or ('fp32' if amp is None else 'bf16')
+    return peers.CaseResult(variant, mode, list(shape), precision, **fields)
+
+
+def test_issue_targets_judge_the_cases_they_name():
+    """Each target of issue 7 from its case's result, reached or missed at its bound; results
+    of other inputs or precisions (another batch, fp16) are not judged."""
+    results = [
+        _result('infer224', seconds={'mmtwins': 1.0, 'timm': 1.15, 'mmseg': 2.0},
+                gflops=100., matmul_gflops=200.),
+        _result('train512', seconds={'mmtwins': 1.0, 'timm': 1.19},
+                peak_mb={'mmtwins': 80., 'timm': 100.}),
+        _result('amp512', seconds={'mmtwins': 1.0, 'mmtwins-fp32': 1.8}, cosine=0.99997),
+        _result('coco', seconds={'mmtwins': 1.0, 'timm': 1.2, 'mmtwins-with_cp': 1.3},
+                peak_mb={'mmtwins': 100., 'timm': 150., 'mmtwins-with_cp': 61.}),
+        _result('train512', variant='pcpvt-small', seconds={'mmtwins': 1.0, 'timm': 1.3}),
+        peers.CaseResult('svt-small', 'train', [16, 3, 512, 512], 'fp32',
+                         seconds={'mmtwins': 1.0, 'timm': 2.0}),
+        _result('amp512', precision='fp16', seconds={'mmtwins': 1.0, 'mmtwins-fp32': 3.0}),
+    ]
+    assert [peers.case_name(r) for r in results] == [
+        'infer224', 'train512', 'amp512', 'coco', 'train512', None, None]
+    rows = peers.issue_targets(results)
+    got = [(t['variant'], t['target'].split(': ')[1], t['shown'], t['reached']) for t in rows]
+    assert got == [
+        ('svt-small', 'speed-up against the fastest peer >= 1.10x', '1.15x', True),
+        ('svt-small', 'GFLOP/s over dense matmul GFLOP/s >= 0.85', '0.50', False),
+        ('svt-small', 'speed-up against the fastest peer >= 1.20x', '1.19x', False),
+        ('svt-small', "first step's peak RSS rise against the leanest peer's <= 0.80", '0.80',
+         True),
+        ('svt-small', "speed-up against mmtwins' own fp32 >= 1.80x", '1.80x', True),
+        ('svt-small', 'cosine similarity of the outputs with fp32 >= 0.99900', '0.99997', True),
+        ('svt-small', "with_cp's cut of mmtwins' first-step peak RSS >= 40%", '39%', False),
+        ('pcpvt-small', 'speed-up against the fastest peer >= 1.20x', '1.30x', True),
+        # no memory measured: not reached
+        ('pcpvt-small', "first step's peak RSS rise against the leanest peer's <= 0.80", None,
+         False)]
+    assert rows[0]['target'] == ('inference 224x224 b8 fp32: speed-up against the fastest peer '
+                                 '>= 1.10x')
+    assert rows[0]['value'] == pytest.approx(1.15) and rows[-1]['value'] is None
+    table = peers.format_targets(rows).split('\n')
+    assert table[0] == '| variant | target of issue 7 | this run | |' and len(table) == 11
+    assert table[4] == ('| svt-small | training step 512x512 b2 fp32: speed-up against the '
+                        'fastest peer >= 1.20x | 1.19x | **missed** |')
+    assert table[-1].endswith('| not measured | **missed** |')
+
+
+def test_run_plan_judges_the_targets_where_asked(monkeypatch, tmp_path):
+    """A CPU run's JSON, Markdown and log judge the targets; elsewhere (a GPU run, the short
+    mode) none of them does."""
+    def fake_case(family, arch, mode, shape, **kw):
+        return peers.CaseResult(f'{family}-{arch}', mode, list(shape), 'fp32',
+                                seconds={'mmtwins': 0.1, 'timm': 0.2})
+
+    monkeypatch.setattr(peers, 'compare_case', fake_case)
+    jobs = peers.plan(['svt-small'], ['infer224'], dict(peers=['timm']))
+    for targets in (True, False):
+        out, md, lines = tmp_path / f'{targets}.json', tmp_path / f'{targets}.md', []
+        peers.run_plan(jobs, {}, out=str(out), markdown=str(md), targets=targets,
+                       log=lines.append)
+        data = json.loads(out.read_text())
+        assert ('targets' in data) == targets and ('target of issue 7' in md.read_text()) == \
+            targets and any('target of issue 7' in ln for ln in lines) == targets
+    judged = json.loads((tmp_path / 'True.json').read_text())['targets']
+    assert [(t['case'], t['reached']) for t in judged] == [('infer224', True), ('infer224', False)]
+    assert judged[0]['value'] == 2.0
+    tool = analysis_tool('compare_peers')
+    asked = []
+    monkeypatch.setattr(peers, 'run_plan', lambda *a, **k: asked.append(k['targets']))
+    tool.main(['--peers', 'timm', '--device', 'cpu'])
+    tool.main(['--peers', 'timm', '--device', 'cpu', '--short'])
+    assert asked == [True, False]

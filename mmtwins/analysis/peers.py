@@ -1040,6 +1040,83 @@ CASES = {
     'amp-train512': ('train', (2, 3, 512, 512), 'peers'),
 }
 DEFAULT_CASES = ('infer224', 'infer512', 'train512', 'amp512')
+#: How :data:`TARGETS` name the cases.
+CASE_LABELS = {'infer224': 'inference 224x224 b8 fp32', 'infer512': 'inference 512x512 b2 fp32',
+               'train512': 'training step 512x512 b2 fp32',
+               'amp512': 'bf16 autocast inference 512x512 b2', 'coco': 'training step 800x1344 b1'}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of issue 7's targets for a CPU: ``measure`` of a ``case``'s result at least (or with
+    ``at_least`` False, at most) ``bound``, shown with ``fmt``."""
+    case: str
+    what: str
+    measure: Callable[[CaseResult], Optional[float]]
+    bound: float
+    fmt: str = '{:.2f}x'
+    at_least: bool = True
+
+    def label(self) -> str:
+        return (f'{CASE_LABELS[self.case]}: {self.what} {">=" if self.at_least else "<="} '
+                + self.fmt.format(self.bound))
+
+
+TARGETS = (
+    Target('train512', 'speed-up against the fastest peer', CaseResult.speedup, 1.2),
+    Target('train512', "first step's peak RSS rise against the leanest peer's",
+           lambda r: r.memory_ratio('peak_mb'), 0.8, '{:.2f}', at_least=False),
+    Target('infer224', 'speed-up against the fastest peer', CaseResult.speedup, 1.1),
+    Target('infer512', 'speed-up against the fastest peer', CaseResult.speedup, 1.1),
+    Target('amp512', "speed-up against mmtwins' own fp32", CaseResult.speedup, 1.8),
+    Target('amp512', 'cosine similarity of the outputs with fp32', lambda r: r.cosine, 0.999,
+           '{:.5f}'),
+    Target('coco', "with_cp's cut of mmtwins' first-step peak RSS", CaseResult.with_cp_saving,
+           0.4, '{:.0%}'),
+    Target('infer224', 'GFLOP/s over dense matmul GFLOP/s', CaseResult.flops_fraction, 0.85,
+           '{:.2f}'),
+    Target('infer512', 'GFLOP/s over dense matmul GFLOP/s', CaseResult.flops_fraction, 0.85,
+           '{:.2f}'),
+)
+
+
+def case_name(r: CaseResult) -> Optional[str]:
+    """The :data:`CASES` name of a result run as that case asks (its input, precision and
+    entries: bf16 for ``amp512``, ``with_cp`` for ``coco``); None for any other (another batch
+    size, fp16)."""
+    for name, (mode, shape, amp) in CASES.items():
+        precision = {None: 'fp32', 'own': 'bf16'}.get(amp)
+        if (r.mode, tuple(r.shape), r.precision) == (mode, shape, precision) and (
+                name != 'amp512' or 'mmtwins-fp32' in r.seconds) and (
+                name != 'coco' or 'mmtwins-with_cp' in r.seconds):
+            return name
+    return None
+
+
+def issue_targets(results: Sequence[CaseResult]) -> List[dict]:
+    """Each of :data:`TARGETS` that ``results`` (of a CPU run) measure, in their order:
+    ``{'variant', 'case', 'target', 'value', 'shown', 'reached'}``, ``shown`` the value as the
+    target writes it (value and shown None: not measured, as a memory ratio with
+    ``--no-memory``; not reached)."""
+    rows = []
+    for r in results:
+        for t in (t for t in TARGETS if t.case == case_name(r)):
+            value = t.measure(r)
+            reached = value is not None and (value >= t.bound if t.at_least else value <= t.bound)
+            rows.append(dict(variant=r.variant, case=t.case, target=t.label(), value=value,
+                             shown=None if value is None else t.fmt.format(value),
+                             reached=reached))
+    return rows
+
+
+def format_targets(rows: Sequence[dict]) -> str:
+    """:func:`issue_targets`' rows as a Markdown table."""
+    lines = ['| variant | target of issue 7 | this run | |', '|---|---|---|---|']
+    lines += [f'| {t["variant"]} | {t["target"]} | {t["shown"] or "not measured"} | '
+              f'{"reached" if t["reached"] else "**missed**"} |' for t in rows]
+    return '\n'.join(lines)
+
+
 #: ``--short`` (CI): per variant, the agreement check and one timed inference of one image.
 SHORT_SHAPE = (1, 3, 224, 224)
 SHORT = dict(warmup=1, repeats=1, memory=False, rounds=1)
@@ -1096,12 +1173,14 @@ def plan(variants: Sequence[str], cases: Sequence[str], kw: dict, batch: Optiona
 
 
 def run_plan(jobs, extra: dict, out: Optional[str] = None, markdown: Optional[str] = None,
-             log=print) -> List[CaseResult]:
+             targets: bool = False, log=print) -> List[CaseResult]:
     """Run :func:`plan`'s jobs, logging a line as each starts (``case 3/8: svt-small train
     2x3x512x512 fp32``); after each, rewrite ``out`` (JSON, with ``extra``) and ``markdown``, so
     an interrupted run keeps the cases it finished. The JSON's ``planned`` lists every job
     (variant, mode, shape, amp) and ``finished`` is false until the last one's results are in
-    (the Markdown then ends in a line saying how many cases it holds of how many).
+    (the Markdown then ends in a line saying how many cases it holds of how many). With
+    ``targets`` (a CPU run), the JSON's ``targets`` and a second Markdown table judge issue 7's
+    targets (:func:`issue_targets`) on the cases run so far, and the log shows them at the end.
 
     Returns the results of the jobs, in order.
     """
@@ -1115,9 +1194,14 @@ def run_plan(jobs, extra: dict, out: Optional[str] = None, markdown: Optional[st
         family, arch = v.split('-')
         results.append(compare_case(family, arch, mode, shape, **case_kw))
         finished = i == len(jobs)
+        judged = issue_targets(results) if targets else []
         if out:
-            atomic_write(out, to_json(results, dict(extra, planned=planned, finished=finished)))
+            atomic_write(out, to_json(results, dict(extra, planned=planned, finished=finished,
+                                                    **({'targets': judged} if targets else {}))))
         if markdown:
             atomic_write(markdown, format_markdown(results) + '\n' + (
+                f'\n{format_targets(judged)}\n' if judged else '') + (
                 '' if finished else f'\n{i} of {len(jobs)} cases: the run has not finished.\n'))
+    if targets and results:
+        log(format_targets(issue_targets(results)))
     return results

@@ -97,7 +97,8 @@ def main(argv=None):
         ran.update(cases=['infer224'], batch=P.SHORT_SHAPE[0],
                    no_memory=not short.pop('memory'), **short)
     P.run_plan(jobs, dict(machine=machine, code=code, peers=peers, args=ran),
-               out=args.out, markdown=args.markdown)
+               out=args.out, markdown=args.markdown,
+               targets=args.device == 'cpu' and not args.short)
     for path in filter(None, [args.out, args.markdown]):
         print(f'wrote {path}')
 
