@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from probes import analysis_tool
 
 from mmtwins.analysis import peers
+from mmtwins.analysis.benchmark import autocast_context
 from mmtwins.analysis.peers import (CATEGORY_NAMES, PEERS, Entry, _Workers, available_peers,
                                     compare_case, format_markdown, kernel_breakdown,
                                     randomize_parameters_)
@@ -484,10 +485,11 @@ def test_compare_peers_defaults_to_the_small_variants():
     assert analysis_tool('compare_peers').parse_args([]).variants == ['pcpvt-small', 'svt-small']
 
 
-def _result(case, variant='svt-small', precision=None, **fields):
-    """A CaseResult as :data:`peers.CASES`' ``case`` gives it."""
+def _result(case, variant='svt-small', amp_dtype=None, **fields):
+    """A CaseResult as :data:`peers.CASES`' ``case`` gives it on a CPU (its precision named as
+    :func:`compare_case` names it)."""
     mode, shape, amp = peers.CASES[case]
-    precision = precision or ('fp32' if amp is None else 'bf16')
+    precision = autocast_context(torch.device('cpu'), amp is not None, amp_dtype)[1]
     return peers.CaseResult(variant, mode, list(shape), precision, **fields)
 
 
@@ -505,7 +507,8 @@ def test_issue_targets_judge_the_cases_they_name():
         _result('train512', variant='pcpvt-small', seconds={'mmtwins': 1.0, 'timm': 1.3}),
         peers.CaseResult('svt-small', 'train', [16, 3, 512, 512], 'fp32',
                          seconds={'mmtwins': 1.0, 'timm': 2.0}),
-        _result('amp512', precision='fp16', seconds={'mmtwins': 1.0, 'mmtwins-fp32': 3.0}),
+        _result('amp512', amp_dtype=torch.float16,
+                seconds={'mmtwins': 1.0, 'mmtwins-fp32': 3.0}),
     ]
     assert [peers.case_name(r) for r in results] == [
         'infer224', 'train512', 'amp512', 'coco', 'train512', None, None]

@@ -1085,7 +1085,7 @@ def case_name(r: CaseResult) -> Optional[str]:
     entries: bf16 for ``amp512``, ``with_cp`` for ``coco``); None for any other (another batch
     size, fp16)."""
     for name, (mode, shape, amp) in CASES.items():
-        precision = {None: 'fp32', 'own': 'bf16'}.get(amp)
+        precision = {None: 'fp32', 'own': 'amp-bf16'}.get(amp)
         if (r.mode, tuple(r.shape), r.precision) == (mode, shape, precision) and (
                 name != 'amp512' or 'mmtwins-fp32' in r.seconds) and (
                 name != 'coco' or 'mmtwins-with_cp' in r.seconds):
