@@ -1100,7 +1100,8 @@ def issue_targets(results: Sequence[CaseResult]) -> List[dict]:
     ``--no-memory``; not reached)."""
     rows = []
     for r in results:
-        for t in (t for t in TARGETS if t.case == case_name(r)):
+        case = case_name(r)
+        for t in (t for t in TARGETS if t.case == case):
             value = t.measure(r)
             reached = value is not None and (value >= t.bound if t.at_least else value <= t.bound)
             rows.append(dict(variant=r.variant, case=t.case, target=t.label(), value=value,
@@ -1187,7 +1188,7 @@ def run_plan(jobs, extra: dict, out: Optional[str] = None, markdown: Optional[st
     from mmtwins.engine.fileio import atomic_write
     planned = [dict(variant=v, mode=mode, shape=list(shape), amp=bool(case_kw.get('amp')))
                for v, mode, shape, case_kw in jobs]
-    results = []
+    results, judged = [], []
     for i, (v, mode, shape, case_kw) in enumerate(jobs, 1):
         log(f'case {i}/{len(jobs)}: {v} {mode} {"x".join(map(str, shape))} '
             f'{"amp" if case_kw.get("amp") else "fp32"}')
@@ -1202,6 +1203,6 @@ def run_plan(jobs, extra: dict, out: Optional[str] = None, markdown: Optional[st
             atomic_write(markdown, format_markdown(results) + '\n' + (
                 f'\n{format_targets(judged)}\n' if judged else '') + (
                 '' if finished else f'\n{i} of {len(jobs)} cases: the run has not finished.\n'))
-    if targets and results:
-        log(format_targets(issue_targets(results)))
+    if judged:
+        log(format_targets(judged))
     return results
