@@ -1081,13 +1081,14 @@ TARGETS = (
 
 
 def case_name(r: CaseResult) -> Optional[str]:
-    """The :data:`CASES` name of a result run as that case asks (its input, precision and
-    entries: bf16 for ``amp512``, ``with_cp`` for ``coco``); None for any other (another batch
-    size, fp16)."""
+    """The :data:`CASES` name of a CPU result run as that case asks: its input, its precision
+    as :func:`compare_case` names the CPU's default one (autocast in bf16), and its entries
+    (mmtwins' own fp32 for ``amp512``, ``with_cp`` for ``coco``); None for any other (another
+    batch size, fp16)."""
     for name, (mode, shape, amp) in CASES.items():
-        precision = {None: 'fp32', 'own': 'amp-bf16'}.get(amp)
+        precision = autocast_context(torch.device('cpu'), amp is not None)[1]
         if (r.mode, tuple(r.shape), r.precision) == (mode, shape, precision) and (
-                name != 'amp512' or 'mmtwins-fp32' in r.seconds) and (
+                (amp == 'own') == ('mmtwins-fp32' in r.seconds)) and (
                 name != 'coco' or 'mmtwins-with_cp' in r.seconds):
             return name
     return None
