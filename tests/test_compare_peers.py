@@ -17,9 +17,9 @@ from probes import analysis_tool
 
 from mmtwins.analysis import peers
 from mmtwins.analysis.benchmark import autocast_context
-from mmtwins.analysis.peers import (CATEGORY_NAMES, PEERS, Entry, _Workers, available_peers,
-                                    compare_case, format_markdown, kernel_breakdown,
-                                    randomize_parameters_)
+from mmtwins.analysis.peers import (CATEGORY_NAMES, PEERS, Entry, _warm_profiler, _Workers,
+                                    available_peers, compare_case, format_markdown,
+                                    kernel_breakdown, randomize_parameters_)
 from mmtwins.checkpoint import convert_state_dict, load_twins_checkpoint
 from mmtwins.models.layers import Mlp
 
@@ -324,6 +324,15 @@ def test_kernel_breakdown_categories_add_up_and_count_matmul_flops():
     assert ms['fused attention'] == ms['convolution'] == 0
     flops = 2 * (64 * 128 * 256 + 128 * 256 * 128 + 4 * 32 * 16 * 8)
     assert k['matmul_gflops'] == pytest.approx(flops / ms['matmul'] / 1e6)
+
+
+def test_kernel_breakdown_starts_the_profiler_once_before_and_leaves_that_out():
+    kernel_breakdown(lambda: None)
+    before = _warm_profiler.cache_info()
+    k = kernel_breakdown(lambda: None)
+    assert k['ms']['total'] == 0  # the warm start's operator is in no profile
+    after = _warm_profiler.cache_info()
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
 
 
 @contextlib.contextmanager
