@@ -341,8 +341,8 @@ def _gemm_flops(name: str, shapes, args) -> int:
 def _warm_profiler(activities: Tuple) -> None:
     """Start and stop ``torch.profiler`` once in this process with ``activities``: its first
     start in a process costs time once, which a profile charges to the operator it lands in
-    (on the AMD EPYC Zen 4 CPU about 140 ms, to the first linear of PCPVT-S's bf16 step, a
-    third of the step, so that its ``other`` category read 168 ms against 24 in later steps)."""
+    (about 140 ms on the AMD EPYC Zen 4 CPU, charged to the first linear of PCPVT-S's bf16
+    inference step: its ``other`` category read 168 ms, 18 with the warm start)."""
     from torch.profiler import profile
     with profile(activities=list(activities)):
         torch.ones(1).add_(1)
