@@ -326,6 +326,60 @@ def test_kernel_breakdown_categories_add_up_and_count_matmul_flops():
     assert k['matmul_gflops'] == pytest.approx(flops / ms['matmul'] / 1e6)
 
 
+class _RecordedProfiles:
+    """``torch.profiler.profile`` as it is, keeping each profile and whether it recorded
+    shapes."""
+
+    def __init__(self, monkeypatch):
+        import torch.profiler
+        self.runs = []
+        real = torch.profiler.profile
+
+        def profile(*args, record_shapes=False, **kwargs):
+            prof = real(*args, record_shapes=record_shapes, **kwargs)
+            self.runs.append((record_shapes, prof))
+            return prof
+
+        monkeypatch.setattr(torch.profiler, 'profile', profile)
+
+    def matmul_ms(self, run: int) -> float:
+        prof = self.runs[run][1]
+        return sum(e.self_cpu_time_total for e in prof.events()
+                   if peers._category(e.name) == 'matmul') / 1e3
+
+
+def test_kernel_breakdown_times_a_call_without_shapes_and_reads_them_from_a_second(
+        monkeypatch):
+    x, w = torch.randn(64, 128), torch.randn(256, 128)
+    kernel_breakdown(lambda: None)  # the profiler's warm start, before the recording
+    recorded = _RecordedProfiles(monkeypatch)
+    k = kernel_breakdown(lambda: x.mm(w.t()))
+    assert [shapes for shapes, _ in recorded.runs] == [False, True]
+    assert not k['times_with_shapes']
+    # the times are the first call's, the FLOPs come from the second's shapes
+    assert k['ms']['matmul'] == pytest.approx(recorded.matmul_ms(0))
+    assert k['matmul_gflops'] == pytest.approx(2 * 64 * 128 * 256 / k['ms']['matmul'] / 1e6)
+
+
+def test_kernel_breakdown_takes_the_shapes_call_whole_where_the_step_changes(monkeypatch):
+    a, b = torch.randn(4, 32, 16), torch.randn(4, 16, 8)
+    calls = []
+
+    def step():  # a step that runs other operators on its second call
+        calls.append(None)
+        return torch.bmm(a, b) if len(calls) % 2 else a.sum()
+
+    kernel_breakdown(lambda: None)
+    recorded = _RecordedProfiles(monkeypatch)
+    k = kernel_breakdown(step)
+    assert k['times_with_shapes']
+    assert k['ms']['matmul'] == 0  # the second call's: no matmul
+    assert k['ms']['total'] > 0 and k['matmul_gflops'] is None
+    assert recorded.matmul_ms(0) > 0
+    result = peers.CaseResult('svt-small', 'infer', [1, 3, 8, 8], 'fp32', kernels={'timm': k})
+    assert 'timed with its shapes recorded' in peers.format_kernels(result)[0]
+
+
 def test_kernel_breakdown_starts_the_profiler_once_before_and_leaves_that_out():
     kernel_breakdown(lambda: None)
     before = _warm_profiler.cache_info()

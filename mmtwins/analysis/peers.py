@@ -44,11 +44,12 @@ fraction of the machine's dense matmul GFLOP/s in the case's precision (measured
 case, :func:`dense_gflops`: the faster of the BLAS and, where mmtwins' linears take it,
 oneDNN).
 
-With ``kernels=True`` (``--kernels``) one more step of every implementation runs under
-``torch.profiler``: its time by operator category (matmul, fused attention, convolution, copies,
-GELU, LayerNorm, other; on a GPU the kernels' time, next to the step's wall time) and the GFLOP/s
-its matmul operators reach inside the network (:func:`kernel_breakdown`), which says how much of
-a step an implementation's own layout and element-wise work costs next to the shared kernels.
+With ``kernels=True`` (``--kernels``) two more steps of every implementation run under
+``torch.profiler`` (the second for the operators' input shapes): the first's time by operator
+category (matmul, fused attention, convolution, copies, GELU, LayerNorm, other; on a GPU the
+kernels' time, next to the step's wall time) and the GFLOP/s its matmul operators reach inside
+the network (:func:`kernel_breakdown`), which says how much of a step an implementation's own
+layout and element-wise work costs next to the shared kernels.
 """
 import argparse
 import contextlib
@@ -348,49 +349,69 @@ def _warm_profiler(activities: Tuple) -> None:
         torch.ones(1).add_(1)
 
 
+def _profiled_call(step: Callable, activities: list, cuda_device: Optional[torch.device],
+                   record_shapes: bool) -> Tuple[list, float]:
+    """One call of ``step`` under ``torch.profiler``: its operator events (those the CPU records,
+    in the order it ran them) and its wall time in seconds."""
+    from torch.autograd import DeviceType
+    from torch.profiler import profile
+    with profile(activities=activities, record_shapes=record_shapes) as prof:
+        start = time.perf_counter()
+        step()
+        if cuda_device is not None:
+            torch.cuda.synchronize(cuda_device)
+        wall = time.perf_counter() - start
+    # a kernel is counted through the operator launching it
+    return [e for e in prof.events() if e.device_type == DeviceType.CPU], wall
+
+
 def kernel_breakdown(step: Callable, device: Optional[torch.device] = None) -> dict:
     """Where one call of ``step`` spends its time, by operator category: CPU time on a CPU,
     GPU kernel time on a CUDA ``device``.
 
-    ``step`` runs once under ``torch.profiler`` (started once before in the process:
-    :func:`_warm_profiler`); each operator's self time (its own, not its children's; on CUDA,
-    the time of the kernels it launched itself) goes to its category of
-    :data:`KERNEL_CATEGORIES`, so the categories add up to the time the processor was busy with
-    the step. mmtwins' linears that run as oneDNN 1x1 convolutions count as matmuls. The matmul
-    operators' FLOPs come from their input shapes.
+    ``step`` runs twice under ``torch.profiler`` (started once before in the process:
+    :func:`_warm_profiler`): first for the times, then with the operators' input shapes
+    recorded, which name the operators that are mmtwins' linears (oneDNN 1x1 convolutions,
+    counted as matmuls) and give the matmuls' FLOPs. Recording shapes changes what it measures:
+    on the AMD EPYC Zen 4 CPU the GELU category of SVT-S's fp32 training step at 512x512 read 63
+    ms with them, 32 without (``--kernels`` before and after the second call); inside that step
+    the GELU kernel's calls on 2048 x 1024 chunks took 4.1 ms instead of 0.9, and the step had
+    3.6-4 times the page faults (one-off timings). Each
+    operator's self time in the first call (its own, not its children's; on CUDA, the time of
+    the kernels it launched itself) goes to its category of :data:`KERNEL_CATEGORIES`, so the
+    categories add up to the time the processor was busy with the step. Where the second call
+    ran other operators (a step whose work changes from call to call) its own times are taken,
+    shapes and all (``times_with_shapes``).
 
     Returns:
         dict: ``ms`` (category -> milliseconds, plus ``total``), ``matmul_gflops``, the GFLOP/s
-        the matmul operators achieve inside the network, and ``wall_ms``, the profiled step's
-        wall time (on a GPU, ``total`` below it is time the GPU waited for kernel launches).
+        the matmul operators achieve inside the network, ``wall_ms``, the profiled step's wall
+        time (on a GPU, ``total`` below it is time the GPU waited for kernel launches), and
+        ``times_with_shapes``.
     """
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    cuda = device is not None and device.type == 'cuda'
+    from torch.profiler import ProfilerActivity
+    cuda = device if device is not None and device.type == 'cuda' else None
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    if not cuda:
+    if cuda is None:
         quiet_cpu_profiler()
     _warm_profiler(tuple(activities))
-    with profile(activities=activities, record_shapes=True) as prof:
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        wall = time.perf_counter() - start
+    timed, wall = _profiled_call(step, activities, cuda, record_shapes=False)
+    shaped, shaped_wall = _profiled_call(step, activities, cuda, record_shapes=True)
+    apart = [e.name for e in timed] == [e.name for e in shaped]
+    if not apart:
+        timed, wall = shaped, shaped_wall
     ms = dict.fromkeys(CATEGORY_NAMES, 0.)
     gemm_flops = 0
-    for event in prof.events():
-        if event.device_type != DeviceType.CPU:  # a kernel: counted through the op launching it
-            continue
-        token = _token_linear(event.name, event.input_shapes)
+    for event, shapes in zip(timed, shaped):
+        token = _token_linear(shapes.name, shapes.input_shapes)
         category = 'matmul' if token else _category(event.name)
         ms[category] += (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
         if category == 'matmul':
-            gemm_flops += _gemm_flops(event.name, event.input_shapes,
-                                      getattr(event, 'concrete_inputs', None))
+            gemm_flops += _gemm_flops(shapes.name, shapes.input_shapes,
+                                      getattr(shapes, 'concrete_inputs', None))
     ms['total'] = sum(ms.values())
     return dict(ms=ms, matmul_gflops=gemm_flops / ms['matmul'] / 1e6 if ms['matmul'] else None,
-                wall_ms=wall * 1e3)
+                wall_ms=wall * 1e3, times_with_shapes=not apart)
 
 
 # --------------------------------------------------------------------------- workers
@@ -959,8 +980,10 @@ def format_kernels(r: CaseResult) -> List[str]:
         parts = ', '.join(f'{c} {t:.1f} ({t / ms["total"]:.0%})' for c, t in ms.items()
                           if c != 'total')
         gemm = f'; matmuls at {k["matmul_gflops"]:.0f} GFLOP/s' if k['matmul_gflops'] else ''
+        shapes = ('; timed with its shapes recorded (the step ran other operators when profiled '
+                  'again)' if k.get('times_with_shapes') else '')
         lines.append(f'    {name}: profiled step {ms["total"]:.1f} ms busy '
-                     f'({k["wall_ms"]:.1f} ms wall) = {parts}{gemm}')
+                     f'({k["wall_ms"]:.1f} ms wall) = {parts}{gemm}{shapes}')
     return lines
 
 
