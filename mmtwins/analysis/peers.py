@@ -1133,14 +1133,15 @@ def case_name(r: CaseResult) -> Optional[str]:
 def issue_targets(results: Sequence[CaseResult]) -> List[dict]:
     """Each of :data:`TARGETS` that ``results`` (of a CPU run) measure, in their order:
     ``{'variant', 'case', 'target', 'value', 'shown', 'reached'}``, ``shown`` the value as the
-    target writes it (value and shown None: not measured, as a memory ratio with
-    ``--no-memory``; not reached)."""
+    target writes it (value, shown and reached None: not measured, as a memory ratio with
+    ``--no-memory``, so not judged)."""
     rows = []
     for r in results:
         case = case_name(r)
         for t in (t for t in TARGETS if t.case == case):
             value = t.measure(r)
-            reached = value is not None and (value >= t.bound if t.at_least else value <= t.bound)
+            reached = None if value is None else (
+                value >= t.bound if t.at_least else value <= t.bound)
             rows.append(dict(variant=r.variant, case=t.case, target=t.label(), value=value,
                              shown=None if value is None else t.fmt.format(value),
                              reached=reached))
@@ -1150,8 +1151,9 @@ def issue_targets(results: Sequence[CaseResult]) -> List[dict]:
 def format_targets(rows: Sequence[dict]) -> str:
     """:func:`issue_targets`' rows as a Markdown table."""
     lines = ['| variant | target of issue 7 | this run | |', '|---|---|---|---|']
+    verdicts = {True: 'reached', False: '**missed**', None: 'not judged'}
     lines += [f'| {t["variant"]} | {t["target"]} | {t["shown"] or "not measured"} | '
-              f'{"reached" if t["reached"] else "**missed**"} |' for t in rows]
+              f'{verdicts[t["reached"]]} |' for t in rows]
     return '\n'.join(lines)
 
 
