@@ -373,10 +373,10 @@ def kernel_breakdown(step: Callable, device: Optional[torch.device] = None) -> d
     :func:`_warm_profiler`): first for the times, then with the operators' input shapes
     recorded, which name the operators that are mmtwins' linears (oneDNN 1x1 convolutions,
     counted as matmuls) and give the matmuls' FLOPs. Recording shapes changes what it measures:
-    on the AMD EPYC Zen 4 CPU the GELU category of SVT-S's fp32 training step at 512x512 read 63
-    ms with them, 32 without (``--kernels`` before and after the second call); inside that step
-    the GELU kernel's calls on 2048 x 1024 chunks took 4.1 ms instead of 0.9, and the step had
-    3.6-4 times the page faults (one-off timings). Each
+    on the AMD EPYC Zen 4 CPU mmtwins' fp32 SVT-S training step at 512x512 page-faulted 53,500
+    times with them and twice without, its GELU category read 63 ms instead of 34 and the GELU
+    kernel's calls on 2048 x 1024 chunks took 4.5 ms instead of 0.9 (docs/benchmarks.md, "what
+    ``--kernels`` measured with shapes recorded"). Each
     operator's self time in the first call (its own, not its children's; on CUDA, the time of
     the kernels it launched itself) goes to its category of :data:`KERNEL_CATEGORIES`, so the
     categories add up to the time the processor was busy with the step. Where the second call
