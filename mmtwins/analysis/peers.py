@@ -376,12 +376,12 @@ def kernel_breakdown(step: Callable, device: Optional[torch.device] = None) -> d
     on the AMD EPYC Zen 4 CPU mmtwins' fp32 SVT-S training step at 512x512 page-faulted 53,500
     times with them and twice without, its GELU category read 63 ms instead of 34 and the GELU
     kernel's calls on 2048 x 1024 chunks took 4.5 ms instead of 0.9 (docs/benchmarks.md, "what
-    ``--kernels`` measured with shapes recorded"). Each
-    operator's self time in the first call (its own, not its children's; on CUDA, the time of
-    the kernels it launched itself) goes to its category of :data:`KERNEL_CATEGORIES`, so the
-    categories add up to the time the processor was busy with the step. Where the second call
-    ran other operators (a step whose work changes from call to call) its own times are taken,
-    shapes and all (``times_with_shapes``).
+    ``--kernels`` measured with shapes recorded"). Each operator's self time in the first call
+    (its own, not its children's; on CUDA, the time of the kernels it launched itself) goes to
+    its category of :data:`KERNEL_CATEGORIES`, so the categories add up to the time the
+    processor was busy with the step. Where the second call ran other operators (a step whose
+    work changes from call to call) its own times are taken, shapes and all
+    (``times_with_shapes``).
 
     Returns:
         dict: ``ms`` (category -> milliseconds, plus ``total``), ``matmul_gflops``, the GFLOP/s
@@ -397,8 +397,8 @@ def kernel_breakdown(step: Callable, device: Optional[torch.device] = None) -> d
     _warm_profiler(tuple(activities))
     timed, wall = _profiled_call(step, activities, cuda, record_shapes=False)
     shaped, shaped_wall = _profiled_call(step, activities, cuda, record_shapes=True)
-    apart = [e.name for e in timed] == [e.name for e in shaped]
-    if not apart:
+    matched = [e.name for e in timed] == [e.name for e in shaped]
+    if not matched:
         timed, wall = shaped, shaped_wall
     ms = dict.fromkeys(CATEGORY_NAMES, 0.)
     gemm_flops = 0
@@ -411,7 +411,7 @@ def kernel_breakdown(step: Callable, device: Optional[torch.device] = None) -> d
                                       getattr(shapes, 'concrete_inputs', None))
     ms['total'] = sum(ms.values())
     return dict(ms=ms, matmul_gflops=gemm_flops / ms['matmul'] / 1e6 if ms['matmul'] else None,
-                wall_ms=wall * 1e3, times_with_shapes=not apart)
+                wall_ms=wall * 1e3, times_with_shapes=not matched)
 
 
 # --------------------------------------------------------------------------- workers
