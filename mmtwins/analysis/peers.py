@@ -391,7 +391,7 @@ def kernel_breakdown(step: Callable, device: Optional[torch.device] = None) -> d
     """
     from torch.profiler import ProfilerActivity
     cuda = device if device is not None and device.type == 'cuda' else None
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda is not None else [])
     if cuda is None:
         quiet_cpu_profiler()
     _warm_profiler(tuple(activities))
@@ -405,7 +405,8 @@ def kernel_breakdown(step: Callable, device: Optional[torch.device] = None) -> d
     for event, shapes in zip(timed, shaped):
         token = _token_linear(shapes.name, shapes.input_shapes)
         category = 'matmul' if token else _category(event.name)
-        ms[category] += (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
+        own = event.self_cpu_time_total if cuda is None else event.self_device_time_total
+        ms[category] += own / 1e3
         if category == 'matmul':
             gemm_flops += _gemm_flops(shapes.name, shapes.input_shapes,
                                       getattr(shapes, 'concrete_inputs', None))
